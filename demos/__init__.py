@@ -1,0 +1,1 @@
+"""Demos: the Gradio comparison app."""

@@ -1,0 +1,85 @@
+"""What every model-family adapter shares: finding visual tokens in a prompt and laying out their geometry."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from mmtoken.engine.state import IMAGE, TEXT, VIDEO, CallState
+
+_KIND_NAMES = {IMAGE: "image", VIDEO: "video"}
+
+
+def raster(frames: int, rows: int, columns: int) -> torch.Tensor:
+    """(frame, row, column) of a frames x rows x columns grid in raster order."""
+    grid = torch.meshgrid(torch.arange(frames), torch.arange(rows), torch.arange(columns), indexing="ij")
+    return torch.stack(grid, dim=-1).reshape(-1, 3)
+
+
+def runs(flags: torch.Tensor) -> list[tuple[int, int]]:
+    """(start, end) of each run of True in a 1-D mask."""
+    edges = torch.diff(flags.int(), prepend=flags.new_zeros(1).int(), append=flags.new_zeros(1).int())
+    return list(zip((edges == 1).nonzero().flatten().tolist(), (edges == -1).nonzero().flatten().tolist()))
+
+
+class Adapter:
+    """Knows one model family: its decoder layers, which prompt tokens are visual and where they sit.
+
+    Subclasses list the `model_types` they serve and implement `split_run`: the (frame, row, column) layout of
+    each image or video in one run of consecutive visual tokens, read from the run's embeddings or M-RoPE
+    positions (so it works whether the model got pixels or `generate` passed pre-encoded features).
+    """
+
+    model_types: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.config = model.config
+        self.language_model = model.get_decoder()
+        self.decoder_layers = self.language_model.layers
+
+    def split_run(self, kind: int, embeddings: torch.Tensor, positions: torch.Tensor | None) -> list[torch.Tensor]:
+        """Layouts (n_i, 3) of the media items in one run; `positions` (3, n) are M-RoPE (t, h, w) or None."""
+        raise NotImplementedError
+
+    def call_state(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, inputs: dict) -> CallState:
+        """Kinds and padding of this prompt; raises if its visual tokens do not match the encoded media."""
+        kinds = torch.full_like(input_ids, TEXT)
+        for kind, name in _KIND_NAMES.items():
+            token_id = getattr(self.config, f"{name}_token_id", None)
+            if token_id is not None:
+                kinds[input_ids == token_id] = kind
+        self._check_feature_counts(kinds, inputs)
+        padding = torch.zeros_like(kinds, dtype=torch.bool) if attention_mask is None else attention_mask == 0
+        return CallState(kinds, padding)
+
+    @staticmethod
+    def _check_feature_counts(kinds: torch.Tensor, inputs: dict) -> None:
+        encoded = inputs.get("mm_encoder_outputs") or {}
+        for kind, name in _KIND_NAMES.items():
+            tokens = int((kinds == kind).sum())
+            if name in encoded:
+                features = sum(len(item) for item in encoded[name].pooler_output)
+                if features != tokens:
+                    raise ValueError(
+                        f"the prompt holds {tokens} {name} tokens but its {name}s were encoded into {features}; "
+                        "build the prompt with the model's processor from the same media"
+                    )
+
+    def geometry(self, call: CallState, embeddings: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
+        """(batch, length, 4): media index, frame, row, column of each visual token; -1 for text."""
+        geometry = torch.full((*call.kinds.shape, 4), -1, dtype=torch.long)
+        mrope = position_ids[-3:].cpu() if position_ids is not None and position_ids.ndim == 3 else None
+        kinds = call.kinds.cpu()
+        for row in range(call.batch_size):
+            media = 0
+            for kind in _KIND_NAMES:
+                for start, end in runs(kinds[row] == kind):
+                    positions = None if mrope is None else mrope[:, row, start:end]
+                    for layout in self.split_run(kind, embeddings[row, start:end], positions):
+                        geometry[row, start : start + len(layout), 0] = media
+                        geometry[row, start : start + len(layout), 1:] = layout
+                        start, media = start + len(layout), media + 1
+        return geometry.to(call.kinds.device)

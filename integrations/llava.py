@@ -1,0 +1,22 @@
+"""LLaVA-1.5: a CLIP grid of (image_size / patch_size)^2 tokens per image."""
+
+from __future__ import annotations
+
+import torch
+
+from mmtoken.integrations.base import Adapter, raster
+
+
+class LlavaAdapter(Adapter):
+    """LLaVA-1.5 (`LlavaForConditionalGeneration`): each image is one square patch grid, led by the CLS token
+    when `vision_feature_select_strategy` is "full" (it gets no grid cell)."""
+
+    model_types = ("llava",)
+
+    def split_run(self, kind: int, embeddings: torch.Tensor, positions: torch.Tensor | None) -> list[torch.Tensor]:
+        vision = self.config.vision_config
+        side = vision.image_size // vision.patch_size
+        layout = raster(1, side, side)
+        if self.config.vision_feature_select_strategy == "full":
+            layout = torch.cat([torch.tensor([[0, 0, -1]]), layout])
+        return [layout] * (len(embeddings) // len(layout))

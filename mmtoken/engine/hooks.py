@@ -1,0 +1,234 @@
+"""The engine: forward hooks that run one method on one loaded model.
+
+Three kinds of hook, all removable:
+- a pre-hook on the top-level model reads `input_ids` at each call and, at prefill, starts a `CallState`;
+- a pre-hook on the language model applies a cut made before it (the prompt itself gets shorter) and, at
+  decode, keeps the padding mask in step with that shorter prompt;
+- a pre-hook on every decoder layer applies a cut made at that layer and hands the layer the rotary
+  embeddings and mask of the tokens alive there. Rotary phases are the original ones, sliced, never recomputed.
+Each layer's KV cache therefore holds exactly the tokens alive at that layer.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from mmtoken.accounting.stats import Stats, measure_stats
+from mmtoken.engine.masks import decode_mask, prefill_mask
+from mmtoken.engine.select import select
+from mmtoken.engine.state import CallState, TokenSet
+from mmtoken.methods.base import Method
+from mmtoken.schedules import Cut
+from mmtoken.scorers.base import ScoreInput
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _gather_last(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`tensor[..., b, :, ...]` gathered along its last dimension by `index` (batch, n), any leading dims."""
+    batch_dim = tensor.ndim - 2
+    shape = [1] * batch_dim + list(index.shape)
+    return tensor.gather(-1, index.view(shape).expand(*tensor.shape[:batch_dim], *index.shape))
+
+
+class Engine:
+    """Applies `method` to `model` through hooks; `stats` holds the numbers of the last call."""
+
+    def __init__(self, model: nn.Module, adapter, method: Method) -> None:
+        self.model, self.adapter, self.method = model, adapter, method
+        self.layers = adapter.decoder_layers
+        self.depth = len(self.layers)
+        self.scorer, self.reducer = method.scorer, method.reducer
+        self.implementation = adapter.language_model.config._attn_implementation
+        self.call: CallState | None = None
+        self.stats: Stats | None = None
+        self._prefill = False
+        self._keep: dict[int, torch.Tensor] = {}
+        self._previous: tuple[nn.Module, torch.Tensor, tuple] | None = None
+        self._sliced: dict[int, tuple[object, object, object]] = {}
+        self._started = 0.0
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def attach(self) -> None:
+        self._handles = [
+            self.model.register_forward_pre_hook(self._on_call, with_kwargs=True),
+            self.model.register_forward_hook(self._after_call, with_kwargs=True),
+            self.adapter.language_model.register_forward_pre_hook(self._on_language_model, with_kwargs=True),
+        ]
+        for index, layer in enumerate(self.layers):
+            self._handles.append(layer.register_forward_pre_hook(self._layer_hook(index), with_kwargs=True))
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.call = None
+
+    # top-level model
+
+    def _on_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        cache = kwargs.get("past_key_values")
+        self._prefill = cache is None or cache.get_seq_length() == 0
+        if not self._prefill:
+            if self.call is None or input_ids is None or input_ids.shape[0] != self.call.batch_size:
+                raise RuntimeError("mmtoken: a decode step arrived without the prefill it continues")
+            return
+        if input_ids is None:
+            raise ValueError("mmtoken needs input_ids to find the visual tokens; inputs_embeds alone are not enough")
+        attention_mask = kwargs.get("attention_mask")
+        if attention_mask is not None and attention_mask.ndim == 2 and not attention_mask[:, -1].all():
+            raise ValueError("mmtoken needs left padding (tokenizer.padding_side = 'left'); this batch is right-padded")
+        self.call = self.adapter.call_state(input_ids, attention_mask, kwargs)
+        self._keep = self._plan(self.call)
+        self._previous, self._sliced = None, {}
+        _synchronize(input_ids.device)
+        self._started = time.perf_counter()
+
+    def _plan(self, call: CallState) -> dict[int, torch.Tensor]:
+        """Visual tokens each row keeps at each cut, from the method's schedule for that row's visual count."""
+        per_count: dict[int, list[Cut]] = {}
+        counts = call.original_visual_counts().tolist()
+        for count in counts:
+            if count not in per_count:
+                per_count[count] = self.method.cuts(self.depth, count)
+        layers = [cut.layer for cut in per_count[counts[0]]]
+        return {
+            layer: torch.tensor([per_count[count][i].keep for count in counts], device=call.kinds.device)
+            for i, layer in enumerate(layers)
+        }
+
+    def _after_call(self, module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+        device = self.call.kinds.device
+        if self._prefill:
+            _synchronize(device)
+            seconds = time.perf_counter() - self._started
+            self.stats = measure_stats(self.call, self.depth, self.adapter, seconds)
+        cache = getattr(output, "past_key_values", None)
+        if cache is not None and self.stats is not None:
+            self.stats.kv_bytes = sum(
+                layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+                for layer in cache.layers
+                if getattr(layer, "keys", None) is not None
+            )
+
+    # language model
+
+    def _on_language_model(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        call = self.call
+        if not self._prefill:
+            if 0 in self._keep:
+                kwargs["attention_mask"] = self._shortened_padding_mask(kwargs)
+            return args, kwargs
+        call.geometry = self.adapter.geometry(call, kwargs["inputs_embeds"], kwargs.get("position_ids"))
+        positions = torch.arange(call.prompt_length, device=call.kinds.device).expand(call.batch_size, -1)
+        tokens = TokenSet(positions, positions, ~call.padding)
+        if 0 in self._keep:
+            embeddings = kwargs["inputs_embeds"]
+            tokens, embeddings = self._cut(0, tokens, embeddings, None)
+            tokens.slot = torch.arange(len(tokens), device=embeddings.device).expand(call.batch_size, -1)
+            kwargs["inputs_embeds"] = embeddings
+            kwargs["attention_mask"] = tokens.valid.long()
+            position_ids = kwargs.get("position_ids")
+            if position_ids is None:
+                position_ids = positions
+            kwargs["position_ids"] = _gather_last(position_ids, tokens.position)
+        call.sets[0] = tokens
+        return args, kwargs
+
+    def _shortened_padding_mask(self, kwargs: dict) -> torch.Tensor:
+        """At decode, the 2-D padding mask over the shortened prompt plus the tokens generated since."""
+        call, prompt = self.call, self.call.sets[0]
+        generated = kwargs["past_key_values"].get_seq_length() - len(prompt) + kwargs["inputs_embeds"].shape[1]
+        mask = torch.cat([prompt.valid, prompt.valid.new_ones(call.batch_size, generated)], dim=1)
+        given = kwargs.get("attention_mask")
+        if given is None:
+            return mask.long()
+        tail = torch.arange(call.prompt_length, given.shape[1], device=given.device).expand(call.batch_size, -1)
+        return given.gather(1, torch.cat([prompt.position, tail], dim=1)) * mask
+
+    # decoder layers
+
+    def _layer_hook(self, index: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            hidden = args[0]
+            call = self.call
+            if self._prefill:
+                if index in self._keep and index > 0:
+                    tokens, hidden = self._cut(index, call.set_at(index), hidden, kwargs)
+                    call.sets[index] = tokens
+                self._slice_prefill(index, kwargs)
+                self._previous = (module, hidden, kwargs["position_embeddings"])
+            else:
+                self._slice_decode(index, hidden, kwargs)
+            return (hidden, *args[1:]), kwargs
+
+        return hook
+
+    def _stretch(self, index: int) -> int:
+        return max(start for start in self.call.sets if start <= index)
+
+    def _slice_prefill(self, index: int, kwargs: dict) -> None:
+        start = self._stretch(index)
+        if start == 0:
+            return
+        tokens = self.call.sets[start]
+        mask = kwargs.get("attention_mask")
+        cached = self._sliced.get(start)
+        if cached is None or cached[0] is not mask:
+            cos, sin = kwargs["position_embeddings"]
+            embeddings = (_gather_rows(cos, tokens.slot), _gather_rows(sin, tokens.slot))
+            cached = (mask, prefill_mask(mask, tokens.slot, tokens.valid, self.implementation, cos.dtype), embeddings)
+            self._sliced[start] = cached
+        kwargs["attention_mask"], kwargs["position_embeddings"] = cached[1], cached[2]
+        kwargs["position_ids"] = None
+
+    def _slice_decode(self, index: int, hidden: torch.Tensor, kwargs: dict) -> None:
+        start = self._stretch(index)
+        if start == 0:
+            return
+        tokens = self.call.sets[start]
+        layer_cache = kwargs["past_key_values"].layers[index]
+        generated = layer_cache.get_seq_length() - len(tokens) + hidden.shape[1]
+        kwargs["attention_mask"] = decode_mask(
+            kwargs.get("attention_mask"), tokens.slot, tokens.valid, generated, hidden.shape[1],
+            self.implementation, hidden.dtype,
+        )
+
+    # cutting
+
+    def _cut(
+        self, layer: int, tokens: TokenSet, hidden: torch.Tensor, kwargs: dict | None
+    ) -> tuple[TokenSet, torch.Tensor]:
+        call = self.call
+        inputs = ScoreInput(
+            hidden=hidden,
+            layer=None,
+            position_embeddings=None,
+            candidates=call.visual(tokens),
+            valid=tokens.valid,
+            geometry=call.geometry.gather(1, tokens.position[..., None].expand(-1, -1, call.geometry.shape[-1])),
+        )
+        offset = self.scorer.layer_offset
+        if offset == 0:
+            cos, sin = kwargs["position_embeddings"]
+            inputs.layer = self.layers[layer]
+            inputs.position_embeddings = (_gather_rows(cos, tokens.slot), _gather_rows(sin, tokens.slot))
+        elif offset == -1:
+            inputs.layer, inputs.hidden, inputs.position_embeddings = self._previous
+        local, valid = select(self.scorer.score(inputs), inputs.candidates, tokens.valid, self._keep[layer])
+        inputs.hidden = hidden
+        return tokens.take(local, valid), self.reducer.reduce(hidden, local, inputs)
+
+
+def _gather_rows(table: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+    """Rows `slot` (batch, n) of a (batch or 1, length, dim) table."""
+    table = table.expand(slot.shape[0], *table.shape[1:])
+    return table.gather(1, slot[..., None].expand(-1, -1, table.shape[-1]))

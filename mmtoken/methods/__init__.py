@@ -1,0 +1,60 @@
+"""The named methods, each a preset of a schedule, a scorer and a reducer, and how a user names one."""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, fields
+from pathlib import Path
+
+from mmtoken.methods.base import Method
+from mmtoken.methods.fastv import FastV
+from mmtoken.methods.pdrop import PyramidDrop
+from mmtoken.methods.pooling import Pooling
+from mmtoken.methods.random import RandomPrune
+from mmtoken.methods.uniform import UniformPrune
+
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (FastV, PyramidDrop, RandomPrune, UniformPrune, Pooling)}
+
+
+def _defaults(cls: type[Method]) -> dict[str, object]:
+    return {field.name: None if field.default is MISSING else field.default for field in fields(cls)}
+
+
+def list_methods() -> list[dict[str, object]]:
+    """Every method: name, parameters with their defaults, stage and paper."""
+    return [
+        {"name": name, "parameters": _defaults(cls), "stage": cls.stage, "paper": cls.paper, "doc": cls.__doc__}
+        for name, cls in METHODS.items()
+    ]
+
+
+def build(method: str | dict | Method, **params: object) -> Method:
+    """A Method from a name and parameters, a dict ({"method": name, **parameters}, as in YAML), a path to such
+    a YAML file, or a Method object."""
+    if isinstance(method, Method):
+        if params:
+            raise TypeError(f"parameters {sorted(params)} given with a ready Method object")
+        return method
+    if isinstance(method, str) and method.endswith((".yaml", ".yml")):
+        import yaml
+
+        method = yaml.safe_load(Path(method).read_text())
+    if isinstance(method, dict):
+        config = dict(method)
+        if "method" not in config:
+            raise KeyError(f"a method dict needs a 'method' key naming one of {sorted(METHODS)}")
+        method = config.pop("method")
+        params = {**config, **params}
+    if not isinstance(method, str):
+        raise TypeError(f"method must be a name, a dict or a Method, not {type(method).__name__}")
+    if method not in METHODS:
+        raise KeyError(f"unknown method {method!r}; known: {', '.join(sorted(METHODS))}")
+    cls = METHODS[method]
+    known = _defaults(cls)
+    unknown = sorted(set(params) - set(known))
+    if unknown:
+        raise TypeError(f"{method}: unknown parameter(s) {', '.join(unknown)}; parameters: {', '.join(known)}")
+    return cls(**params)
+
+
+__all__ = ["METHODS", "FastV", "Method", "Pooling", "PyramidDrop", "RandomPrune", "UniformPrune", "build",
+           "list_methods"]

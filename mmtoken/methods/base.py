@@ -1,0 +1,103 @@
+"""A method is a preset of parts: a schedule of cuts, a scorer (what to keep) and a reducer (how the rest
+leaves). Presets declare their parameters as dataclass fields and check them in `__post_init__`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import ClassVar
+
+from mmtoken.reducers import Drop, Reducer
+from mmtoken.schedules import Cut, single_cut_keep
+from mmtoken.scorers import Scorer
+
+BEFORE_LLM, AT_LAYER = "before_llm", "at_layer"
+
+
+def check_ratio(ratio: float) -> None:
+    if not 0 < ratio <= 1:
+        raise ValueError(f"ratio must be in (0, 1], got {ratio}")
+
+
+def check_budget(budget: float) -> None:
+    if budget <= 0:
+        raise ValueError(f"budget must be a positive number of visual tokens per layer, got {budget}")
+
+
+@dataclass
+class Method:
+    """Base of every method: `cuts(depth, visual)` says where and how many, `scorer` what, `reducer` how."""
+
+    name: ClassVar[str]
+    paper: ClassVar[str]
+    stage: ClassVar[str]
+
+    def cuts(self, depth: int, visual: int) -> list[Cut]:
+        raise NotImplementedError
+
+    @property
+    def scorer(self) -> Scorer:
+        raise NotImplementedError
+
+    @property
+    def reducer(self) -> Reducer:
+        return Drop()
+
+    def check_depth(self, depth: int) -> None:
+        """Raise if the schedule names a layer the model does not have."""
+
+    def parameters(self) -> dict[str, object]:
+        return {field.name: getattr(self, field.name) for field in fields(self)}
+
+
+@dataclass
+class SingleCut(Method):
+    """One cut at layer `cut_layer`, keeping `keep` visual tokens, a `ratio` of them, or as many as make the
+    average per layer equal `budget` (give at most one; the default is the preset's ratio)."""
+
+    keep: int | None = None
+    ratio: float | None = None
+    budget: float | None = None
+    default_ratio: ClassVar[float] = 0.25
+
+    @property
+    def cut_layer(self) -> int:
+        raise NotImplementedError
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("keep", "ratio", "budget") if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise ValueError(f"{self.name}: give one of keep, ratio, budget, not {' and '.join(given)}")
+        if self.keep is not None and self.keep < 0:
+            raise ValueError(f"{self.name}: keep must be >= 0, got {self.keep}")
+        if self.ratio is not None:
+            check_ratio(self.ratio)
+        if self.budget is not None:
+            check_budget(self.budget)
+
+    def check_depth(self, depth: int) -> None:
+        if self.cut_layer >= depth:
+            raise ValueError(f"{self.name}: layer {self.cut_layer} is past the model's {depth} decoder layers")
+
+    def cuts(self, depth: int, visual: int) -> list[Cut]:
+        if self.budget is not None:
+            return [Cut(self.cut_layer, single_cut_keep(self.budget, self.cut_layer, depth, visual))]
+        if self.keep is not None:
+            return [Cut(self.cut_layer, min(self.keep, visual))]
+        ratio = self.default_ratio if self.ratio is None else self.ratio
+        return [Cut(self.cut_layer, round(ratio * visual))]
+
+
+@dataclass
+class Baseline(SingleCut):
+    """A simple baseline: one cut at `layer`, before the language model by default."""
+
+    layer: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.layer < 0:
+            raise ValueError(f"{self.name}: layer must be >= 0, got {self.layer}")
+
+    @property
+    def cut_layer(self) -> int:
+        return self.layer

@@ -1,0 +1,63 @@
+"""PyramidDrop: several cuts inside the language model, each keeping a fixed ratio of the stage before."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from mmtoken.methods.base import AT_LAYER, Method, check_budget, check_ratio
+from mmtoken.schedules import Cut, average_visual_tokens, solve_ratio
+from mmtoken.scorers import LastQueryAttention, Scorer
+
+
+@dataclass
+class PyramidDrop(Method):
+    """PyramidDrop (Xing et al., arXiv 2410.17247).
+
+    `layers` are the first layers of each reduced stage; stage s keeps `ratio`**s of the visual tokens, ranked
+    by the attention of the last instruction token, recomputed with the first layer of the stage (its norm,
+    q/k projections and rotary embedding). `budget` (average visual tokens per layer) solves for the ratio
+    instead. Defaults: layers 8 / 16 / 24, ratio 0.5, as the paper's LLaVA-1.5 setting.
+    """
+
+    name: ClassVar[str] = "pdrop"
+    paper: ClassVar[str] = "arXiv 2410.17247"
+    stage: ClassVar[str] = AT_LAYER
+    layers: tuple[int, ...] = (8, 16, 24)
+    ratio: float | None = None
+    budget: float | None = None
+
+    def __post_init__(self) -> None:
+        self.layers = tuple(self.layers)
+        if not self.layers or list(self.layers) != sorted(set(self.layers)) or self.layers[0] < 1:
+            raise ValueError(f"pdrop: layers must be increasing layer indices >= 1, got {self.layers}")
+        if self.ratio is not None and self.budget is not None:
+            raise ValueError("pdrop: give one of ratio, budget")
+        if self.ratio is not None:
+            check_ratio(self.ratio)
+        if self.budget is not None:
+            check_budget(self.budget)
+
+    def check_depth(self, depth: int) -> None:
+        if self.layers[-1] >= depth:
+            raise ValueError(f"pdrop: layer {self.layers[-1]} is past the model's {depth} decoder layers")
+
+    def _schedule(self, ratio: float, visual: int) -> list[Cut]:
+        return [Cut(layer, round(visual * ratio ** (stage + 1))) for stage, layer in enumerate(self.layers)]
+
+    def cuts(self, depth: int, visual: int) -> list[Cut]:
+        if self.budget is None:
+            return self._schedule(0.5 if self.ratio is None else self.ratio, visual)
+        if self.budget > visual:
+            raise ValueError(f"pdrop: budget {self.budget} exceeds the {visual} visual tokens of this input")
+        ratio = solve_ratio(
+            lambda r: average_visual_tokens(
+                [Cut(layer, visual * r ** (stage + 1)) for stage, layer in enumerate(self.layers)], depth, visual
+            ),
+            self.budget,
+        )
+        return self._schedule(ratio, visual)
+
+    @property
+    def scorer(self) -> Scorer:
+        return LastQueryAttention(layer_offset=0)

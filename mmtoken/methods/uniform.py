@@ -1,0 +1,23 @@
+"""Uniform grid pruning: a spatially even sample of the visual tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from mmtoken.methods.base import BEFORE_LLM, Baseline
+from mmtoken.scorers import Scorer, UniformGrid
+
+
+@dataclass
+class UniformPrune(Baseline):
+    """Keeps an evenly spaced lattice of the visual grid, the sampling FEATHER (arXiv 2412.13180) adds to
+    attention ranking so that no region is left without tokens."""
+
+    name: ClassVar[str] = "uniform"
+    paper: ClassVar[str] = "arXiv 2412.13180"
+    stage: ClassVar[str] = BEFORE_LLM
+
+    @property
+    def scorer(self) -> Scorer:
+        return UniformGrid()

@@ -1,0 +1,43 @@
+"""Attention that the last prompt token pays to each token, recomputed for one query row under any backend."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.models.llama.modeling_llama import rotate_half
+
+from mmtoken.scorers.base import ScoreInput
+
+
+def _rotate(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return states * cos.unsqueeze(1) + rotate_half(states) * sin.unsqueeze(1)
+
+
+@dataclass
+class LastQueryAttention:
+    """Head-averaged softmax attention from the last prompt token to every token, at the mimicked layer.
+
+    Only the one query row is computed (layer norm, q/k projections, rotary embedding), so it costs O(n) and
+    never needs eager attention: FastV (arXiv 2403.06764) reads it at the layer before the cut, PyramidDrop
+    (arXiv 2410.17247) at the layer after it. `rope=False` leaves out the rotary embedding, as FEATHER proposes.
+    """
+
+    layer_offset: int = 0
+    rope: bool = True
+
+    def score(self, inputs: ScoreInput) -> torch.Tensor:
+        attention = inputs.layer.self_attn
+        states = inputs.layer.input_layernorm(inputs.hidden)
+        batch, length, _ = states.shape
+        head_dim = attention.head_dim
+        query = attention.q_proj(states[:, -1:]).view(batch, 1, -1, head_dim).transpose(1, 2)
+        keys = attention.k_proj(states).view(batch, length, -1, head_dim).transpose(1, 2)
+        if self.rope:
+            cos, sin = inputs.position_embeddings
+            query = _rotate(query, cos[:, -1:], sin[:, -1:])
+            keys = _rotate(keys, cos, sin)
+        keys = keys.repeat_interleave(query.shape[1] // keys.shape[1], dim=1)
+        logits = (query @ keys.transpose(2, 3)).squeeze(2).float() * attention.scaling
+        logits = logits.masked_fill(~inputs.valid[:, None, :], float("-inf"))
+        return logits.softmax(dim=-1).mean(dim=1)

@@ -1,0 +1,35 @@
+"""What every scorer receives and returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import nn
+
+
+@dataclass
+class ScoreInput:
+    """The tokens entering a cut, seen from the layer whose attention a scorer may mimic.
+
+    `hidden` (batch, n, dim) enters `layer` (None before the language model, where `hidden` is the embeddings);
+    `candidates` marks the visual tokens that may be cut, `valid` the tokens that are neither padding nor fillers;
+    `geometry` (batch, n, 4) is (media, frame, row, column) of visual tokens and -1 elsewhere.
+    """
+
+    hidden: torch.Tensor
+    layer: nn.Module | None
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None
+    candidates: torch.Tensor
+    valid: torch.Tensor
+    geometry: torch.Tensor
+
+
+class Scorer(Protocol):
+    """Scores tokens; only the scores of candidates are read. `layer_offset` picks the layer to mimic
+    relative to the cut (0: the first layer that sees the reduced set, -1: the one before); None needs no layer."""
+
+    layer_offset: int | None
+
+    def score(self, inputs: ScoreInput) -> torch.Tensor: ...

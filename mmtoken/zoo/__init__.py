@@ -1,0 +1,1 @@
+"""Model zoo: small models for tests and examples."""
