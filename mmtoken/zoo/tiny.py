@@ -375,23 +375,23 @@ def tiny_inputs(
     batch: int = 1,
     video: bool = False,
     question_lengths: Sequence[int] | None = None,
+    rows: Sequence[int] | None = None,
 ) -> BatchFeature:
     """Deterministic synthetic images (or 4-frame videos) and questions, processed with left padding.
 
     Row ``i`` gets a question of ``question_lengths[i]`` words (default ``5 + 3 * i``) and its own image
     size (cycled per family), so a batch has both padding and, for anyres and Qwen families, ragged
-    visual-token counts.
+    visual-token counts. ``rows`` builds only those rows of the default batch (e.g. ``rows=[1]``: row 1 alone).
     """
     _check_family(family)
     if video and family not in VIDEO_FAMILIES:
         raise ValueError(
             f"Family {family!r} has no video input; video families: {', '.join(sorted(VIDEO_FAMILIES))}"
         )
-    lengths = (
-        list(question_lengths) if question_lengths is not None else [5 + 3 * row for row in range(batch)]
-    )
-    if len(lengths) != batch:
-        raise ValueError(f"question_lengths has {len(lengths)} entries for a batch of {batch}")
+    rows = list(rows) if rows is not None else list(range(batch))
+    lengths = list(question_lengths) if question_lengths is not None else [5 + 3 * row for row in rows]
+    if len(lengths) != len(rows):
+        raise ValueError(f"question_lengths has {len(lengths)} entries for a batch of {len(rows)}")
     kind = "video" if video else "image"
     prompts = [
         processor.apply_chat_template(
@@ -403,8 +403,8 @@ def tiny_inputs(
     ]
     if video:
         frames = _VIDEO_FRAME_SIZE[family]
-        media = {"videos": [[_draw(frames, row, step) for step in range(NUM_FRAMES)] for row in range(batch)]}
+        media = {"videos": [[_draw(frames, row, step) for step in range(NUM_FRAMES)] for row in rows]}
     else:
         sizes = _IMAGE_SIZES[family]
-        media = {"images": [[_draw(sizes[row % len(sizes)], row)] for row in range(batch)]}
+        media = {"images": [[_draw(sizes[row % len(sizes)], row)] for row in rows]}
     return processor(text=prompts, padding=True, return_tensors="pt", **media)

@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny random-weight models of every supported family, built once per session."""
+
+from __future__ import annotations
+
+import os
+from functools import cache
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from mmtoken.zoo.tiny import FAMILIES, VIDEO_FAMILIES, tiny_inputs, tiny_model  # noqa: E402
+
+CASES = [(family, False) for family in FAMILIES] + [(family, True) for family in FAMILIES if family in VIDEO_FAMILIES]
+CASE_IDS = [f"{family}-{'video' if video else 'image'}" for family, video in CASES]
+
+PRUNING = {
+    "fastv": {"k": 2, "ratio": 0.4},
+    "pdrop": {"layers": (2, 4), "ratio": 0.5},
+    "random": {"ratio": 0.3},
+    "uniform": {"ratio": 0.3},
+    "pooling": {"stride": 2},
+}
+KEEP_ALL = {
+    "fastv": {"k": 2, "ratio": 1.0},
+    "pdrop": {"layers": (2, 4), "ratio": 1.0},
+    "random": {"ratio": 1.0},
+    "uniform": {"ratio": 1.0},
+    "pooling": {"stride": 1},
+}
+
+
+@cache
+def model_and_processor(family: str, attention: str = "sdpa"):
+    torch.set_num_threads(2)
+    return tiny_model(family, attn_implementation=attention)
+
+
+def inputs(family: str, video: bool, **kwargs):
+    _, processor = model_and_processor(family)
+    return tiny_inputs(processor, family, video=video, **kwargs)
+
+
+def greedy(model, batch, new_tokens: int = 4) -> torch.Tensor:
+    out = model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    return out[:, batch["input_ids"].shape[1] :]
+
+
+@pytest.fixture(params=CASES, ids=CASE_IDS)
+def case(request):
+    return request.param

@@ -1,0 +1,101 @@
+"""The invariants every method keeps on every supported family: keep-all is the unpatched model, unpatch
+restores it bit for bit, a padded batch equals its rows alone, sdpa equals eager, each layer's KV cache holds
+exactly its tokens, and calls leave nothing behind."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import KEEP_ALL, PRUNING, greedy, inputs, model_and_processor
+
+import mmtoken
+
+
+@pytest.mark.parametrize("method", sorted(KEEP_ALL))
+def test_keep_all_equals_unpatched(case, method):
+    family, video = case
+    model, _ = model_and_processor(family)
+    batch = inputs(family, video, batch=2)
+    with torch.no_grad():
+        expected_logits = model(**batch).logits
+    expected_tokens = greedy(model, batch)
+    with mmtoken.patched(model, method, **KEEP_ALL[method]) as handle, torch.no_grad():
+        logits = model(**batch).logits
+        tokens = greedy(model, batch)
+    assert handle.stats.avg_visual_tokens == handle.stats.original_visual_tokens
+    assert torch.equal(tokens, expected_tokens)
+    assert (logits - expected_logits).abs().max() < 1e-4
+
+
+def test_unpatch_restores_the_model_bit_for_bit(case):
+    family, video = case
+    model, _ = model_and_processor(family)
+    batch = inputs(family, video, batch=2)
+    with torch.no_grad():
+        before = model(**batch).logits
+        with mmtoken.patched(model, "pdrop", **PRUNING["pdrop"]):
+            pruned = model(**batch).logits
+        after = model(**batch).logits
+    assert pruned.shape[1] < before.shape[1]
+    assert torch.equal(before, after)
+    assert not model._forward_pre_hooks and not model._forward_hooks
+
+
+@pytest.mark.parametrize("method", sorted(PRUNING))
+def test_padded_batch_equals_rows_alone(case, method):
+    family, video = case
+    model, _ = model_and_processor(family)
+    batch = inputs(family, video, batch=2)
+    assert not batch["attention_mask"].all(), "the batch must be left-padded"
+    with mmtoken.patched(model, method, **PRUNING[method]) as handle:
+        together = greedy(model, batch)
+        batch_stats = handle.stats
+        alone = [greedy(model, inputs(family, video, rows=[row])) for row in range(2)]
+    assert batch_stats.avg_visual_tokens < batch_stats.original_visual_tokens
+    assert torch.equal(together, torch.cat(alone))
+
+
+@pytest.mark.parametrize("method", sorted(PRUNING))
+def test_sdpa_equals_eager_when_pruned(case, method):
+    family, video = case
+    batch = inputs(family, video, batch=2)
+    outputs = []
+    for attention in ("sdpa", "eager"):
+        model, _ = model_and_processor(family, attention)
+        with mmtoken.patched(model, method, **PRUNING[method]):
+            outputs.append(greedy(model, batch))
+    assert torch.equal(*outputs)
+
+
+@pytest.mark.parametrize("method", sorted(PRUNING))
+def test_each_layer_caches_exactly_its_tokens(case, method):
+    family, video = case
+    model, _ = model_and_processor(family)
+    batch = inputs(family, video, batch=2)
+    new_tokens = 3
+    with mmtoken.patched(model, method, **PRUNING[method]) as handle:
+        out = model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                             return_dict_in_generate=True)
+        call = handle.engine.call
+    cache = out.past_key_values
+    for index, layer in enumerate(cache.layers):
+        tokens = call.set_at(index)
+        assert layer.keys.shape[-2] == len(tokens) + new_tokens - 1
+        alive_visual = call.visual(tokens).sum(1).float().mean()
+        assert alive_visual == handle.stats.visual_tokens_per_layer[index]
+    element = cache.layers[0].keys.element_size()
+    expected = sum(2 * layer.keys.numel() * element for layer in cache.layers)
+    assert handle.stats.kv_bytes == expected
+
+
+def test_calls_leave_no_state_behind(case):
+    family, video = case
+    model, _ = model_and_processor(family)
+    first, second = inputs(family, video, rows=[0]), inputs(family, video, rows=[1])
+    with mmtoken.patched(model, "fastv", **PRUNING["fastv"]) as handle:
+        a = greedy(model, first)
+        a_tokens = handle.stats.original_visual_tokens
+        greedy(model, second)
+        again = greedy(model, first)
+        assert handle.stats.original_visual_tokens == a_tokens
+    assert torch.equal(a, again)
