@@ -21,7 +21,8 @@ def raster(frames: int, rows: int, columns: int) -> torch.Tensor:
 def runs(flags: torch.Tensor) -> list[tuple[int, int]]:
     """(start, end) of each run of True in a 1-D mask."""
     edges = torch.diff(flags.int(), prepend=flags.new_zeros(1).int(), append=flags.new_zeros(1).int())
-    return list(zip((edges == 1).nonzero().flatten().tolist(), (edges == -1).nonzero().flatten().tolist()))
+    starts, ends = (edges == 1).nonzero().flatten().tolist(), (edges == -1).nonzero().flatten().tolist()
+    return list(zip(starts, ends, strict=True))
 
 
 class Adapter:
@@ -51,22 +52,21 @@ class Adapter:
             token_id = getattr(self.config, f"{name}_token_id", None)
             if token_id is not None:
                 kinds[input_ids == token_id] = kind
-        self._check_feature_counts(kinds, inputs)
+        for kind, name in _KIND_NAMES.items():
+            expected, tokens = self.expected_tokens(kind, inputs), int((kinds == kind).sum())
+            if expected is not None and expected != tokens:
+                raise ValueError(
+                    f"the prompt holds {tokens} {name} tokens but its {name}s need {expected}; "
+                    "build the prompt with the model's processor from the same media"
+                )
         padding = torch.zeros_like(kinds, dtype=torch.bool) if attention_mask is None else attention_mask == 0
         return CallState(kinds, padding)
 
-    @staticmethod
-    def _check_feature_counts(kinds: torch.Tensor, inputs: dict) -> None:
-        encoded = inputs.get("mm_encoder_outputs") or {}
-        for kind, name in _KIND_NAMES.items():
-            tokens = int((kinds == kind).sum())
-            if name in encoded:
-                features = sum(len(item) for item in encoded[name].pooler_output)
-                if features != tokens:
-                    raise ValueError(
-                        f"the prompt holds {tokens} {name} tokens but its {name}s were encoded into {features}; "
-                        "build the prompt with the model's processor from the same media"
-                    )
+    def expected_tokens(self, kind: int, inputs: dict) -> int | None:
+        """How many tokens of `kind` the call's media fill, when cheap to know before the model runs: from
+        features `generate` encoded ahead, else the family's own rule (None: the model checks it itself)."""
+        encoded = (inputs.get("mm_encoder_outputs") or {}).get(_KIND_NAMES[kind])
+        return None if encoded is None else sum(len(item) for item in encoded.pooler_output)
 
     def geometry(self, call: CallState, embeddings: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
         """(batch, length, 4): media index, frame, row, column of each visual token; -1 for text."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-
+from mmtoken.engine.state import IMAGE
 from mmtoken.integrations.base import Adapter, raster
 
 
@@ -13,10 +13,21 @@ class LlavaAdapter(Adapter):
 
     model_types = ("llava",)
 
-    def split_run(self, kind: int, embeddings: torch.Tensor, positions: torch.Tensor | None) -> list[torch.Tensor]:
+    @property
+    def _layout(self) -> torch.Tensor:
         vision = self.config.vision_config
         side = vision.image_size // vision.patch_size
         layout = raster(1, side, side)
         if self.config.vision_feature_select_strategy == "full":
             layout = torch.cat([torch.tensor([[0, 0, -1]]), layout])
+        return layout
+
+    def expected_tokens(self, kind: int, inputs: dict) -> int | None:
+        pixel_values = inputs.get("pixel_values")
+        if kind != IMAGE or pixel_values is None:
+            return super().expected_tokens(kind, inputs)
+        return pixel_values.shape[0] * len(self._layout)
+
+    def split_run(self, kind: int, embeddings: torch.Tensor, positions: torch.Tensor | None) -> list[torch.Tensor]:
+        layout = self._layout
         return [layout] * (len(embeddings) // len(layout))

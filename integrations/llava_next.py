@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 
 import torch
+from mmtoken.integrations.base import Adapter, raster
 
 from mmtoken.engine.state import IMAGE
-from mmtoken.integrations.base import Adapter, raster
 
 
 class LlavaNextAdapter(Adapter):
@@ -27,7 +27,7 @@ class LlavaNextAdapter(Adapter):
         ends = (newline.nonzero().flatten() + 1).tolist()
         if kind != IMAGE:
             pooled = math.ceil(self._side / 2)
-            return [self._video(end - start - 1, pooled) for start, end in zip([0, *ends[:-1]], ends)]
+            return [self._video(end - start - 1, pooled) for start, end in zip([0, *ends[:-1]], ends, strict=True)]
         layouts, start = [], 0
         while start < len(embeddings):
             grid = start + self._side**2

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
-
 from mmtoken.integrations.base import Adapter
+
+from mmtoken.engine.state import IMAGE
 
 
 class Qwen2VLAdapter(Adapter):
@@ -14,6 +15,12 @@ class Qwen2VLAdapter(Adapter):
     one t."""
 
     model_types = ("qwen2_vl", "qwen2_5_vl")
+
+    def expected_tokens(self, kind: int, inputs: dict) -> int | None:
+        grids = inputs.get("image_grid_thw" if kind == IMAGE else "video_grid_thw")
+        if grids is None:
+            return super().expected_tokens(kind, inputs)
+        return int(grids.prod(-1).sum()) // self.config.vision_config.spatial_merge_size**2
 
     def split_run(self, kind: int, embeddings: torch.Tensor, positions: torch.Tensor | None) -> list[torch.Tensor]:
         if positions is None:

@@ -7,9 +7,9 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from mmtoken.integrations import adapter_for
 from mmtoken.accounting.stats import Stats
 from mmtoken.engine.hooks import Engine
+from mmtoken.integrations import adapter_for
 from mmtoken.methods import Method, build
 
 _ATTRIBUTE = "_mmtoken_handle"

@@ -74,8 +74,9 @@ def test_each_layer_caches_exactly_its_tokens(case, method):
     batch = inputs(family, video, batch=2)
     new_tokens = 3
     with mmtoken.patched(model, method, **PRUNING[method]) as handle:
-        out = model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                             return_dict_in_generate=True)
+        out = model.generate(
+            **batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, return_dict_in_generate=True
+        )
         call = handle.engine.call
     cache = out.past_key_values
     for index, layer in enumerate(cache.layers):

@@ -19,9 +19,7 @@ from transformers import (
 
 from mmtoken.zoo.tiny import FAMILIES, VIDEO_FAMILIES, tiny_inputs, tiny_model
 
-CASES = [(family, False) for family in FAMILIES] + [
-    (family, True) for family in FAMILIES if family in VIDEO_FAMILIES
-]
+CASES = [(family, False) for family in FAMILIES] + [(family, True) for family in FAMILIES if family in VIDEO_FAMILIES]
 CASE_IDS = [f"{family}-{'video' if video else 'image'}" for family, video in CASES]
 
 EXPECTED_VISUAL_TOKENS = {
@@ -90,9 +88,7 @@ def test_save_and_reload_offline(family: str, tmp_path: Path) -> None:
     assert type(reloaded_processor) is type(processor)
     assert reloaded_processor.tokenizer.padding_side == "left"
     assert set(reloaded_inputs) == set(inputs)
-    assert all(
-        torch.equal(torch.as_tensor(inputs[key]), torch.as_tensor(reloaded_inputs[key])) for key in inputs
-    )
+    assert all(torch.equal(torch.as_tensor(inputs[key]), torch.as_tensor(reloaded_inputs[key])) for key in inputs)
     assert torch.equal(_greedy(reloaded, reloaded_inputs), _greedy(model, inputs))
 
 

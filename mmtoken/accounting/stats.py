@@ -28,8 +28,10 @@ class Stats:
 def measure_stats(call: CallState, depth: int, adapter, seconds: float) -> Stats:
     config = adapter.language_model.config
     visual = [call.visual(call.set_at(layer)).sum(1) for layer in range(depth)]
-    text = [((call.kinds.gather(1, call.set_at(layer).position) == TEXT) & call.set_at(layer).valid).sum(1)
-            for layer in range(depth)]
+    text = [
+        ((call.kinds.gather(1, call.set_at(layer).position) == TEXT) & call.set_at(layer).valid).sum(1)
+        for layer in range(depth)
+    ]
     prompt = (~call.padding).sum(1)
     paper, exact = [], []
     for row in range(call.batch_size):

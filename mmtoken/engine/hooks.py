@@ -198,8 +198,13 @@ class Engine:
         layer_cache = kwargs["past_key_values"].layers[index]
         generated = layer_cache.get_seq_length() - len(tokens) + hidden.shape[1]
         kwargs["attention_mask"] = decode_mask(
-            kwargs.get("attention_mask"), tokens.slot, tokens.valid, generated, hidden.shape[1],
-            self.implementation, hidden.dtype,
+            kwargs.get("attention_mask"),
+            tokens.slot,
+            tokens.valid,
+            generated,
+            hidden.shape[1],
+            self.implementation,
+            hidden.dtype,
         )
 
     # cutting

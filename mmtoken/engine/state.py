@@ -35,8 +35,9 @@ class CallState:
     """Everything known about one prefill and the decode steps that follow it.
 
     `kinds` (text / image / video), `padding` and `geometry` (media, frame, row, column of each visual token;
-    -1 for text; filled in once the language model's input is known) are indexed by original prompt position. `sets` maps the first layer of each stretch to the
-    tokens alive there; layer 0 is the sequence the language model itself receives.
+    -1 for text; filled in once the language model's input is known) are indexed by original prompt position.
+    `sets` maps the first layer of each stretch to the tokens alive there; layer 0 is the sequence the language
+    model itself receives.
     """
 
     kinds: torch.Tensor

@@ -56,5 +56,14 @@ def build(method: str | dict | Method, **params: object) -> Method:
     return cls(**params)
 
 
-__all__ = ["METHODS", "FastV", "Method", "Pooling", "PyramidDrop", "RandomPrune", "UniformPrune", "build",
-           "list_methods"]
+__all__ = [
+    "METHODS",
+    "FastV",
+    "Method",
+    "Pooling",
+    "PyramidDrop",
+    "RandomPrune",
+    "UniformPrune",
+    "build",
+    "list_methods",
+]

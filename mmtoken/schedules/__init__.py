@@ -44,6 +44,8 @@ def solve_ratio(average: Callable[[float], float], target: float) -> float:
     low, high = 0.0, 1.0
     if average(high) < target:
         raise ValueError(f"budget {target} exceeds what this schedule keeps at ratio 1 ({average(high):.1f})")
+    if average(low) > target:
+        raise ValueError(f"budget {target} is unreachable with this schedule: the lowest is {average(low):.1f}")
     for _ in range(50):
         middle = (low + high) / 2
         low, high = (middle, high) if average(middle) < target else (low, middle)

@@ -20,9 +20,7 @@ class CellCorners:
     def score(self, inputs: ScoreInput) -> torch.Tensor:
         scores = torch.full(inputs.candidates.shape, float("-inf"), device=inputs.candidates.device)
         for row in range(scores.shape[0]):
-            cells, members = self.cells.of_row(inputs.geometry[row], inputs.candidates[row]).unique(
-                return_inverse=True
-            )
+            cells, members = self.cells.of_row(inputs.geometry[row], inputs.candidates[row]).unique(return_inverse=True)
             first = torch.full_like(cells, len(members)).scatter_reduce(
                 0, members, torch.arange(len(members), device=members.device), reduce="amin"
             )

@@ -103,9 +103,7 @@ def _chatml_template(image_slot: str, video_slot: str) -> str:
     return _CHATML_TEMPLATE.replace("IMAGE_SLOT", image_slot).replace("VIDEO_SLOT", video_slot)
 
 
-def _tokenizer(
-    named: dict[str, str], extra: Sequence[str] = (), prepend_bos: bool = False
-) -> PreTrainedTokenizerFast:
+def _tokenizer(named: dict[str, str], extra: Sequence[str] = (), prepend_bos: bool = False) -> PreTrainedTokenizerFast:
     """Word-level tokenizer; ``named`` maps attributes (``pad_token``, ``image_token``...) to tokens."""
     named = {"unk_token": "<unk>", **named}
     specials = list(dict.fromkeys([*named.values(), *extra]))
@@ -119,9 +117,7 @@ def _tokenizer(
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])]
         )
     media = {key: named.pop(key) for key in ("image_token", "video_token") if key in named}
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, padding_side="left", extra_special_tokens=media, **named
-    )
+    return PreTrainedTokenizerFast(tokenizer_object=backend, padding_side="left", extra_special_tokens=media, **named)
 
 
 def _llama_tokenizer() -> PreTrainedTokenizerFast:
@@ -256,9 +252,7 @@ def _build_llava_onevision() -> tuple[PreTrainedConfig, ProcessorMixin]:
 
 
 def _qwen_parts(processor_class: type[ProcessorMixin]) -> tuple[PreTrainedTokenizerFast, ProcessorMixin]:
-    tokenizer = _qwen_tokenizer(
-        "<|image_pad|>", "<|video_pad|>", extra=("<|vision_start|>", "<|vision_end|>")
-    )
+    tokenizer = _qwen_tokenizer("<|image_pad|>", "<|video_pad|>", extra=("<|vision_start|>", "<|vision_end|>"))
     patches = {"patch_size": 14, "temporal_patch_size": 2, "merge_size": 2}
     processor = processor_class(
         image_processor=Qwen2VLImageProcessor(size=_QWEN_PIXELS, **patches),
@@ -333,9 +327,7 @@ def _check_family(family: str) -> None:
         raise ValueError(f"Unknown family {family!r}; supported families: {', '.join(FAMILIES)}")
 
 
-def tiny_model(
-    family: str, attn_implementation: str = "sdpa", seed: int = 0
-) -> tuple[PreTrainedModel, ProcessorMixin]:
+def tiny_model(family: str, attn_implementation: str = "sdpa", seed: int = 0) -> tuple[PreTrainedModel, ProcessorMixin]:
     """Build a float32 eval-mode tiny model of ``family`` with weights drawn from ``seed``, and its processor.
 
     ``attn_implementation`` is applied to the text model only; the vision tower runs eager when it is
@@ -346,9 +338,7 @@ def tiny_model(
     tower = "eager" if attn_implementation == "eager" else "sdpa"
     implementation = {"": tower, "text_config": attn_implementation, "vision_config": tower}
     torch.manual_seed(seed)
-    model = AutoModelForImageTextToText.from_config(
-        config, attn_implementation=implementation, dtype=torch.float32
-    )
+    model = AutoModelForImageTextToText.from_config(config, attn_implementation=implementation, dtype=torch.float32)
     return model.eval(), processor
 
 
@@ -358,9 +348,7 @@ def _draw(size: tuple[int, int], index: int, step: int = 0) -> Image.Image:
     box_w, box_h = width // 3, height // 3
     left = (width // 8 + step * width // 8 + index * width // 4) % (width - box_w)
     top = (height // 8 + index * height // 5) % (height - box_h)
-    ImageDraw.Draw(image).rectangle(
-        (left, top, left + box_w, top + box_h), fill=_COLORS[index % len(_COLORS)]
-    )
+    ImageDraw.Draw(image).rectangle((left, top, left + box_w, top + box_h), fill=_COLORS[index % len(_COLORS)])
     return image
 
 
@@ -385,9 +373,7 @@ def tiny_inputs(
     """
     _check_family(family)
     if video and family not in VIDEO_FAMILIES:
-        raise ValueError(
-            f"Family {family!r} has no video input; video families: {', '.join(sorted(VIDEO_FAMILIES))}"
-        )
+        raise ValueError(f"Family {family!r} has no video input; video families: {', '.join(sorted(VIDEO_FAMILIES))}")
     rows = list(rows) if rows is not None else list(range(batch))
     lengths = list(question_lengths) if question_lengths is not None else [5 + 3 * row for row in rows]
     if len(lengths) != len(rows):

@@ -1,0 +1,163 @@
+"""Bad input gets a clear error before the language model does any work."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import PRUNING, greedy, inputs, model_and_processor
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import mmtoken
+
+
+@pytest.fixture
+def llava():
+    model, _ = model_and_processor("llava")
+    yield model
+    if hasattr(model, "_mmtoken_handle"):
+        mmtoken.unpatch(model)
+
+
+@pytest.fixture
+def layer_calls(llava):
+    calls = []
+    handle = llava.get_decoder().layers[0].register_forward_pre_hook(lambda *_: calls.append(1))
+    yield calls
+    handle.remove()
+
+
+@pytest.mark.parametrize(
+    ("method", "params", "error", "message"),
+    [
+        ("fastvv", {}, KeyError, "unknown method 'fastvv'; known: fastv"),
+        ("fastv", {"keep_ratio": 0.5}, TypeError, "unknown parameter(s) keep_ratio"),
+        ("fastv", {"ratio": 0.0}, ValueError, "ratio must be in (0, 1]"),
+        ("pdrop", {"layers": (2, 4), "ratio": 1.5}, ValueError, "ratio must be in (0, 1]"),
+        ("fastv", {"k": 6}, ValueError, "fastv: layer 6 is past the model's 6 decoder layers"),
+        ("pdrop", {"layers": (2, 9)}, ValueError, "layer 9 is past the model's 6 decoder layers"),
+        ("pdrop", {"layers": (4, 2)}, ValueError, "layers must be increasing"),
+        ("random", {"layer": 7}, ValueError, "layer 7 is past"),
+        ("fastv", {"budget": -5}, ValueError, "budget must be a positive number"),
+        ("uniform", {"keep": -1}, ValueError, "keep must be >= 0"),
+        ("fastv", {"ratio": 0.5, "keep": 3}, ValueError, "give one of keep, ratio, budget"),
+        ("fastv", {"k": 0}, ValueError, "k must be >= 1"),
+        ("pooling", {"stride": 0}, ValueError, "stride must be >= 1"),
+    ],
+)
+def test_bad_method_is_refused_before_patching(llava, method, params, error, message):
+    with pytest.raises(error) as raised:
+        mmtoken.patch(llava, method, **params)
+    assert message in str(raised.value)
+    assert not hasattr(llava, "_mmtoken_handle")
+    assert not llava.get_decoder().layers[0]._forward_pre_hooks
+
+
+@pytest.mark.parametrize(("method", "budget"), [("fastv", 1000), ("pdrop", 65), ("random", 64.5), ("pooling", 99)])
+def test_budget_beyond_the_input_is_refused_before_the_language_model_runs(llava, layer_calls, method, budget):
+    extra = {"layers": (2, 4)} if method == "pdrop" else {}
+    mmtoken.patch(llava, method, budget=budget, **extra)
+    with pytest.raises(ValueError, match="exceeds the 64 visual tokens"):
+        greedy(llava, inputs("llava", False))
+    assert not layer_calls
+
+
+def test_unreachable_budget_names_the_lowest(llava, layer_calls):
+    mmtoken.patch(llava, "fastv", k=3, budget=10)
+    with pytest.raises(ValueError, match=r"unreachable with a cut at layer 3: the lowest is 32\.0"):
+        greedy(llava, inputs("llava", False))
+    assert not layer_calls
+
+
+def test_unsupported_family_names_the_supported_ones():
+    config = LlamaConfig(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
+    with pytest.raises(ValueError, match="'llama' is not supported; supported: llava, llava_next"):
+        mmtoken.patch(LlamaForCausalLM(config), "fastv")
+
+
+@pytest.mark.parametrize(
+    ("family", "video", "through"),
+    [
+        ("llava", False, "generate"),
+        ("llava", False, "forward"),
+        ("qwen2_vl", False, "forward"),
+        ("llava_onevision", True, "generate"),
+    ],
+)
+def test_prompt_whose_visual_tokens_do_not_match_the_media(family, video, through):
+    model, _ = model_and_processor(family)
+    batch = inputs(family, video)
+    token_id = model.config.video_token_id if video else model.config.image_token_id
+    drop = (batch["input_ids"][0] == token_id).nonzero()[0]
+    keep = torch.ones(batch["input_ids"].shape[1], dtype=torch.bool)
+    keep[drop] = False
+    batch["input_ids"], batch["attention_mask"] = batch["input_ids"][:, keep], batch["attention_mask"][:, keep]
+    if "mm_token_type_ids" in batch:
+        batch["mm_token_type_ids"] = batch["mm_token_type_ids"][:, keep]
+    calls = []
+    hook = model.get_decoder().layers[0].register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        with mmtoken.patched(model, "fastv"), pytest.raises(ValueError, match="tokens but its"):
+            greedy(model, batch) if through == "generate" else model(**batch)
+    finally:
+        hook.remove()
+    assert not calls
+
+
+def test_right_padding_is_refused(llava, layer_calls):
+    _, processor = model_and_processor("llava")
+    processor.tokenizer.padding_side = "right"
+    try:
+        batch = inputs("llava", False, batch=2)
+    finally:
+        processor.tokenizer.padding_side = "left"
+    mmtoken.patch(llava, "fastv")
+    with pytest.raises(ValueError, match="needs left padding"):
+        greedy(llava, batch)
+    assert not layer_calls
+
+
+def test_inputs_embeds_alone_are_refused(llava):
+    batch = inputs("llava", False)
+    embeds = llava.get_input_embeddings()(batch["input_ids"])
+    mmtoken.patch(llava, "fastv")
+    with pytest.raises(ValueError, match="needs input_ids"):
+        llava(inputs_embeds=embeds, attention_mask=batch["attention_mask"])
+
+
+def test_patching_twice_and_unpatching_twice_are_refused(llava):
+    mmtoken.patch(llava, "fastv")
+    with pytest.raises(RuntimeError, match="already patched"):
+        mmtoken.patch(llava, "pdrop", layers=(2, 4))
+    mmtoken.unpatch(llava)
+    with pytest.raises(RuntimeError, match="not patched"):
+        mmtoken.unpatch(llava)
+
+
+def test_method_from_name_dict_yaml_and_object_agree(llava, tmp_path):
+    batch = inputs("llava", False)
+    path = tmp_path / "method.yaml"
+    path.write_text("method: pdrop\nlayers: [2, 4]\nratio: 0.5\n")
+    forms = [
+        ("pdrop", PRUNING["pdrop"]),
+        ({"method": "pdrop", **PRUNING["pdrop"]}, {}),
+        (str(path), {}),
+        (mmtoken.methods.PyramidDrop(**PRUNING["pdrop"]), {}),
+    ]
+    results = []
+    for method, params in forms:
+        with mmtoken.patched(llava, method, **params) as handle:
+            results.append((greedy(llava, batch), handle.stats.visual_tokens_per_layer))
+    for tokens, per_layer in results[1:]:
+        assert torch.equal(tokens, results[0][0]) and per_layer == results[0][1]
+
+
+def test_object_with_extra_parameters_is_refused(llava):
+    with pytest.raises(TypeError, match="given with a ready Method"):
+        mmtoken.patch(llava, mmtoken.methods.FastV(), k=3)
