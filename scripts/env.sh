@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Creates .venv in the repository (once) and installs mmtoken into it; fast when already done.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="$root/.venv"
+stamp="$venv/.mmtoken-installed"
+if [ ! -f "$stamp" ] || [ "$root/pyproject.toml" -nt "$stamp" ]; then
+  python3 -m venv "$venv"
+  "$venv/bin/python" -m pip install --quiet --upgrade pip
+  "$venv/bin/python" -m pip install --quiet -e "$root[dev]"
+  touch "$stamp"
+fi

@@ -1,0 +1,62 @@
+"""The invariants on a CUDA GPU, and the flash-attention path (2-D padding masks, no position ids).
+
+Runs where a GPU is (the lent device; see BENCHMARKS.md for the command); CI has none and skips this module.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from conftest import CASES, CASE_IDS, PRUNING, greedy, inputs
+
+import mmtoken
+from mmtoken.zoo.tiny import tiny_model
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+FLASH = [
+    name
+    for name, package in (("flash_attention_2", "flash_attn"), ("flash_attention_4", "flash_attn.cute"))
+    if importlib.util.find_spec(package.split(".")[0]) is not None
+]
+
+
+def on_gpu(family: str, attention: str, dtype: torch.dtype = torch.float32):
+    model, _ = tiny_model(family, attn_implementation=attention)
+    return model.to("cuda", dtype)
+
+
+def to_gpu(batch, dtype: torch.dtype = torch.float32):
+    return {
+        key: value.to("cuda", dtype) if value.is_floating_point() else value.to("cuda") for key, value in batch.items()
+    }
+
+
+@pytest.mark.parametrize(("family", "video"), CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("method", sorted(PRUNING))
+def test_gpu_batch_equals_rows_and_sdpa_equals_eager(family, video, method):
+    results = {}
+    for attention in ("sdpa", "eager"):
+        model = on_gpu(family, attention)
+        with mmtoken.patched(model, method, **PRUNING[method]):
+            together = greedy(model, to_gpu(inputs(family, video, batch=2)))
+            alone = torch.cat([greedy(model, to_gpu(inputs(family, video, rows=[row]))) for row in range(2)])
+        assert torch.equal(together, alone)
+        results[attention] = together
+    assert torch.equal(results["sdpa"], results["eager"])
+
+
+@pytest.mark.skipif(not FLASH, reason="no flash-attention package is installed")
+@pytest.mark.parametrize(("family", "video"), CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("method", ["fastv", "pdrop", "pooling"])
+def test_flash_attention_matches_sdpa_when_pruned(family, video, method):
+    batch = to_gpu(inputs(family, video, batch=2), torch.bfloat16)
+    outputs, logits = [], []
+    for attention in ("sdpa", FLASH[0]):
+        model = on_gpu(family, attention, torch.bfloat16)
+        with mmtoken.patched(model, method, **PRUNING[method]), torch.no_grad():
+            outputs.append(greedy(model, batch))
+            logits.append(model(**batch).logits[:, -1].float())
+    assert (logits[0] - logits[1]).abs().max() < 5e-2
+    assert torch.equal(outputs[0][:, :1], outputs[1][:, :1])
