@@ -11,6 +11,7 @@ import argparse
 import json
 import statistics
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -96,6 +97,17 @@ def cuda_ms(run, repeats: int, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
+def _prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, features: dict) -> None:
+    model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        mm_encoder_outputs=features,
+        past_key_values=DynamicCache(config=model.config),
+        use_cache=True,
+        logits_to_keep=1,
+    )
+
+
 @torch.no_grad()
 def measure(batches: list[int], budgets: list[int], attention: str, repeats: int) -> list[dict]:
     model = build_model(attention)
@@ -103,21 +115,9 @@ def measure(batches: list[int], budgets: list[int], attention: str, repeats: int
     for batch in batches:
         input_ids, attention_mask = prompt(batch)
         pixels = torch.randn(batch, 3, 336, 336, device="cuda", dtype=torch.bfloat16)
-        encode = lambda: model.model.get_image_features(pixel_values=pixels)  # noqa: E731
+        encode = partial(model.model.get_image_features, pixel_values=pixels)
         vision_ms = cuda_ms(encode, repeats)
-        features = {"image": encode()}
-
-        def prefill():
-            cache = DynamicCache(config=model.config)
-            model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                mm_encoder_outputs=features,
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-
+        prefill = partial(_prefill, model, input_ids, attention_mask, {"image": encode()})
         baseline_ms = None
         for setting in track(settings(budgets), description=f"batch {batch}"):
             stats = None

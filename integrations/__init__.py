@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from torch import nn
+
 from mmtoken.integrations.base import Adapter
 from mmtoken.integrations.llava import LlavaAdapter
 from mmtoken.integrations.llava_next import LlavaNextAdapter
 from mmtoken.integrations.qwen2_vl import Qwen2VLAdapter
-from torch import nn
 
 ADAPTERS: dict[str, type[Adapter]] = {
     model_type: adapter

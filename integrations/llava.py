@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from mmtoken.engine.state import IMAGE
 from mmtoken.integrations.base import Adapter, raster
 

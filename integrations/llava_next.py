@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 
 import torch
-from mmtoken.integrations.base import Adapter, raster
 
 from mmtoken.engine.state import IMAGE
+from mmtoken.integrations.base import Adapter, raster
 
 
 class LlavaNextAdapter(Adapter):

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-from mmtoken.integrations.base import Adapter
 
 from mmtoken.engine.state import IMAGE
+from mmtoken.integrations.base import Adapter
 
 
 class Qwen2VLAdapter(Adapter):

@@ -9,7 +9,7 @@ import importlib.util
 
 import pytest
 import torch
-from conftest import CASES, CASE_IDS, PRUNING, greedy, inputs
+from conftest import CASE_IDS, CASES, PRUNING, greedy, inputs
 
 import mmtoken
 from mmtoken.zoo.tiny import tiny_model
