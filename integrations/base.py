@@ -47,11 +47,12 @@ class Adapter:
 
     def call_state(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, inputs: dict) -> CallState:
         """Kinds and padding of this prompt; raises if its visual tokens do not match the encoded media."""
-        kinds = torch.full_like(input_ids, TEXT)
+        ids = input_ids.cpu()
+        kinds = torch.full_like(ids, TEXT)
         for kind, name in _KIND_NAMES.items():
             token_id = getattr(self.config, f"{name}_token_id", None)
             if token_id is not None:
-                kinds[input_ids == token_id] = kind
+                kinds[ids == token_id] = kind
         for kind, name in _KIND_NAMES.items():
             expected, tokens = self.expected_tokens(kind, inputs), int((kinds == kind).sum())
             if expected is not None and expected != tokens:
@@ -59,8 +60,15 @@ class Adapter:
                     f"the prompt holds {tokens} {name} tokens but its {name}s need {expected}; "
                     "build the prompt with the model's processor from the same media"
                 )
-        padding = torch.zeros_like(kinds, dtype=torch.bool) if attention_mask is None else attention_mask == 0
-        return CallState(kinds, padding)
+        padding = torch.zeros_like(kinds, dtype=torch.bool) if attention_mask is None else attention_mask.cpu() == 0
+        if padding[:, -1].any():
+            raise ValueError("mmtoken needs left padding (tokenizer.padding_side = 'left'); this batch is right-padded")
+        return CallState(
+            kinds=kinds.to(input_ids.device),
+            padding=padding.to(input_ids.device),
+            text_counts=((kinds == TEXT) & ~padding).sum(1).tolist(),
+            visual_counts=((kinds != TEXT) & ~padding).sum(1).tolist(),
+        )
 
     def expected_tokens(self, kind: int, inputs: dict) -> int | None:
         """How many tokens of `kind` the call's media fill, when cheap to know before the model runs: from
@@ -73,6 +81,7 @@ class Adapter:
         geometry = torch.full((*call.kinds.shape, 4), -1, dtype=torch.long)
         mrope = position_ids[-3:].cpu() if position_ids is not None and position_ids.ndim == 3 else None
         kinds = call.kinds.cpu()
+        embeddings = embeddings.detach()
         for row in range(call.batch_size):
             media = 0
             for kind in _KIND_NAMES:

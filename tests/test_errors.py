@@ -103,7 +103,9 @@ def test_prompt_whose_visual_tokens_do_not_match_the_media(family, video, throug
     calls = []
     hook = model.get_decoder().layers[0].register_forward_pre_hook(lambda *_: calls.append(1))
     try:
-        with mmtoken.patched(model, "fastv"), pytest.raises(ValueError, match="tokens but its"):
+        # transformers < 5.23 encodes video inside forward and checks the count itself, as clearly
+        mismatch = r"tokens but its|features and (image|video) tokens do not match"
+        with mmtoken.patched(model, "fastv"), pytest.raises(ValueError, match=mismatch):
             greedy(model, batch) if through == "generate" else model(**batch)
     finally:
         hook.remove()

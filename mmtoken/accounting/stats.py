@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from transformers import PretrainedConfig
+
 from mmtoken.accounting.flops import exact_flops, paper_flops
-from mmtoken.engine.state import TEXT, CallState
+from mmtoken.engine.state import CallState
 
 
 @dataclass
@@ -19,32 +21,28 @@ class Stats:
     flops_ratio_paper: float
     flops_ratio_exact: float
     prefill_seconds: float
-    kv_bytes: int = 0
+    kv_bytes: int
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
 
 
-def measure_stats(call: CallState, depth: int, adapter, seconds: float) -> Stats:
-    config = adapter.language_model.config
-    visual = [call.visual(call.set_at(layer)).sum(1) for layer in range(depth)]
-    text = [
-        ((call.kinds.gather(1, call.set_at(layer).position) == TEXT) & call.set_at(layer).valid).sum(1)
-        for layer in range(depth)
-    ]
-    prompt = (~call.padding).sum(1)
+def measure_stats(call: CallState, depth: int, config: PretrainedConfig, seconds: float, kv_bytes: int) -> Stats:
+    """Stats from the token sets of `call` (read on the CPU, so asking costs the GPU nothing)."""
+    visual = [call.set_at(layer).visual_counts for layer in range(depth)]
     paper, exact = [], []
-    for row in range(call.batch_size):
-        alive = [int(visual[layer][row] + text[layer][row]) for layer in range(depth)]
-        full = [int(prompt[row])] * depth
+    for row, text in enumerate(call.text_counts):
+        alive = [text + counts[row] for counts in visual]
+        full = [text + call.visual_counts[row]] * depth
         paper.append(paper_flops(alive, config) / paper_flops(full, config))
         exact.append(exact_flops(alive, config) / exact_flops(full, config))
-    per_layer = [float(count.float().mean()) for count in visual]
+    per_layer = [sum(counts) / len(counts) for counts in visual]
     return Stats(
         visual_tokens_per_layer=per_layer,
         avg_visual_tokens=sum(per_layer) / depth,
-        original_visual_tokens=float(call.original_visual_counts().float().mean()),
+        original_visual_tokens=sum(call.visual_counts) / len(call.visual_counts),
         flops_ratio_paper=sum(paper) / len(paper),
         flops_ratio_exact=sum(exact) / len(exact),
         prefill_seconds=seconds,
+        kv_bytes=kv_bytes,
     )

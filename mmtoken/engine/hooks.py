@@ -6,13 +6,16 @@ Three kinds of hook, all removable:
   decode, keeps the padding mask in step with that shorter prompt;
 - a pre-hook on every decoder layer applies a cut made at that layer and hands the layer the rotary
   embeddings and mask of the tokens alive there. Rotary phases are the original ones, sliced, never recomputed.
-Each layer's KV cache therefore holds exactly the tokens alive at that layer.
+Each layer's KV cache therefore holds exactly the tokens alive at that layer. Token counts are planned on the
+CPU, so the hooks never make the CPU wait for the GPU (pooling, whose counts depend on the image, is the one
+exception).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import nn
@@ -22,7 +25,6 @@ from mmtoken.engine.masks import decode_mask, prefill_mask
 from mmtoken.engine.select import select
 from mmtoken.engine.state import CallState, TokenSet
 from mmtoken.methods.base import Method
-from mmtoken.schedules import Cut
 from mmtoken.scorers.base import ScoreInput
 
 
@@ -32,14 +34,19 @@ def _synchronize(device: torch.device) -> None:
 
 
 def _gather_last(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """`tensor[..., b, :, ...]` gathered along its last dimension by `index` (batch, n), any leading dims."""
-    batch_dim = tensor.ndim - 2
-    shape = [1] * batch_dim + list(index.shape)
-    return tensor.gather(-1, index.view(shape).expand(*tensor.shape[:batch_dim], *index.shape))
+    """`tensor` gathered along its last dimension by `index` (batch, n), whatever its leading dimensions."""
+    shape = [1] * (tensor.ndim - 2) + list(index.shape)
+    return tensor.gather(-1, index.view(shape).expand(*tensor.shape[:-2], *index.shape))
+
+
+def _gather_rows(table: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+    """Rows `slot` (batch, n) of a (batch or 1, length, dim) table."""
+    table = table.expand(slot.shape[0], *table.shape[1:])
+    return table.gather(1, slot[..., None].expand(-1, -1, table.shape[-1]))
 
 
 class Engine:
-    """Applies `method` to `model` through hooks; `stats` holds the numbers of the last call."""
+    """Applies `method` to `model` through hooks; `stats` holds the numbers of the latest prefill."""
 
     def __init__(self, model: nn.Module, adapter, method: Method) -> None:
         self.model, self.adapter, self.method = model, adapter, method
@@ -48,13 +55,25 @@ class Engine:
         self.scorer, self.reducer = method.scorer, method.reducer
         self.implementation = adapter.language_model.config._attn_implementation
         self.call: CallState | None = None
-        self.stats: Stats | None = None
         self._prefill = False
-        self._keep: dict[int, torch.Tensor] = {}
+        self._keep: dict[int, list[int]] = {}
         self._previous: tuple[nn.Module, torch.Tensor, tuple] | None = None
         self._sliced: dict[int, tuple[object, object, object]] = {}
         self._started = 0.0
+        self._measured: tuple[CallState, float] | None = None
+        self._kv_bytes = 0
+        self._stats: Stats | None = None
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    @property
+    def stats(self) -> Stats | None:
+        if self._measured is not None and self._stats is None:
+            call, seconds = self._measured
+            config = self.adapter.language_model.config
+            self._stats = measure_stats(call, self.depth, config, seconds, self._kv_bytes)
+        if self._stats is not None:
+            self._stats.kv_bytes = self._kv_bytes
+        return self._stats
 
     def attach(self) -> None:
         self._handles = [
@@ -83,37 +102,27 @@ class Engine:
             return
         if input_ids is None:
             raise ValueError("mmtoken needs input_ids to find the visual tokens; inputs_embeds alone are not enough")
-        attention_mask = kwargs.get("attention_mask")
-        if attention_mask is not None and attention_mask.ndim == 2 and not attention_mask[:, -1].all():
-            raise ValueError("mmtoken needs left padding (tokenizer.padding_side = 'left'); this batch is right-padded")
-        self.call = self.adapter.call_state(input_ids, attention_mask, kwargs)
-        self._keep = self._plan(self.call)
-        self._previous, self._sliced = None, {}
+        call = self.adapter.call_state(input_ids, kwargs.get("attention_mask"), kwargs)
+        self._keep = self._plan(call)
+        self.call, self._previous, self._sliced = call, None, {}
         _synchronize(input_ids.device)
         self._started = time.perf_counter()
 
-    def _plan(self, call: CallState) -> dict[int, torch.Tensor]:
+    def _plan(self, call: CallState) -> dict[int, list[int]]:
         """Visual tokens each row keeps at each cut, from the method's schedule for that row's visual count."""
-        per_count: dict[int, list[Cut]] = {}
-        counts = call.original_visual_counts().tolist()
-        for count in counts:
-            if count not in per_count:
-                per_count[count] = self.method.cuts(self.depth, count)
-        layers = [cut.layer for cut in per_count[counts[0]]]
+        schedules = {count: self.method.cuts(self.depth, count) for count in set(call.visual_counts)}
+        layers = [cut.layer for cut in schedules[call.visual_counts[0]]]
         return {
-            layer: torch.tensor([per_count[count][i].keep for count in counts], device=call.kinds.device)
-            for i, layer in enumerate(layers)
+            layer: [schedules[count][index].keep for count in call.visual_counts] for index, layer in enumerate(layers)
         }
 
     def _after_call(self, module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
-        device = self.call.kinds.device
         if self._prefill:
-            _synchronize(device)
-            seconds = time.perf_counter() - self._started
-            self.stats = measure_stats(self.call, self.depth, self.adapter, seconds)
+            _synchronize(self.call.kinds.device)
+            self._measured, self._stats = (self.call, time.perf_counter() - self._started), None
         cache = getattr(output, "past_key_values", None)
-        if cache is not None and self.stats is not None:
-            self.stats.kv_bytes = sum(
+        if cache is not None:
+            self._kv_bytes = sum(
                 layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
                 for layer in cache.layers
                 if getattr(layer, "keys", None) is not None
@@ -127,19 +136,17 @@ class Engine:
             if 0 in self._keep:
                 kwargs["attention_mask"] = self._shortened_padding_mask(kwargs)
             return args, kwargs
-        call.geometry = self.adapter.geometry(call, kwargs["inputs_embeds"], kwargs.get("position_ids"))
+        call.locate = partial(self.adapter.geometry, call, kwargs["inputs_embeds"], kwargs.get("position_ids"))
         positions = torch.arange(call.prompt_length, device=call.kinds.device).expand(call.batch_size, -1)
-        tokens = TokenSet(positions, positions, ~call.padding)
+        unpadded = all(t + v == call.prompt_length for t, v in zip(call.text_counts, call.visual_counts, strict=True))
+        tokens = TokenSet(positions, positions, ~call.padding, call.visual_counts, unpadded)
         if 0 in self._keep:
-            embeddings = kwargs["inputs_embeds"]
-            tokens, embeddings = self._cut(0, tokens, embeddings, None)
+            tokens, embeddings = self._cut(0, tokens, kwargs["inputs_embeds"], None)
             tokens.slot = torch.arange(len(tokens), device=embeddings.device).expand(call.batch_size, -1)
             kwargs["inputs_embeds"] = embeddings
             kwargs["attention_mask"] = tokens.valid.long()
             position_ids = kwargs.get("position_ids")
-            if position_ids is None:
-                position_ids = positions
-            kwargs["position_ids"] = _gather_last(position_ids, tokens.position)
+            kwargs["position_ids"] = _gather_last(positions if position_ids is None else position_ids, tokens.position)
         call.sets[0] = tokens
         return args, kwargs
 
@@ -159,11 +166,10 @@ class Engine:
     def _layer_hook(self, index: int) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
             hidden = args[0]
-            call = self.call
             if self._prefill:
                 if index in self._keep and index > 0:
-                    tokens, hidden = self._cut(index, call.set_at(index), hidden, kwargs)
-                    call.sets[index] = tokens
+                    tokens, hidden = self._cut(index, self.call.set_at(index), hidden, kwargs)
+                    self.call.sets[index] = tokens
                 self._slice_prefill(index, kwargs)
                 self._previous = (module, hidden, kwargs["position_embeddings"])
             else:
@@ -184,8 +190,8 @@ class Engine:
         cached = self._sliced.get(start)
         if cached is None or cached[0] is not mask:
             cos, sin = kwargs["position_embeddings"]
-            embeddings = (_gather_rows(cos, tokens.slot), _gather_rows(sin, tokens.slot))
-            cached = (mask, prefill_mask(mask, tokens.slot, tokens.valid, self.implementation, cos.dtype), embeddings)
+            sliced_mask = prefill_mask(mask, tokens.slot, tokens.valid, tokens.complete, self.implementation, cos.dtype)
+            cached = (mask, sliced_mask, (_gather_rows(cos, tokens.slot), _gather_rows(sin, tokens.slot)))
             self._sliced[start] = cached
         kwargs["attention_mask"], kwargs["position_embeddings"] = cached[1], cached[2]
         kwargs["position_ids"] = None
@@ -198,20 +204,16 @@ class Engine:
         layer_cache = kwargs["past_key_values"].layers[index]
         generated = layer_cache.get_seq_length() - len(tokens) + hidden.shape[1]
         kwargs["attention_mask"] = decode_mask(
-            kwargs.get("attention_mask"),
-            tokens.slot,
-            tokens.valid,
-            generated,
-            hidden.shape[1],
-            self.implementation,
-            hidden.dtype,
-        )
+            kwargs.get("attention_mask"), tokens.slot, tokens.valid, tokens.complete, generated, hidden.shape[1],
+            self.implementation, hidden.dtype,
+        )  # fmt: skip
 
     # cutting
 
     def _cut(
         self, layer: int, tokens: TokenSet, hidden: torch.Tensor, kwargs: dict | None
     ) -> tuple[TokenSet, torch.Tensor]:
+        """Score the visual tokens of `tokens` and keep the planned number of each row."""
         call = self.call
         inputs = ScoreInput(
             hidden=hidden,
@@ -219,21 +221,24 @@ class Engine:
             position_embeddings=None,
             candidates=call.visual(tokens),
             valid=tokens.valid,
-            geometry=call.geometry.gather(1, tokens.position[..., None].expand(-1, -1, call.geometry.shape[-1])),
+            locate=lambda: call.geometry.gather(1, tokens.position[..., None].expand(-1, -1, 4)),
         )
-        offset = self.scorer.layer_offset
-        if offset == 0:
+        if self.scorer.layer_offset == 0:
             cos, sin = kwargs["position_embeddings"]
             inputs.layer = self.layers[layer]
             inputs.position_embeddings = (_gather_rows(cos, tokens.slot), _gather_rows(sin, tokens.slot))
-        elif offset == -1:
+        elif self.scorer.layer_offset == -1:
             inputs.layer, inputs.hidden, inputs.position_embeddings = self._previous
-        local, valid = select(self.scorer.score(inputs), inputs.candidates, tokens.valid, self._keep[layer])
+        kept = [min(keep, alive) for keep, alive in zip(self._keep[layer], tokens.visual_counts, strict=True)]
+        sizes = [text + visual for text, visual in zip(call.text_counts, kept, strict=True)]
+        planned = not getattr(self.scorer, "discards", False)
+        keep = torch.tensor(kept, device=hidden.device)
+        local, valid = select(self.scorer.score(inputs), inputs.candidates, tokens.valid, keep,
+                              max(sizes) if planned else None)  # fmt: skip
+        survivors = TokenSet(tokens.position.gather(1, local), tokens.slot.gather(1, local), valid, kept, False)
+        if not planned:
+            survivors.visual_counts = call.visual(survivors).sum(1).tolist()
+            sizes = [text + visual for text, visual in zip(call.text_counts, survivors.visual_counts, strict=True)]
+        survivors.complete = min(sizes) == len(survivors)
         inputs.hidden = hidden
-        return tokens.take(local, valid), self.reducer.reduce(hidden, local, inputs)
-
-
-def _gather_rows(table: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
-    """Rows `slot` (batch, n) of a (batch or 1, length, dim) table."""
-    table = table.expand(slot.shape[0], *table.shape[1:])
-    return table.gather(1, slot[..., None].expand(-1, -1, table.shape[-1]))
+        return survivors, self.reducer.reduce(hidden, local, inputs)

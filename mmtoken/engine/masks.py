@@ -53,12 +53,18 @@ def _causal(fillers: torch.Tensor, queries: int, implementation: str, dtype: tor
 
 
 def prefill_mask(
-    mask: torch.Tensor | None, slot: torch.Tensor, valid: torch.Tensor, implementation: str, dtype: torch.dtype
+    mask: torch.Tensor | None,
+    slot: torch.Tensor,
+    valid: torch.Tensor,
+    complete: bool,
+    implementation: str,
+    dtype: torch.dtype,
 ) -> torch.Tensor | None:
-    """The prefill mask for the tokens at `slot` (batch, n) of the model's sequence."""
+    """The prefill mask for the tokens at `slot` (batch, n) of the model's sequence; `complete` says that no
+    token is invalid."""
     fillers = ~valid
     if mask is None:
-        if not fillers.any():
+        if complete:
             return None
         mask = _causal(fillers, slot.shape[1], implementation, dtype)
         return _unhide_diagonal(_hide(mask, fillers) if mask.ndim == 4 else mask, fillers)
@@ -66,7 +72,7 @@ def prefill_mask(
         mask = mask.expand(slot.shape[0], *mask.shape[1:])
         mask = mask.gather(2, slot[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[3]))
     mask = _gather_keys(mask, slot)
-    if not fillers.any():
+    if complete:
         return mask
     return _unhide_diagonal(_hide(mask, fillers), fillers)
 
@@ -75,6 +81,7 @@ def decode_mask(
     mask: torch.Tensor | None,
     slot: torch.Tensor,
     valid: torch.Tensor,
+    complete: bool,
     generated: int,
     queries: int,
     implementation: str,
@@ -87,11 +94,11 @@ def decode_mask(
     batch = slot.shape[0]
     fillers = torch.cat([~valid, valid.new_zeros(batch, generated)], dim=1)
     if mask is None:
-        if not fillers.any():
+        if complete:
             return None
         mask = _causal(fillers, queries, implementation, dtype)
         return mask if mask.ndim == 2 else _hide(mask, fillers)
     received = mask.shape[-1] - generated
     tail = torch.arange(received, received + generated, device=slot.device).expand(batch, -1)
     mask = _gather_keys(mask, torch.cat([slot, tail], dim=1))
-    return _hide(mask, fillers) if fillers.any() else mask
+    return mask if complete else _hide(mask, fillers)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -15,34 +17,35 @@ class TokenSet:
 
     `position` holds each token's original prompt position (what methods and stats speak in), `slot` its index in
     the sequence the language model received (what masks and rotary embeddings are indexed by), and `valid` is
-    False for left padding and for the fillers that keep rows of a batch equally long.
+    False for left padding and for the fillers that keep rows of a batch equally long. `visual_counts` (valid
+    visual tokens per row) and `complete` (no invalid token) are kept on the CPU so hooks never wait on the GPU.
     """
 
     position: torch.Tensor
     slot: torch.Tensor
     valid: torch.Tensor
+    visual_counts: list[int]
+    complete: bool
 
     def __len__(self) -> int:
         return self.position.shape[1]
-
-    def take(self, local: torch.Tensor, valid: torch.Tensor) -> TokenSet:
-        """The subset at `local` (indices into this set, per row) with the given validity."""
-        return TokenSet(self.position.gather(1, local), self.slot.gather(1, local), valid)
 
 
 @dataclass
 class CallState:
     """Everything known about one prefill and the decode steps that follow it.
 
-    `kinds` (text / image / video), `padding` and `geometry` (media, frame, row, column of each visual token;
-    -1 for text; filled in once the language model's input is known) are indexed by original prompt position.
-    `sets` maps the first layer of each stretch to the tokens alive there; layer 0 is the sequence the language
-    model itself receives.
+    `kinds` (text / image / video) and `padding` are indexed by original prompt position, and so is `geometry`
+    (media, frame, row, column of each visual token, -1 for text), computed from `locate` the first time a
+    method asks. `text_counts` and `visual_counts` count each row's valid tokens on the CPU. `sets` maps the
+    first layer of each stretch to the tokens alive there; layer 0 is the sequence the language model receives.
     """
 
     kinds: torch.Tensor
     padding: torch.Tensor
-    geometry: torch.Tensor | None = None
+    text_counts: list[int]
+    visual_counts: list[int]
+    locate: Callable[[], torch.Tensor] | None = None
     sets: dict[int, TokenSet] = field(default_factory=dict)
 
     @property
@@ -53,6 +56,10 @@ class CallState:
     def prompt_length(self) -> int:
         return self.kinds.shape[1]
 
+    @cached_property
+    def geometry(self) -> torch.Tensor:
+        return self.locate()
+
     def visual(self, tokens: TokenSet) -> torch.Tensor:
         """Mask over `tokens`: valid image or video tokens."""
         return (self.kinds.gather(1, tokens.position) != TEXT) & tokens.valid
@@ -60,6 +67,3 @@ class CallState:
     def set_at(self, layer: int) -> TokenSet:
         """The token set entering decoder layer `layer`."""
         return self.sets[max(start for start in self.sets if start <= layer)]
-
-    def original_visual_counts(self) -> torch.Tensor:
-        return ((self.kinds != TEXT) & ~self.padding).sum(1)

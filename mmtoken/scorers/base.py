@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from functools import cached_property
+from typing import ClassVar, Protocol
 
 import torch
 from torch import nn
@@ -15,7 +17,8 @@ class ScoreInput:
 
     `hidden` (batch, n, dim) enters `layer` (None before the language model, where `hidden` is the embeddings);
     `candidates` marks the visual tokens that may be cut, `valid` the tokens that are neither padding nor fillers;
-    `geometry` (batch, n, 4) is (media, frame, row, column) of visual tokens and -1 elsewhere.
+    `geometry` (batch, n, 4) is (media, frame, row, column) of visual tokens and -1 elsewhere, worked out by
+    `locate` only for scorers that read it.
     """
 
     hidden: torch.Tensor
@@ -23,13 +26,19 @@ class ScoreInput:
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None
     candidates: torch.Tensor
     valid: torch.Tensor
-    geometry: torch.Tensor
+    locate: Callable[[], torch.Tensor]
+
+    @cached_property
+    def geometry(self) -> torch.Tensor:
+        return self.locate()
 
 
 class Scorer(Protocol):
     """Scores tokens; only the scores of candidates are read. `layer_offset` picks the layer to mimic
-    relative to the cut (0: the first layer that sees the reduced set, -1: the one before); None needs no layer."""
+    relative to the cut (0: the first layer that sees the reduced set, -1: the one before); None needs no layer.
+    A scorer that `discards` marks tokens that must go whatever the budget with -inf."""
 
     layer_offset: int | None
+    discards: ClassVar[bool] = False
 
     def score(self, inputs: ScoreInput) -> torch.Tensor: ...

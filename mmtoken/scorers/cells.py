@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -16,6 +17,7 @@ class CellCorners:
 
     cells: GridCells
     layer_offset: int | None = None
+    discards: ClassVar[bool] = True
 
     def score(self, inputs: ScoreInput) -> torch.Tensor:
         scores = torch.full(inputs.candidates.shape, float("-inf"), device=inputs.candidates.device)

@@ -1,0 +1,3 @@
+from mmtoken.cli import main
+
+main()
