@@ -56,7 +56,7 @@ class Engine:
         self.implementation = adapter.language_model.config._attn_implementation
         self.call: CallState | None = None
         self._prefill = False
-        self._keep: dict[int, list[int]] = {}
+        self._keep: dict[int, tuple[list[int], torch.Tensor]] = {}
         self._previous: tuple[nn.Module, torch.Tensor, tuple] | None = None
         self._sliced: dict[int, tuple[object, object, object]] = {}
         self._started = 0.0
@@ -229,11 +229,11 @@ class Engine:
             inputs.position_embeddings = (_gather_rows(cos, tokens.slot), _gather_rows(sin, tokens.slot))
         elif self.scorer.layer_offset == -1:
             inputs.layer, inputs.hidden, inputs.position_embeddings = self._previous
-        kept = [min(keep, alive) for keep, alive in zip(self._keep[layer], tokens.visual_counts, strict=True)]
+        keep, keep_on_device = self._keep[layer]
+        kept = [min(count, alive) for count, alive in zip(keep, tokens.visual_counts, strict=True)]
         sizes = [text + visual for text, visual in zip(call.text_counts, kept, strict=True)]
         planned = not getattr(self.scorer, "discards", False)
-        keep = torch.tensor(kept, device=hidden.device)
-        local, valid = select(self.scorer.score(inputs), inputs.candidates, tokens.valid, keep,
+        local, valid = select(self.scorer.score(inputs), inputs.candidates, tokens.valid, keep_on_device,
                               max(sizes) if planned else None)  # fmt: skip
         survivors = TokenSet(tokens.position.gather(1, local), tokens.slot.gather(1, local), valid, kept, False)
         if not planned:
