@@ -108,13 +108,15 @@ class Engine:
         _synchronize(input_ids.device)
         self._started = time.perf_counter()
 
-    def _plan(self, call: CallState) -> dict[int, list[int]]:
-        """Visual tokens each row keeps at each cut, from the method's schedule for that row's visual count."""
+    def _plan(self, call: CallState) -> dict[int, tuple[list[int], torch.Tensor]]:
+        """Visual tokens each row keeps at each cut, from the method's schedule for that row's visual count,
+        on the CPU and (copied before the model queues any work) on the model's device."""
         schedules = {count: self.method.cuts(self.depth, count) for count in set(call.visual_counts)}
-        layers = [cut.layer for cut in schedules[call.visual_counts[0]]]
-        return {
-            layer: [schedules[count][index].keep for count in call.visual_counts] for index, layer in enumerate(layers)
-        }
+        plan = {}
+        for index, cut in enumerate(schedules[call.visual_counts[0]]):
+            keep = [schedules[count][index].keep for count in call.visual_counts]
+            plan[cut.layer] = (keep, torch.tensor(keep, device=call.kinds.device))
+        return plan
 
     def _after_call(self, module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
         if self._prefill:
