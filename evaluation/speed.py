@@ -58,7 +58,7 @@ class Setting:
 
 
 def settings(budgets: list[int]) -> list[Setting]:
-    rows = [Setting("unpatched")]
+    rows = [Setting("unpatched"), Setting("fastv keep-all (hook cost)", "fastv", {"k": 2, "ratio": 1.0})]
     for budget in budgets:
         rows.append(Setting(f"fastv K=2 @{budget}", "fastv", {"k": 2, "budget": budget}))
         rows.append(Setting(f"pdrop 2/8/16 @{budget}", "pdrop", {"layers": (2, 8, 16), "budget": budget}))
