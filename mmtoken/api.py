@@ -13,7 +13,7 @@ from mmtoken.integrations import adapter_for
 from mmtoken.methods import Method, build
 
 _ATTRIBUTE = "_mmtoken_handle"
-_SUPPORTED_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
+_SUPPORTED_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flash_attention_4")
 
 
 class Handle:

@@ -5,11 +5,10 @@ Runs where a GPU is (the lent device; see BENCHMARKS.md for the command); CI has
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 from conftest import CASE_IDS, CASES, PRUNING, greedy, inputs
+from transformers.utils import import_utils
 
 import mmtoken
 from mmtoken.zoo.tiny import tiny_model
@@ -17,8 +16,11 @@ from mmtoken.zoo.tiny import tiny_model
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 FLASH = [
     name
-    for name, package in (("flash_attention_2", "flash_attn"), ("flash_attention_4", "flash_attn.cute"))
-    if importlib.util.find_spec(package.split(".")[0]) is not None
+    for name, available in (
+        ("flash_attention_2", "is_flash_attn_2_available"),
+        ("flash_attention_4", "is_flash_attn_4_available"),
+    )
+    if getattr(import_utils, available, lambda: False)()
 ]
 
 
