@@ -47,6 +47,19 @@ def greedy(model, batch, new_tokens: int = 4) -> torch.Tensor:
     return out[:, batch["input_ids"].shape[1] :]
 
 
+def greedy_logits(model, batch, new_tokens: int = 4) -> torch.Tensor:
+    """The logits of every greedy step, (batch, steps, vocabulary): prefill and decode alike."""
+    out = model.generate(
+        **batch,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    return torch.stack(out.logits, dim=1)
+
+
 @pytest.fixture(params=CASES, ids=CASE_IDS)
 def case(request):
     return request.param

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import KEEP_ALL, PRUNING, greedy, inputs, model_and_processor
+from conftest import KEEP_ALL, PRUNING, greedy, greedy_logits, inputs, model_and_processor
 
 import mmtoken
 
@@ -47,12 +47,16 @@ def test_padded_batch_equals_rows_alone(case, method):
     model, _ = model_and_processor(family)
     batch = inputs(family, video, batch=2)
     assert not batch["attention_mask"].all(), "the batch must be left-padded"
-    with mmtoken.patched(model, method, **PRUNING[method]) as handle:
+    rows = [inputs(family, video, rows=[row]) for row in range(2)]
+    with mmtoken.patched(model, method, **PRUNING[method]) as handle, torch.no_grad():
         together = greedy(model, batch)
         batch_stats = handle.stats
-        alone = [greedy(model, inputs(family, video, rows=[row])) for row in range(2)]
+        alone = [greedy(model, row) for row in rows]
+        logits = greedy_logits(model, batch)
+        logits_alone = torch.cat([greedy_logits(model, row) for row in rows])
     assert batch_stats.avg_visual_tokens < batch_stats.original_visual_tokens
     assert torch.equal(together, torch.cat(alone))
+    assert (logits - logits_alone).abs().max() < 1e-4
 
 
 @pytest.mark.parametrize("method", sorted(PRUNING))
@@ -100,3 +104,20 @@ def test_calls_leave_no_state_behind(case):
         again = greedy(model, first)
         assert handle.stats.original_visual_tokens == a_tokens
     assert torch.equal(a, again)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("method", ["fastv", "pdrop", "pooling"])
+def test_rows_without_padding_that_keep_different_counts(attention, method):
+    """Two unpadded rows of 16 and 24 visual tokens: the model passes no mask under sdpa, so the engine builds
+    one to hide the fillers that even out the rows."""
+    model, _ = model_and_processor("qwen2_vl", attention)
+    lengths = [13, 5]
+    batch = inputs("qwen2_vl", False, batch=2, question_lengths=lengths)
+    assert batch["attention_mask"].all()
+    rows = [inputs("qwen2_vl", False, rows=[row], question_lengths=[lengths[row]]) for row in (0, 1)]
+    with mmtoken.patched(model, method, **PRUNING[method]) as handle:
+        together = greedy_logits(model, batch)
+        assert not handle.engine.call.set_at(5).complete
+        alone = torch.cat([greedy_logits(model, row) for row in rows])
+    assert (together - alone).abs().max() < 1e-4

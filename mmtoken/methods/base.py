@@ -3,7 +3,7 @@ leaves). Presets declare their parameters as dataclass fields and check them in 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import ClassVar
 
 from mmtoken.reducers import Drop, Reducer
@@ -44,9 +44,6 @@ class Method:
 
     def check_depth(self, depth: int) -> None:
         """Raise if the schedule names a layer the model does not have."""
-
-    def parameters(self) -> dict[str, object]:
-        return {field.name: getattr(self, field.name) for field in fields(self)}
 
 
 @dataclass
