@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -26,6 +27,9 @@ from mmtoken.engine.select import select
 from mmtoken.engine.state import CallState, TokenSet
 from mmtoken.methods.base import Method
 from mmtoken.scorers.base import ScoreInput
+
+if TYPE_CHECKING:
+    from mmtoken.integrations.base import Adapter
 
 
 def _synchronize(device: torch.device) -> None:
@@ -48,7 +52,7 @@ def _gather_rows(table: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
 class Engine:
     """Applies `method` to `model` through hooks; `stats` holds the numbers of the latest prefill."""
 
-    def __init__(self, model: nn.Module, adapter, method: Method) -> None:
+    def __init__(self, model: nn.Module, adapter: Adapter, method: Method) -> None:
         self.model, self.adapter, self.method = model, adapter, method
         self.layers = adapter.decoder_layers
         self.depth = len(self.layers)
