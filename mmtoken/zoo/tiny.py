@@ -19,7 +19,6 @@ from collections.abc import Callable, Sequence
 
 import torch
 from PIL import Image, ImageDraw
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import (
     AutoModelForImageTextToText,
     BatchFeature,
@@ -44,6 +43,8 @@ from transformers import (
     Qwen2VLProcessor,
     Qwen2VLVideoProcessor,
 )
+
+from mmtoken.zoo.text import LLAVA_TEMPLATE, chatml_template, llama_tokenizer, qwen_tokenizer
 
 FAMILIES: tuple[str, ...] = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl")
 VIDEO_FAMILIES: frozenset[str] = frozenset({"llava_onevision", "qwen2_vl", "qwen2_5_vl"})
@@ -77,67 +78,13 @@ _VIDEO_FRAME_SIZE: dict[str, tuple[int, int]] = {
     "qwen2_5_vl": (112, 112),
 }
 
-_LLAVA_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'].upper() + ': ' }}"
-    "{% if message['content'] is string %}{{ message['content'] + ' ' }}{% else %}"
-    "{% for item in message['content'] if item['type'] == 'image' %}{{ '<image>\n' }}{% endfor %}"
-    "{% for item in message['content'] if item['type'] == 'text' %}{{ item['text'] + ' ' }}{% endfor %}"
-    "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-)
-_CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' }}"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for item in message['content'] %}"
-    "{% if item['type'] == 'image' %}{{ 'IMAGE_SLOT' }}"
-    "{% elif item['type'] == 'video' %}{{ 'VIDEO_SLOT' }}"
-    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}{{ '<|im_end|>\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
-
-def _chatml_template(image_slot: str, video_slot: str) -> str:
-    return _CHATML_TEMPLATE.replace("IMAGE_SLOT", image_slot).replace("VIDEO_SLOT", video_slot)
-
-
-def _tokenizer(named: dict[str, str], extra: Sequence[str] = (), prepend_bos: bool = False) -> PreTrainedTokenizerFast:
-    """Word-level tokenizer; ``named`` maps attributes (``pad_token``, ``image_token``...) to tokens."""
-    named = {"unk_token": "<unk>", **named}
-    specials = list(dict.fromkeys([*named.values(), *extra]))
-    vocab = {token: index for index, token in enumerate([*specials, *_VOCABULARY.split()])}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.add_special_tokens(specials)
-    if prepend_bos:
-        bos = named["bos_token"]
-        backend.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])]
-        )
-    media = {key: named.pop(key) for key in ("image_token", "video_token") if key in named}
-    return PreTrainedTokenizerFast(tokenizer_object=backend, padding_side="left", extra_special_tokens=media, **named)
-
 
 def _llama_tokenizer() -> PreTrainedTokenizerFast:
-    return _tokenizer(
-        {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "image_token": "<image>"},
-        prepend_bos=True,
-    )
+    return llama_tokenizer(_VOCABULARY.split())
 
 
 def _qwen_tokenizer(image_token: str, video_token: str, extra: Sequence[str] = ()) -> PreTrainedTokenizerFast:
-    return _tokenizer(
-        {
-            "pad_token": "<|endoftext|>",
-            "bos_token": "<|endoftext|>",
-            "eos_token": "<|im_end|>",
-            "image_token": image_token,
-            "video_token": video_token,
-        },
-        extra=("<|im_start|>", *extra),
-    )
+    return qwen_tokenizer(_VOCABULARY.split(), image_token, video_token, extra)
 
 
 def _text_config(tokenizer: PreTrainedTokenizerFast, **overrides: object) -> dict[str, object]:
@@ -194,7 +141,7 @@ def _build_llava() -> tuple[PreTrainedConfig, ProcessorMixin]:
         patch_size=_VIT_PATCH_SIZE,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
-        chat_template=_LLAVA_TEMPLATE,
+        chat_template=LLAVA_TEMPLATE,
     )
     return config, processor
 
@@ -221,7 +168,7 @@ def _build_llava_next() -> tuple[PreTrainedConfig, ProcessorMixin]:
         patch_size=_VIT_PATCH_SIZE,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
-        chat_template=_LLAVA_TEMPLATE,
+        chat_template=LLAVA_TEMPLATE,
     )
     return config, processor
 
@@ -246,7 +193,7 @@ def _build_llava_onevision() -> tuple[PreTrainedConfig, ProcessorMixin]:
         num_image_tokens=(_VIT_IMAGE_SIZE // _VIT_PATCH_SIZE) ** 2,
         vision_feature_select_strategy="full",
         vision_aspect_ratio="anyres_max_9",
-        chat_template=_chatml_template("<image>", "<video>"),
+        chat_template=chatml_template("<image>", "<video>"),
     )
     return config, processor
 
@@ -258,7 +205,7 @@ def _qwen_parts(processor_class: type[ProcessorMixin]) -> tuple[PreTrainedTokeni
         image_processor=Qwen2VLImageProcessor(size=_QWEN_PIXELS, **patches),
         tokenizer=tokenizer,
         video_processor=Qwen2VLVideoProcessor(size=_QWEN_PIXELS, cap_pixels_per_frame=True, **patches),
-        chat_template=_chatml_template(
+        chat_template=chatml_template(
             "<|vision_start|><|image_pad|><|vision_end|>", "<|vision_start|><|video_pad|><|vision_end|>"
         ),
     )
