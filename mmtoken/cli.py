@@ -9,16 +9,32 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="mmtoken", description="Cut the visual tokens of multimodal LLMs.")
     commands = parser.add_subparsers(dest="command", required=True)
-    compare = commands.add_parser("compare", help="the unpatched model next to each method at 192/128/64")
-    compare.add_argument("--prompts", type=int, default=8)
+    compare = commands.add_parser("compare", help="the probe model unpatched and under each method at 192/128/64")
+    compare.add_argument("--per-task", type=int, default=16)
     compare.add_argument("--out", type=Path, default=Path("results"))
     commands.add_parser("bench", help="GPU prefill speed at real model sizes (needs CUDA)", add_help=False)
     commands.add_parser("methods", help="list the methods with their parameters, stage and paper")
+    zoo = commands.add_parser("zoo", help="the embedded probe models").add_subparsers(dest="zoo", required=True)
+    train = zoo.add_parser("train", help="train a probe model (on the GPU), resumable")
+    train.add_argument("name", choices=["probe-llava"])
+    train.add_argument("--out", type=Path, required=True)
+    train.add_argument("--resume", type=Path)
+    train.add_argument("--steps", type=int, default=6000)
+    train.add_argument("--batch-size", type=int, default=128)
+    train.add_argument("--lr", type=float, default=6e-4)
+    train.add_argument("--minutes", type=float, help="stop (with a checkpoint) after this long")
+    train.add_argument("--seed", type=int, default=0)
     args, rest = parser.parse_known_args(argv)
     if args.command == "compare":
         from mmtoken.compare import compare as run_compare
 
-        run_compare(prompts=args.prompts, out=args.out)
+        run_compare(per_task=args.per_task, out=args.out)
+    elif args.command == "zoo":
+        from mmtoken.zoo.train import TrainConfig, train
+
+        config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, minutes=args.minutes,
+                             seed=args.seed)  # fmt: skip
+        train(args.name, args.out, config, resume=args.resume)
     elif args.command == "bench":
         from mmtoken.evaluation.speed import main as bench
 

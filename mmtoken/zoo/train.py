@@ -1,0 +1,190 @@
+"""Training a probe model on probe batches rendered on the fly on the training device; resumable.
+
+Each step renders a fresh batch (so the data never repeats), trains on the answer tokens, and adds an auxiliary
+loss that asks the vision tower's penultimate layer (the one LLaVA feeds the language model) to name the
+colour under each patch, which makes the tower look at every patch early. Checkpoints are plain
+`save_pretrained` folders (bf16 weights in shards under 16 MB) plus `state.json`; resuming restarts the
+optimiser with a short warm-up.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from functools import cache
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin
+
+from mmtoken.zoo.probe import Batch, render_batch, tasks
+from mmtoken.zoo.recipes import RECIPES
+
+IGNORE = -100
+PATCH_CLASSES = 16
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings of one run (kept in `state.json`)."""
+
+    steps: int = 6000
+    batch_size: int = 128
+    lr: float = 6e-4
+    warmup: int = 300
+    aux_weight: float = 0.3
+    seed: int = 0
+    eval_every: int = 500
+    eval_per_task: int = 64
+    minutes: float | None = None
+
+
+class PromptEncoder:
+    """Token ids of probe questions and answers exactly as the model's processor and chat template make them."""
+
+    def __init__(self, processor: ProcessorMixin, image_tokens: int) -> None:
+        self.processor, self.tokenizer, self.image_tokens = processor, processor.tokenizer, image_tokens
+        self.prompt_ids = cache(self._prompt_ids)
+
+    def _prompt_ids(self, question: str) -> tuple[int, ...]:
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids = []
+        for token in self.tokenizer(text)["input_ids"]:
+            ids.extend([token] * (self.image_tokens if token == self.tokenizer.image_token_id else 1))
+        return tuple(ids)
+
+    def answer_ids(self, answer: str) -> list[int]:
+        return [*self.tokenizer(answer, add_special_tokens=False)["input_ids"], self.tokenizer.eos_token_id]
+
+    def encode(self, questions: list[str], answers: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+        """Left-padded input ids, attention mask, position ids and labels (answer tokens only)."""
+        rows = [(list(self.prompt_ids(q)), self.answer_ids(a)) for q, a in zip(questions, answers, strict=True)]
+        length = max(len(prompt) + len(answer) for prompt, answer in rows)
+        ids = torch.full((len(rows), length), self.tokenizer.pad_token_id)
+        labels = torch.full((len(rows), length), IGNORE)
+        for row, (prompt, answer) in enumerate(rows):
+            sequence = prompt + answer
+            ids[row, length - len(sequence) :] = torch.tensor(sequence)
+            labels[row, length - len(answer) :] = torch.tensor(answer)
+        mask = (torch.arange(length) >= length - torch.tensor([len(p) + len(a) for p, a in rows])[:, None]).long()
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        batch = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "labels": labels}
+        return {key: value.to(device) for key, value in batch.items()}
+
+
+def pixel_values(batch: Batch, processor: ProcessorMixin, dtype: torch.dtype) -> torch.Tensor:
+    """The probe's uint8 pixels normalised as the model's image processor would."""
+    image_processor = processor.image_processor
+    mean = torch.tensor(image_processor.image_mean, device=batch.pixels.device)[:, None, None]
+    std = torch.tensor(image_processor.image_std, device=batch.pixels.device)[:, None, None]
+    return ((batch.pixels.float() / 255 - mean) / std).to(dtype)
+
+
+class PatchProbe(nn.Module):
+    """The auxiliary head: the colour under each patch, read from the vision tower's penultimate layer."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        super().__init__()
+        vision = model.config.vision_config
+        self.head = nn.Linear(vision.hidden_size, PATCH_CLASSES)
+        self.features: torch.Tensor | None = None
+        layer = model.model.vision_tower.encoder.layers[model.config.vision_feature_layer]
+        layer.register_forward_hook(self._keep)
+
+    def _keep(self, module: nn.Module, args: tuple, output: object) -> None:
+        self.features = output[0] if isinstance(output, tuple) else output
+
+    def loss(self, labels: torch.Tensor) -> torch.Tensor:
+        logits = self.head(self.features[:, 1:].float())
+        return nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
+
+
+def learning_rate(step: int, start: int, config: TrainConfig) -> float:
+    """Linear warm-up (again after a resume), then cosine decay to a tenth."""
+    warm = min(1.0, (step - start + 1) / config.warmup)
+    progress = min(1.0, step / config.steps)
+    return config.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@torch.no_grad()
+def answer_accuracy(model, processor, encoder: PromptEncoder, batch: Batch, dtype: torch.dtype) -> float:
+    """Exact-match accuracy of the answers under teacher forcing (equal to greedy decoding's)."""
+    inputs = encoder.encode(batch.questions, batch.answers, batch.pixels.device)
+    labels = inputs.pop("labels")
+    with torch.autocast(batch.pixels.device.type, dtype=torch.bfloat16, enabled=batch.pixels.is_cuda):
+        logits = model(**inputs, pixel_values=pixel_values(batch, processor, dtype)).logits
+    predicted, target = logits[:, :-1].argmax(-1), labels[:, 1:]
+    answered = target != IGNORE
+    return float(((predicted == target) | ~answered).all(-1).float().mean())
+
+
+def evaluation_batches(kind: str, config: TrainConfig, device: torch.device) -> dict[str, Batch]:
+    generator = torch.Generator(device=device).manual_seed(10_000 + config.seed)
+    return {task: render_batch(kind, config.eval_per_task, generator, device, task=task) for task in tasks(kind)}
+
+
+def train(name: str, out: Path, config: TrainConfig, resume: Path | None = None) -> dict:
+    """Train `name` into `out`; returns the final state (steps, curve, per-task accuracy)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if resume is None:
+        model, processor = RECIPES[name]()
+        state = {"name": name, "step": 0, "samples": 0, "seconds": 0.0, "curve": [], "evaluations": []}
+    else:
+        model = AutoModelForImageTextToText.from_pretrained(resume, dtype=torch.float32)
+        processor = AutoProcessor.from_pretrained(resume)
+        state = json.loads((resume / "state.json").read_text())
+    state["config"] = asdict(config)
+    model.to(device).train()
+    probe = PatchProbe(model).to(device)
+    encoder = PromptEncoder(processor, model.config.image_seq_length)
+    optimizer = torch.optim.AdamW([*model.parameters(), *probe.parameters()], lr=config.lr, betas=(0.9, 0.98),
+                                  weight_decay=0.05)  # fmt: skip
+    generator = torch.Generator(device=device).manual_seed(config.seed * 1_000_003 + state["step"])
+    held_out = evaluation_batches("image", config, device)
+    start, began = state["step"], time.perf_counter()
+    for step in range(start, config.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, start, config)
+        batch = render_batch("image", config.batch_size, generator, device)
+        inputs = encoder.encode(batch.questions, batch.answers, device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            answer_loss = model(**inputs, pixel_values=pixel_values(batch, processor, torch.float32)).loss
+            aux_loss = probe.loss(batch.patch_labels)
+        loss = answer_loss + config.aux_weight * aux_loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        state["step"], state["samples"] = step + 1, state["samples"] + config.batch_size
+        if (step + 1) % 50 == 0:
+            elapsed = time.perf_counter() - began
+            state["curve"].append({"step": step + 1, "loss": float(answer_loss), "aux": float(aux_loss),
+                                   "samples_per_s": (step + 1 - start) * config.batch_size / elapsed})  # fmt: skip
+            print(json.dumps(state["curve"][-1]), flush=True)
+        out_of_time = config.minutes is not None and time.perf_counter() - began > 60 * config.minutes
+        if (step + 1) % config.eval_every == 0 or step + 1 == config.steps or out_of_time:
+            model.eval()
+            accuracy = {task: answer_accuracy(model, processor, encoder, batch, torch.float32)
+                        for task, batch in held_out.items()}  # fmt: skip
+            model.train()
+            state["evaluations"].append({"step": step + 1, "accuracy": accuracy})
+            print(json.dumps(state["evaluations"][-1]), flush=True)
+            save(model, processor, state, out, time.perf_counter() - began)
+        if out_of_time:
+            break
+    return state
+
+
+def save(model: PreTrainedModel, processor: ProcessorMixin, state: dict, out: Path, seconds: float) -> None:
+    """A resumable checkpoint that is also the shippable model: bf16 shards under 16 MB, processor, state."""
+    out.mkdir(parents=True, exist_ok=True)
+    state = {**state, "seconds": state["seconds"] + seconds,
+             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}  # fmt: skip
+    weights = {key: value.to(torch.bfloat16) for key, value in model.state_dict().items()}
+    model.save_pretrained(out, state_dict=weights, max_shard_size="15MB")
+    processor.save_pretrained(out)
+    (out / "state.json").write_text(json.dumps(state, indent=1))
