@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText
 
-from mmtoken.zoo import probe
+from mmtoken.zoo import ask, load, probe
+from mmtoken.zoo.embedded import RELIABLE_TASKS
 from mmtoken.zoo.recipes import probe_llava
 from mmtoken.zoo.train import PromptEncoder, TrainConfig, pixel_values, train
 
@@ -50,5 +51,19 @@ def test_training_runs_checkpoints_and_resumes(tmp_path):
     resumed = train("probe-llava", tmp_path, TrainConfig(steps=4, batch_size=2, eval_every=2, eval_per_task=1),
                     resume=tmp_path)  # fmt: skip
     assert resumed["step"] == 4 and resumed["samples"] == 8
+    assert [(run["from_step"], run["resumed"]) for run in resumed["runs"]] == [(0, False), (3, True)]
     model = AutoModelForImageTextToText.from_pretrained(tmp_path, local_files_only=True)
     assert model.config.image_seq_length == 576
+
+
+def test_embedded_model_loads_offline_and_answers_its_reliable_tasks():
+    model, processor = load("probe-llava")
+    for task in RELIABLE_TASKS["probe-llava"]:
+        samples = probe.generate("image", n=10, seed=4242, task=task)
+        correct = sum(ask(model, processor, sample) == sample.answer for sample in samples)
+        assert correct >= 8, f"{task}: {correct}/10"
+
+
+def test_unknown_or_untrained_model_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown probe model 'probe-x'; embedded: probe-llava"):
+        load("probe-x")

@@ -1,1 +1,5 @@
-"""Model zoo: small models for tests and examples."""
+"""The zoo: the probe data set, the embedded trained probe models, and tiny random-weight models for tests."""
+
+from mmtoken.zoo.embedded import ask, load
+
+__all__ = ["ask", "load"]

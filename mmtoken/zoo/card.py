@@ -75,10 +75,18 @@ def write_card(name: str, per_task: int = 30) -> str:
             f"- Data: `mmtoken.zoo.probe`, version `{data_version()}`; every step renders a fresh batch.",
             f"- Training: {state['step']} steps of {state['config']['batch_size']} samples "
             f"({state['samples']} in all), "
-            f"{state['seconds'] / 60:.1f} minutes on {state['device']}, AdamW {state['config']['lr']} with warm-up and"
-            " cosine decay, auxiliary per-patch colour loss on the tower's penultimate layer.",
-            f"- Command: `mmtoken zoo train {name} --out DIR --steps {state['config']['steps']}` on a GPU; "
-            f"this card: `python -m mmtoken.zoo.card {name}` (CPU).",
+            f"{state['seconds'] / 60:.1f} minutes of training steps on {state['device']}, AdamW "
+            f"{state['config']['lr']} with warm-up and cosine decay, auxiliary per-patch colour loss on the tower's "
+            "penultimate layer.",
+            "- Runs on the GPU (each stops at its step target or its time budget; a resumed run restarts AdamW "
+            "with a warm-up):",
+            *(
+                f"  - from step {run['from_step']}: `mmtoken zoo train {name} --out DIR --steps {run['steps']} "
+                f"--batch-size {run['batch_size']} --minutes {run['minutes']}"
+                + (" --resume DIR`" if run["resumed"] else "`")
+                for run in state.get("runs", [])
+            ),
+            f"- This card: `python -m mmtoken.zoo.card {name}` (CPU, a few minutes).",
             f"- Held-out accuracy at the last step (teacher-forced, {state['config']['eval_per_task']} per task): "
             + ", ".join(f"{task} {100 * value:.0f}%" for task, value in final.items()),
             "",

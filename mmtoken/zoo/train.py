@@ -132,12 +132,16 @@ def train(name: str, out: Path, config: TrainConfig, resume: Path | None = None)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if resume is None:
         model, processor = RECIPES[name]()
-        state = {"name": name, "step": 0, "samples": 0, "seconds": 0.0, "curve": [], "evaluations": []}
+        state = {"name": name, "step": 0, "samples": 0, "seconds": 0.0, "curve": [], "evaluations": [], "runs": []}
     else:
         model = AutoModelForImageTextToText.from_pretrained(resume, dtype=torch.float32)
         processor = AutoProcessor.from_pretrained(resume)
         state = json.loads((resume / "state.json").read_text())
     state["config"] = asdict(config)
+    state["runs"] = [
+        *state.get("runs", []),
+        {"from_step": state["step"], "resumed": resume is not None, **asdict(config)},
+    ]
     model.to(device).train()
     probe = PatchProbe(model).to(device)
     encoder = PromptEncoder(processor, model.config.image_seq_length)
