@@ -63,6 +63,7 @@ class Engine:
         self._keep: dict[int, tuple[list[int], torch.Tensor]] = {}
         self._previous: tuple[nn.Module, torch.Tensor, tuple] | None = None
         self._sliced: dict[int, tuple[object, object, object]] = {}
+        self._decode_masks: dict[int, tuple[object, object, int]] = {}
         self._started = 0.0
         self._measured: tuple[CallState, float] | None = None
         self._kv_bytes = 0
@@ -108,7 +109,7 @@ class Engine:
             raise ValueError("mmtoken needs input_ids to find the visual tokens; inputs_embeds alone are not enough")
         call = self.adapter.call_state(input_ids, kwargs.get("attention_mask"), kwargs)
         self._keep = self._plan(call)
-        self.call, self._previous, self._sliced = call, None, {}
+        self.call, self._previous, self._sliced, self._decode_masks = call, None, {}, {}
         _synchronize(input_ids.device)
         self._started = time.perf_counter()
 
@@ -203,16 +204,22 @@ class Engine:
         kwargs["position_ids"] = None
 
     def _slice_decode(self, index: int, hidden: torch.Tensor, kwargs: dict) -> None:
+        """At decode, the layer's mask over its own prompt tokens; computed once per stretch and step."""
         start = self._stretch(index)
         if start == 0:
             return
         tokens = self.call.sets[start]
-        layer_cache = kwargs["past_key_values"].layers[index]
-        generated = layer_cache.get_seq_length() - len(tokens) + hidden.shape[1]
-        kwargs["attention_mask"] = decode_mask(
-            kwargs.get("attention_mask"), tokens.slot, tokens.valid, tokens.complete, generated, hidden.shape[1],
-            self.implementation, hidden.dtype,
-        )  # fmt: skip
+        mask = kwargs.get("attention_mask")
+        generated = kwargs["past_key_values"].layers[index].get_seq_length() - len(tokens) + hidden.shape[1]
+        cached = self._decode_masks.get(start)
+        if cached is None or cached[0] is not mask or cached[2] != generated:
+            sliced = decode_mask(
+                mask, tokens.slot, tokens.valid, tokens.complete, generated, hidden.shape[1], self.implementation,
+                hidden.dtype,
+            )  # fmt: skip
+            cached = (mask, sliced, generated)
+            self._decode_masks[start] = cached
+        kwargs["attention_mask"] = cached[1]
 
     # cutting
 

@@ -91,11 +91,11 @@ def decode_mask(
 
     `generated` counts every key after the prompt, the current queries included.
     """
+    if mask is None and complete:
+        return None
     batch = slot.shape[0]
-    fillers = torch.cat([~valid, valid.new_zeros(batch, generated)], dim=1)
+    fillers = None if complete else torch.cat([~valid, valid.new_zeros(batch, generated)], dim=1)
     if mask is None:
-        if complete:
-            return None
         mask = _causal(fillers, queries, implementation, dtype)
         return mask if mask.ndim == 2 else _hide(mask, fillers)
     received = mask.shape[-1] - generated
