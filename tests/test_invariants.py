@@ -121,3 +121,19 @@ def test_rows_without_padding_that_keep_different_counts(attention, method):
         assert not handle.engine.call.set_at(5).complete
         alone = torch.cat([greedy_logits(model, row) for row in rows])
     assert (together - alone).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_vl"])
+def test_beam_search_keeps_the_invariants(family):
+    """Beam search expands the batch and reorders the cache: keep-all still equals unpatched, and a pruned
+    padded batch still equals its rows alone."""
+    model, _ = model_and_processor(family)
+    batch = inputs(family, False, batch=2)
+    beams = {"max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False, "num_beams": 3}
+    expected = model.generate(**batch, **beams)
+    with mmtoken.patched(model, "pdrop", **KEEP_ALL["pdrop"]):
+        assert torch.equal(model.generate(**batch, **beams), expected)
+    with mmtoken.patched(model, "pdrop", **PRUNING["pdrop"]):
+        together = model.generate(**batch, **beams)[:, -4:]
+        alone = [model.generate(**inputs(family, False, rows=[row]), **beams)[:, -4:] for row in range(2)]
+    assert torch.equal(together, torch.cat(alone))
