@@ -48,10 +48,13 @@ def test_training_runs_checkpoints_and_resumes(tmp_path):
     saved = json.loads((tmp_path / "state.json").read_text())
     assert saved["step"] == 3 and set(saved["evaluations"][-1]["accuracy"]) == set(probe.tasks("image"))
     assert all(file.stat().st_size < 16_000_000 for file in tmp_path.glob("*.safetensors"))
+    head = torch.load(tmp_path / "patch_head.pt")
     resumed = train("probe-llava", tmp_path, TrainConfig(steps=4, batch_size=2, eval_every=2, eval_per_task=1),
                     resume=tmp_path)  # fmt: skip
     assert resumed["step"] == 4 and resumed["samples"] == 8
     assert [(run["from_step"], run["resumed"]) for run in resumed["runs"]] == [(0, False), (3, True)]
+    resumed_head = torch.load(tmp_path / "patch_head.pt")
+    assert (resumed_head["weight"] - head["weight"]).abs().max() < 0.1, "the resumed run kept training the same head"
     model = AutoModelForImageTextToText.from_pretrained(tmp_path, local_files_only=True)
     assert model.config.image_seq_length == 576
 

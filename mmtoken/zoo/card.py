@@ -53,6 +53,30 @@ def evaluate(name: str, per_task: int, seed: int = CARD_SEED) -> dict[str, dict[
     return rows
 
 
+def plot_curve(state: dict, path) -> None:
+    """Answer loss and held-out accuracy per task over the training steps, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure, (loss_axis, accuracy_axis) = pyplot.subplots(1, 2, figsize=(10, 3.6))
+    loss_axis.plot([p["step"] for p in state["curve"]], [p["loss"] for p in state["curve"]], label="answer")
+    loss_axis.plot([p["step"] for p in state["curve"]], [p["aux"] for p in state["curve"]], label="patch colour")
+    loss_axis.set(xlabel="step", ylabel="loss", yscale="log", title="training loss")
+    loss_axis.legend()
+    steps = [evaluation["step"] for evaluation in state["evaluations"]]
+    for task in state["evaluations"][-1]["accuracy"]:
+        scores = [100 * evaluation["accuracy"][task] for evaluation in state["evaluations"]]
+        accuracy_axis.plot(steps, scores, marker=".", label=task)
+    accuracy_axis.set(xlabel="step", ylabel="accuracy, %", title="held-out accuracy (teacher-forced)")
+    accuracy_axis.legend(fontsize=8)
+    for axis in (loss_axis, accuracy_axis):
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
 def write_card(name: str, per_task: int = 30) -> str:
     """Evaluate `name` and write MODEL_CARD.md beside its weights; returns the card's text."""
     folder = path(name)
@@ -105,6 +129,7 @@ def write_card(name: str, per_task: int = 30) -> str:
             "",
         ]
     )
+    plot_curve(state, folder / "training_curve.png")
     (folder / "MODEL_CARD.md").write_text(text)
     return text
 

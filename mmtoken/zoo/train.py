@@ -25,6 +25,7 @@ from mmtoken.zoo.recipes import RECIPES
 
 IGNORE = -100
 PATCH_CLASSES = 16
+PATCH_HEAD = "patch_head.pt"
 
 
 @dataclass
@@ -144,6 +145,8 @@ def train(name: str, out: Path, config: TrainConfig, resume: Path | None = None)
     ]
     model.to(device).train()
     probe = PatchProbe(model).to(device)
+    if resume is not None and (resume / PATCH_HEAD).exists():
+        probe.head.load_state_dict(torch.load(resume / PATCH_HEAD, map_location=device))
     encoder = PromptEncoder(processor, model.config.image_seq_length)
     optimizer = torch.optim.AdamW([*model.parameters(), *probe.parameters()], lr=config.lr, betas=(0.9, 0.98),
                                   weight_decay=0.05)  # fmt: skip
@@ -177,18 +180,22 @@ def train(name: str, out: Path, config: TrainConfig, resume: Path | None = None)
             model.train()
             state["evaluations"].append({"step": step + 1, "accuracy": accuracy})
             print(json.dumps(state["evaluations"][-1]), flush=True)
-            save(model, processor, state, out, time.perf_counter() - began)
+            save(model, processor, probe, state, out, time.perf_counter() - began)
         if out_of_time:
             break
     return state
 
 
-def save(model: PreTrainedModel, processor: ProcessorMixin, state: dict, out: Path, seconds: float) -> None:
-    """A resumable checkpoint that is also the shippable model: bf16 shards under 16 MB, processor, state."""
+def save(
+    model: PreTrainedModel, processor: ProcessorMixin, probe: PatchProbe, state: dict, out: Path, seconds: float
+) -> None:
+    """A resumable checkpoint that is also the shippable model: bf16 shards under 16 MB, processor, the
+    auxiliary head, state."""
     out.mkdir(parents=True, exist_ok=True)
     state = {**state, "seconds": state["seconds"] + seconds,
              "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}  # fmt: skip
     weights = {key: value.to(torch.bfloat16) for key, value in model.state_dict().items()}
     model.save_pretrained(out, state_dict=weights, max_shard_size="15MB")
     processor.save_pretrained(out)
+    torch.save(probe.head.state_dict(), out / PATCH_HEAD)
     (out / "state.json").write_text(json.dumps(state, indent=1))
