@@ -185,11 +185,8 @@ class Engine:
 
         return hook
 
-    def _stretch(self, index: int) -> int:
-        return max(start for start in self.call.sets if start <= index)
-
     def _slice_prefill(self, index: int, kwargs: dict) -> None:
-        start = self._stretch(index)
+        start = self.call.stretch_of(index)
         if start == 0:
             return
         tokens = self.call.sets[start]
@@ -205,7 +202,7 @@ class Engine:
 
     def _slice_decode(self, index: int, hidden: torch.Tensor, kwargs: dict) -> None:
         """At decode, the layer's mask over its own prompt tokens; computed once per stretch and step."""
-        start = self._stretch(index)
+        start = self.call.stretch_of(index)
         if start == 0:
             return
         tokens = self.call.sets[start]

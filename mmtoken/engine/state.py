@@ -64,6 +64,10 @@ class CallState:
         """Mask over `tokens`: valid image or video tokens."""
         return (self.kinds.gather(1, tokens.position) != TEXT) & tokens.valid
 
+    def stretch_of(self, layer: int) -> int:
+        """The first layer of the stretch that decoder layer `layer` belongs to."""
+        return max(start for start in self.sets if start <= layer)
+
     def set_at(self, layer: int) -> TokenSet:
         """The token set entering decoder layer `layer`."""
-        return self.sets[max(start for start in self.sets if start <= layer)]
+        return self.sets[self.stretch_of(layer)]
