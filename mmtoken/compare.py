@@ -85,7 +85,7 @@ def _report(rows: list[dict], tasks: tuple[str, ...], per_task: int, out: Path) 
     note = (f"Model `{MODEL}` (trained, LLaVA-1.5 format, 576 visual tokens, 6 decoder layers); tasks where it "
             f"reaches its accuracy floor: {', '.join(tasks)}. Budgets are average visual tokens per layer. "
             "The unpatched row is measured through a keep-all patch (the same tokens, tested), so its prefill "
-        "time includes the hooks' own cost. Command: `./run.sh`.")  # fmt: skip
+            "time includes the hooks' own cost. Command: `./run.sh`.")  # fmt: skip
     (out / "compare.md").write_text(f"# mmtoken compare\n\n{note}\n\n" + "\n".join(lines) + "\n")
     _plot([row for row in rows if "skipped" not in row], out / "compare.png")
     console.print(note)
