@@ -33,8 +33,8 @@ class Pooling(Method):
             check_budget(self.budget)
 
     def cuts(self, depth: int, visual: int) -> list[Cut]:
-        GridCells(self.stride, self.budget).stride_for(visual)
-        return [Cut(0, visual)]
+        GridCells(self.stride, self.budget).stride_for(visual)  # refuses a budget beyond this input, before any work
+        return [Cut(0, visual)]  # every token stays a candidate: the scorer keeps one per cell
 
     @property
     def scorer(self) -> Scorer:
