@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> None:
     commands.add_parser("methods", help="list the methods with their parameters, stage and paper")
     zoo = commands.add_parser("zoo", help="the embedded probe models").add_subparsers(dest="zoo", required=True)
     train = zoo.add_parser("train", help="train a probe model (on the GPU), resumable")
-    train.add_argument("name", choices=["probe-llava"])
+    train.add_argument("name", choices=["probe-llava", "probe-qwen2vl"])
     train.add_argument("--out", type=Path, required=True)
     train.add_argument("--resume", type=Path)
     train.add_argument("--steps", type=int, default=6000)
