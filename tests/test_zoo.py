@@ -14,7 +14,7 @@ from mmtoken.zoo import ask, load, probe
 from mmtoken.zoo.embedded import RELIABLE_TASKS
 from mmtoken.zoo.formats import probe_format
 from mmtoken.zoo.recipes import RECIPES
-from mmtoken.zoo.train import PromptEncoder, TrainConfig, train
+from mmtoken.zoo.train import PACKED_ATTENTION, PromptEncoder, TrainConfig, train
 
 
 @pytest.fixture(scope="module", params=sorted(RECIPES))
@@ -93,6 +93,18 @@ def test_training_runs_checkpoints_and_resumes(tmp_path):
     assert (resumed_head["weight"] - head["weight"]).abs().max() < 0.1, "the resumed run kept training the same head"
     model = AutoModelForImageTextToText.from_pretrained(tmp_path, local_files_only=True)
     assert model.config.image_seq_length == 576
+
+
+def test_packed_vision_attention_equals_one_call_per_sequence():
+    model, processor = RECIPES["probe-qwen2vl"]()
+    model_format = probe_format(model.eval(), processor)
+    batch = probe.render_batch("video", 2, torch.Generator().manual_seed(1))
+    inputs = model_format.vision_inputs(batch, "video")
+    with torch.no_grad():
+        expected = model.model.visual(inputs["pixel_values_videos"], grid_thw=inputs["video_grid_thw"])
+        model.model.visual.config._attn_implementation = PACKED_ATTENTION
+        packed = model.model.visual(inputs["pixel_values_videos"], grid_thw=inputs["video_grid_thw"])
+    assert torch.allclose(packed.last_hidden_state, expected.last_hidden_state, atol=1e-5)
 
 
 def test_qwen_training_alternates_images_and_videos(tmp_path):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin
+from transformers import AttentionInterface, AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin
 
 from mmtoken.zoo.formats import LlavaFormat, QwenFormat, probe_format
 from mmtoken.zoo.probe import Batch, render_batch, tasks
@@ -27,6 +27,36 @@ from mmtoken.zoo.recipes import RECIPES
 IGNORE = -100
 PATCH_CLASSES = 16
 PATCH_HEAD = "patch_head.pt"
+# Qwen's vision tower gives a "flash" attention implementation the whole packed batch and its boundaries, and any
+# other one each frame pair as its own call (hundreds per layer). Training batches hold sequences of one length,
+# so this implementation serves the packed batch with one batched sdpa call.
+PACKED_ATTENTION = "flash_api_equal_length_sdpa"
+
+
+def equal_length_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: None,
+    scaling: float,
+    cu_seq_lens_q: torch.Tensor,
+    max_length_q: int,
+    **kwargs: object,
+) -> tuple[torch.Tensor, None]:
+    """Attention within each packed sequence, (1, heads, total, dim) in, (1, total, heads, dim) out."""
+    _, heads, total, dim = query.shape
+    if total != max_length_q * (len(cu_seq_lens_q) - 1):
+        raise ValueError("packed attention needs sequences of one length")
+
+    def batched(x: torch.Tensor) -> torch.Tensor:
+        return x[0].view(heads, -1, max_length_q, dim).transpose(0, 1)
+
+    out = nn.functional.scaled_dot_product_attention(batched(query), batched(key), batched(value), scale=scaling)
+    return out.permute(0, 2, 1, 3).reshape(1, total, heads, dim), None
+
+
+AttentionInterface.register(PACKED_ATTENTION, equal_length_attention)
 
 
 @dataclass
@@ -148,6 +178,8 @@ def train(name: str, out: Path, config: TrainConfig, resume: Path | None = None)
     ]
     model.to(device).train()
     model_format = probe_format(model, processor)
+    if isinstance(model_format, QwenFormat):
+        model.model.visual.config._attn_implementation = PACKED_ATTENTION
     patch_probe = PatchProbe(model, model_format).to(device)
     if resume is not None and (resume / PATCH_HEAD).exists():
         patch_probe.head.load_state_dict(torch.load(resume / PATCH_HEAD, map_location=device))
@@ -173,7 +205,7 @@ def train(name: str, out: Path, config: TrainConfig, resume: Path | None = None)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         state["step"], state["samples"] = step + 1, state["samples"] + config.batch_size
-        if (step + 1) % 50 == 0:
+        if (step + 1) % 50 < len(model_format.kinds):  # the last step of each kind in every 50
             elapsed = time.perf_counter() - began
             state["curve"].append({"step": step + 1, "kind": kind, "loss": float(answer_loss), "aux": float(aux_loss),
                                    "samples_per_s": (step + 1 - start) * config.batch_size / elapsed})  # fmt: skip
