@@ -13,6 +13,9 @@ def main(argv: list[str] | None = None) -> None:
     compare.add_argument("--per-task", type=int, default=16)
     compare.add_argument("--out", type=Path, default=Path("results"))
     commands.add_parser("bench", help="GPU prefill speed at real model sizes (needs CUDA)", add_help=False)
+    demo = commands.add_parser("demo", help="the Gradio comparison app on this machine (needs the demo extra)")
+    demo.add_argument("--port", type=int, default=7860)
+    demo.add_argument("--host", default="127.0.0.1")
     commands.add_parser("methods", help="list the methods with their parameters, stage and paper")
     zoo = commands.add_parser("zoo", help="the embedded probe models").add_subparsers(dest="zoo", required=True)
     train = zoo.add_parser("train", help="train a probe model (on the GPU), resumable")
@@ -35,6 +38,12 @@ def main(argv: list[str] | None = None) -> None:
         config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, minutes=args.minutes,
                              seed=args.seed)  # fmt: skip
         train(args.name, args.out, config, resume=args.resume)
+    elif args.command == "demo":
+        try:
+            from mmtoken.demos.app import launch
+        except ModuleNotFoundError as missing:
+            parser.exit(1, f"mmtoken demo needs {missing.name}: pip install 'mmtoken[demo]'\n")
+        launch(args.host, args.port)
     elif args.command == "bench":
         from mmtoken.evaluation.speed import main as bench
 

@@ -80,6 +80,10 @@ class Engine:
             self._stats.kv_bytes = self._kv_bytes
         return self._stats
 
+    def alive_visual_tokens(self) -> dict[int, list[torch.Tensor]] | None:
+        """Where the latest prefill's visual tokens were alive (see `CallState.visual_geometry`); None before one."""
+        return None if self._measured is None else self._measured[0].visual_geometry()
+
     def attach(self) -> None:
         self._handles = [
             self.model.register_forward_pre_hook(self._on_call, with_kwargs=True),
@@ -231,7 +235,7 @@ class Engine:
             position_embeddings=None,
             candidates=call.visual(tokens),
             valid=tokens.valid,
-            locate=lambda: call.geometry.gather(1, tokens.position[..., None].expand(-1, -1, 4)),
+            locate=lambda: call.geometry_of(tokens),
         )
         if self.scorer.layer_offset == 0:
             cos, sin = kwargs["position_embeddings"]
