@@ -114,14 +114,16 @@ def test_qwen_training_alternates_images_and_videos(tmp_path):
     assert model.config.model_type == "qwen2_vl"
 
 
-def test_embedded_model_loads_offline_and_answers_its_reliable_tasks():
-    model, processor = load("probe-llava")
-    for task in RELIABLE_TASKS["probe-llava"]:
-        samples = probe.generate("image", n=10, seed=4242, task=task)
+@pytest.mark.parametrize("name", sorted(RELIABLE_TASKS))
+def test_embedded_model_loads_offline_and_answers_its_reliable_tasks(name):
+    model, processor = load(name)
+    for task in RELIABLE_TASKS[name]:
+        kind = "image" if task in probe.tasks("image") else "video"
+        samples = probe.generate(kind, n=10, seed=4242, task=task)
         correct = sum(ask(model, processor, sample) == sample.answer for sample in samples)
-        assert correct >= 8, f"{task}: {correct}/10"
+        assert correct >= 8, f"{name} {task}: {correct}/10"
 
 
 def test_unknown_or_untrained_model_is_a_clear_error():
-    with pytest.raises(ValueError, match="unknown probe model 'probe-x'; embedded: probe-llava"):
+    with pytest.raises(ValueError, match="unknown probe model 'probe-x'; embedded: probe-llava, probe-qwen2vl"):
         load("probe-x")

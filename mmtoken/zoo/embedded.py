@@ -10,10 +10,10 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedM
 from mmtoken.zoo.probe import Sample
 
 MODELS = Path(__file__).parent / "models"
-NAMES = ("probe-llava",)
+NAMES = ("probe-llava", "probe-qwen2vl")
 # Tasks on which each model, unpatched, reaches the 90% floor on a fresh seed (see its MODEL_CARD.md); the others
 # stay out of the default probe groups until training gets them there.
-RELIABLE_TASKS = {"probe-llava": ("count", "color", "exist")}
+RELIABLE_TASKS = {"probe-llava": ("count", "color", "exist"), "probe-qwen2vl": ("order", "events", "needle")}
 
 
 def path(name: str) -> Path:
@@ -35,11 +35,31 @@ def load(name: str, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel
 
 def ask(model: PreTrainedModel, processor: ProcessorMixin, sample: Sample, max_new_tokens: int = 6) -> str:
     """The model's greedy answer to a probe sample, as a string of words."""
-    kind = "image" if sample.images is not None else "video"
-    messages = [{"role": "user", "content": [{"type": kind}, {"type": "text", "text": sample.question}]}]
-    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    media = {"images": sample.images} if kind == "image" else {"videos": [sample.video]}
-    inputs = processor(text=prompt, return_tensors="pt", **media).to(model.device)
+    return answers(model, processor, [sample], max_new_tokens)[0]
+
+
+def answers(
+    model: PreTrainedModel, processor: ProcessorMixin, samples: list[Sample], max_new_tokens: int = 6
+) -> list[str]:
+    """The model's greedy answers to probe samples of one kind, asked as one left-padded batch."""
+    kinds = {"image" if sample.images is not None else "video" for sample in samples}
+    if len(kinds) != 1:
+        raise ValueError("answers() takes samples of one kind: all images or all videos")
+    kind = kinds.pop()
+    prompts = [
+        processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": kind}, {"type": "text", "text": sample.question}]}],
+            add_generation_prompt=True,
+            tokenize=False,
+        )
+        for sample in samples
+    ]
+    if kind == "image":
+        media = {"images": [image for sample in samples for image in sample.images]}
+    else:
+        media = {"videos": [sample.video for sample in samples]}
+    inputs = processor(text=prompts, padding=True, return_tensors="pt", **media).to(model.device)
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    return processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    new = out[:, inputs["input_ids"].shape[1] :]
+    return [text.strip() for text in processor.batch_decode(new, skip_special_tokens=True)]
