@@ -7,6 +7,6 @@ stamp="$venv/.mmtoken-installed"
 if [ ! -f "$stamp" ] || [ "$root/pyproject.toml" -nt "$stamp" ]; then
   python3 -m venv "$venv"
   # pip warns about every local index folder it skips; keep its errors only
-  "$venv/bin/python" -m pip install --quiet -e "$root[dev]" 2>&1 | { grep -v "is ignored: it is neither" || true; }
+  "$venv/bin/python" -m pip install --quiet -e "$root[dev,search]" 2>&1 | { grep -v "is ignored: it is neither" || true; }
   touch "$stamp"
 fi
