@@ -10,17 +10,24 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import pytest
 import torch
 
+from mmtoken.zoo import load
 from mmtoken.zoo.tiny import FAMILIES, VIDEO_FAMILIES, tiny_inputs, tiny_model
 
 CASES = [(family, False) for family in FAMILIES] + [(family, True) for family in FAMILIES if family in VIDEO_FAMILIES]
 CASE_IDS = [f"{family}-{'video' if video else 'image'}" for family, video in CASES]
 
+# pmod, gsearch and psigmoid are left out to spare test time: they reach the engine as PyramidDrop does (cuts ranked
+# by its scorer, here at every layer where a per-layer curve falls); test_methods checks batch == rows and their
+# counts on a model, test_parts their curves.
 PRUNING = {
     "fastv": {"k": 2, "ratio": 0.4},
     "pdrop": {"layers": (2, 4), "ratio": 0.5},
     "random": {"ratio": 0.3},
     "uniform": {"ratio": 0.3},
     "pooling": {"stride": 2},
+    "feather": {"layers": (2, 4), "ratio": 0.3},
+    "atp": {"layers": (2, 4), "mass": 0.5},
+    "pipeline": {"stages": ({"method": "pooling", "stride": 2}, {"method": "pdrop", "layers": (2, 4)})},
 }
 KEEP_ALL = {
     "fastv": {"k": 2, "ratio": 1.0},
@@ -28,6 +35,9 @@ KEEP_ALL = {
     "random": {"ratio": 1.0},
     "uniform": {"ratio": 1.0},
     "pooling": {"stride": 1},
+    "feather": {"layers": (2, 4), "ratio": 1.0},
+    "atp": {"layers": (2, 4), "spatial": 1.0},
+    "pipeline": {"stages": ({"method": "pooling", "stride": 1}, {"method": "pdrop", "layers": (2, 4), "ratio": 1.0})},
 }
 
 
@@ -35,6 +45,13 @@ KEEP_ALL = {
 def model_and_processor(family: str, attention: str = "sdpa"):
     torch.set_num_threads(2)
     return tiny_model(family, attn_implementation=attention)
+
+
+@cache
+def probe_llava():
+    """The embedded trained probe model and its processor, loaded once."""
+    torch.set_num_threads(2)
+    return load("probe-llava")
 
 
 def inputs(family: str, video: bool, **kwargs):

@@ -5,14 +5,22 @@ from __future__ import annotations
 from dataclasses import MISSING, fields
 from pathlib import Path
 
+from mmtoken.methods.atp import AdaptivePrune
 from mmtoken.methods.base import Method
 from mmtoken.methods.fastv import FastV
+from mmtoken.methods.feather import Feather
+from mmtoken.methods.gsearch import GSearch
 from mmtoken.methods.pdrop import PyramidDrop
+from mmtoken.methods.pipeline import Pipeline
+from mmtoken.methods.pmod import ProgressiveDecay
 from mmtoken.methods.pooling import Pooling
+from mmtoken.methods.psigmoid import PSigmoid
 from mmtoken.methods.random import RandomPrune
 from mmtoken.methods.uniform import UniformPrune
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (FastV, PyramidDrop, RandomPrune, UniformPrune, Pooling)}
+_ALL = [FastV, PyramidDrop, RandomPrune, UniformPrune, Pooling]
+_ALL += [Feather, AdaptivePrune, ProgressiveDecay, GSearch, PSigmoid, Pipeline]
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in _ALL}
 
 
 def _defaults(cls: type[Method]) -> dict[str, object]:
@@ -58,9 +66,15 @@ def build(method: str | dict | Method, **params: object) -> Method:
 
 __all__ = [
     "METHODS",
+    "AdaptivePrune",
     "FastV",
+    "Feather",
+    "GSearch",
     "Method",
+    "PSigmoid",
+    "Pipeline",
     "Pooling",
+    "ProgressiveDecay",
     "PyramidDrop",
     "RandomPrune",
     "UniformPrune",

@@ -8,7 +8,8 @@ from typing import ClassVar
 
 from mmtoken.reducers import Drop, Reducer
 from mmtoken.schedules import Cut, single_cut_keep
-from mmtoken.scorers import Scorer
+from mmtoken.schedules.curves import curve_cuts
+from mmtoken.scorers import LastQueryAttention, Scorer
 
 BEFORE_LLM, AT_LAYER = "before_llm", "at_layer"
 
@@ -21,6 +22,28 @@ def check_ratio(ratio: float) -> None:
 def check_budget(budget: float) -> None:
     if budget <= 0:
         raise ValueError(f"budget must be a positive number of visual tokens per layer, got {budget}")
+
+
+def check_ratio_or_budget(name: str, ratio: float | None, budget: float | None) -> None:
+    if ratio is not None and budget is not None:
+        raise ValueError(f"{name}: give one of ratio, budget")
+    if ratio is not None:
+        check_ratio(ratio)
+    if budget is not None:
+        check_budget(budget)
+
+
+def check_layers(name: str, layers: tuple[int, ...]) -> tuple[int, ...]:
+    """`layers` as a tuple; raises unless they are increasing layer indices >= 1."""
+    layers = tuple(layers)
+    if not layers or list(layers) != sorted(set(layers)) or layers[0] < 1:
+        raise ValueError(f"{name}: layers must be increasing layer indices >= 1, got {layers}")
+    return layers
+
+
+def check_layers_fit(name: str, layers: tuple[int, ...], depth: int) -> None:
+    if layers[-1] >= depth:
+        raise ValueError(f"{name}: layer {layers[-1]} is past the model's {depth} decoder layers")
 
 
 @dataclass
@@ -44,6 +67,11 @@ class Method:
 
     def check_depth(self, depth: int) -> None:
         """Raise if the schedule names a layer the model does not have."""
+
+    @property
+    def steps(self) -> list[Method]:
+        """The methods the engine runs one after the other: this one alone, or a pipeline's stages."""
+        return [self]
 
 
 @dataclass
@@ -98,3 +126,23 @@ class Baseline(SingleCut):
     @property
     def cut_layer(self) -> int:
         return self.layer
+
+
+@dataclass
+class CurveMethod(Method):
+    """A method whose schedule is the share of visual tokens alive at each layer (`mmtoken.schedules.curves`):
+    cut wherever the share falls, ranked by the last instruction token's attention recomputed at the cut layer
+    (as PyramidDrop)."""
+
+    stage: ClassVar[str] = AT_LAYER
+
+    def shares(self, depth: int, visual: int) -> list[float]:
+        """The share of the visual tokens alive at each layer."""
+        raise NotImplementedError
+
+    def cuts(self, depth: int, visual: int) -> list[Cut]:
+        return curve_cuts(self.shares(depth, visual), visual)
+
+    @property
+    def scorer(self) -> Scorer:
+        return LastQueryAttention(layer_offset=0)

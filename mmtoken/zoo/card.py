@@ -13,7 +13,7 @@ from rich.progress import track
 
 import mmtoken
 from mmtoken.zoo import probe
-from mmtoken.zoo.embedded import answers, load, path
+from mmtoken.zoo.embedded import answers, load, path, prompts
 from mmtoken.zoo.probe import Sample
 
 CARD_SEED = 20_261_122
@@ -51,7 +51,8 @@ def accuracy(model, processor, samples: list[Sample], label: str, batch_size: in
     hits: dict[str, list[bool]] = defaultdict(list)
     for start in track(range(0, len(samples), batch_size), description=label):
         batch = samples[start : start + batch_size]
-        for sample, answer in zip(batch, answers(model, processor, batch), strict=True):
+        inputs = prompts(processor, batch).to(model.device)
+        for sample, answer in zip(batch, answers(model, processor, inputs), strict=True):
             hits[sample.task].append(answer == sample.answer)
     return {task: sum(results) / len(results) for task, results in hits.items()}
 
