@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Creates .venv in the repository (once) and installs mmtoken into it with the dev, demo and search extras, plus Debian's
-# chromium for the demo's browser test (playwright drives it); fast when already done.
+# Creates .venv in the repository (once) and installs mmtoken into it with the dev, demo and search extras, plus
+# Debian's chromium for the demo's browser test (playwright drives it); fast when already done.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$root/.venv"

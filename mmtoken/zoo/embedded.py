@@ -11,10 +11,10 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, BatchFeatur
 from mmtoken.zoo.probe import Sample
 
 MODELS = Path(__file__).parent / "models"
-NAMES = ("probe-llava",)
+NAMES = ("probe-llava", "probe-qwen2vl")
 # Tasks on which each model, unpatched, reaches the 90% floor on a fresh seed (see its MODEL_CARD.md); the others
 # stay out of the default probe groups until training gets them there.
-RELIABLE_TASKS = {"probe-llava": ("count", "color", "exist")}
+RELIABLE_TASKS = {"probe-llava": ("count", "color", "exist"), "probe-qwen2vl": ("order", "events", "needle")}
 
 
 def path(name: str) -> Path:
