@@ -12,16 +12,10 @@ from rich.table import Table
 
 import mmtoken
 from mmtoken.zoo import probe
-from mmtoken.zoo.embedded import RELIABLE_TASKS, ask, load
+from mmtoken.zoo.embedded import METHOD_DEFAULTS, RELIABLE_TASKS, ask, load
 
 BUDGETS = (192, 128, 64)
-METHODS = {
-    "fastv": {"k": 1},
-    "pdrop": {"layers": (1, 2, 4)},
-    "random": {},
-    "uniform": {},
-    "pooling": {},
-}
+METHODS = ("fastv", "pdrop", "random", "uniform", "pooling")
 MODEL = "probe-llava"
 
 
@@ -56,7 +50,7 @@ def compare(per_task: int = 16, seed: int = 7, out: Path = Path("results")) -> l
         rows = [{"method": "unpatched", "budget": 576, **_run(model, processor, samples, handle)}]
     cells = [(name, budget) for name in METHODS for budget in BUDGETS]
     for name, budget in track(cells, description="methods x budgets"):
-        with mmtoken.patched(model, name, budget=budget, **METHODS[name]) as handle:
+        with mmtoken.patched(model, name, budget=budget, **METHOD_DEFAULTS[MODEL].get(name, {})) as handle:
             try:
                 rows.append({"method": name, "budget": budget, **_run(model, processor, samples, handle)})
             except ValueError as unreachable:

@@ -14,6 +14,9 @@ NAMES = ("probe-llava",)
 # Tasks on which each model, unpatched, reaches the 90% floor on a fresh seed (see its MODEL_CARD.md); the others
 # stay out of the default probe groups until training gets them there.
 RELIABLE_TASKS = {"probe-llava": ("count", "color", "exist")}
+# The papers' cut layers, placed for 32 decoder layers, scaled to each model's depth; used wherever a method runs
+# on the model without its own layers (mmtoken compare, the lmms-eval model, sweeps).
+METHOD_DEFAULTS = {"probe-llava": {"fastv": {"k": 1}, "pdrop": {"layers": (1, 2, 4)}}}
 
 
 def path(name: str) -> Path:
