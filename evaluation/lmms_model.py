@@ -71,11 +71,12 @@ def load_pretrained(
 
 class MmtokenModel(lmms):
     """Any VLM mmtoken supports, loaded with `AutoModelForImageTextToText` / `AutoProcessor` and patched with a
-    method (`method=<name>` plus its parameters; no method: the unpatched model; an embedded probe model gets
-    its `METHOD_DEFAULTS`, the papers' layers scaled to its depth, unless the parameters say otherwise). Images and videos (files are
-    decoded with PyAV, at most `max_num_frames` frames, evenly spaced); batches are left-padded. Each sample
-    returns its input and output token counts and mmtoken's stats of its row: visual tokens per layer, FLOPs
-    ratios by both formulas, and the batch's prefill milliseconds and KV bytes."""
+    method: `method=<name>` plus its parameters, or none for the unpatched model. An embedded probe model gets
+    its `METHOD_DEFAULTS` (the papers' layers scaled to its depth) unless the parameters say otherwise.
+
+    Images, and videos (files decoded with PyAV, at most `max_num_frames` frames, evenly spaced); batches are
+    left-padded. Each sample returns its input and output token counts and mmtoken's stats of its row: visual
+    tokens per layer, FLOPs ratios by both formulas, and the batch's prefill milliseconds and KV bytes."""
 
     is_simple = False
 

@@ -23,8 +23,9 @@ class RowStats:
 
 @dataclass
 class Stats:
-    """One call, averaged over batch rows (each row alone in `rows`). FLOPs ratios compare the language-model prefill with the same
-    prompt unreduced (1.0 = no saving); `kv_bytes` is measured from the cache after the latest step."""
+    """One call, averaged over batch rows (each row alone in `rows`). FLOPs ratios compare the language-model
+    prefill with the same prompt unreduced (1.0 = no saving); `kv_bytes` is measured from the cache after the
+    latest step."""
 
     visual_tokens_per_layer: list[float]
     avg_visual_tokens: float
