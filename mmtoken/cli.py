@@ -13,6 +13,9 @@ def main(argv: list[str] | None = None) -> None:
     compare.add_argument("--per-task", type=int, default=16)
     compare.add_argument("--out", type=Path, default=Path("results"))
     commands.add_parser("bench", help="GPU prefill speed at real model sizes (needs CUDA)", add_help=False)
+    commands.add_parser("sweep", help="models x methods x budgets x tasks through lmms-eval, resumable", add_help=False)
+    commands.add_parser("report", help="markdown tables and Pareto plots from sweep results", add_help=False)
+    commands.add_parser("tasks-path", help="the lmms-eval task folder of the probe set (for --include_path)")
     commands.add_parser("methods", help="list the methods with their parameters, stage and paper")
     zoo = commands.add_parser("zoo", help="the embedded probe models").add_subparsers(dest="zoo", required=True)
     train = zoo.add_parser("train", help="train a probe model (on the GPU), resumable")
@@ -39,6 +42,18 @@ def main(argv: list[str] | None = None) -> None:
         from mmtoken.evaluation.speed import main as bench
 
         bench(rest)
+    elif args.command == "sweep":
+        from mmtoken.evaluation.sweep import main as run_sweep
+
+        run_sweep(rest)
+    elif args.command == "report":
+        from mmtoken.evaluation.report import main as report
+
+        report(rest)
+    elif args.command == "tasks-path":
+        from mmtoken.evaluation.probe_tasks import tasks_path
+
+        print(tasks_path())
     else:
         from mmtoken import list_methods
 

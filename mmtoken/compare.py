@@ -11,6 +11,7 @@ from rich.progress import track
 from rich.table import Table
 
 import mmtoken
+from mmtoken.evaluation.report import pareto_plot
 from mmtoken.zoo import probe
 from mmtoken.zoo.embedded import METHOD_DEFAULTS, RELIABLE_TASKS, ask, load
 
@@ -87,18 +88,8 @@ def _report(rows: list[dict], tasks: tuple[str, ...], per_task: int, out: Path) 
 
 
 def _plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
-
-    figure, axis = pyplot.subplots(figsize=(6, 4))
-    for method in dict.fromkeys(row["method"] for row in rows):
-        points = sorted((row["flops_exact"], row["average"]) for row in rows if row["method"] == method)
-        axis.plot(*zip(*points, strict=True), marker="o", label=method)
-    axis.set(xlabel="language-model prefill FLOPs, % of unpatched (exact)", ylabel="probe accuracy, %",
-             title=f"{MODEL}: accuracy against cost")  # fmt: skip
-    axis.legend()
-    axis.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    series: dict[str, list[tuple[float, float]]] = {}
+    for row in rows:
+        series.setdefault(row["method"], []).append((row["flops_exact"], row["average"]))
+    pareto_plot(series, "language-model prefill FLOPs, % of unpatched (exact)", "probe accuracy, %",
+                f"{MODEL}: accuracy against cost", path)  # fmt: skip
