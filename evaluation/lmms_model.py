@@ -11,6 +11,7 @@ import json
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from lmms_eval import utils
@@ -21,7 +22,7 @@ from lmms_eval.protocol import ChatMessages
 from PIL import Image
 from tqdm import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin
-from transformers.video_utils import load_video
+from transformers.video_utils import VideoMetadata, load_video
 
 import mmtoken
 from mmtoken.methods import build
@@ -67,6 +68,17 @@ def load_pretrained(
     processor = AutoProcessor.from_pretrained(source)
     processor.tokenizer.padding_side = "left"
     return model, processor
+
+
+def read_video(path: str, max_frames: int) -> tuple[np.ndarray, VideoMetadata]:
+    """The frames (at most `max_frames`, evenly spaced, first and last included) and metadata of a video file."""
+
+    def evenly(metadata: VideoMetadata, **_: object) -> list[int]:
+        total = metadata.total_num_frames
+        count = min(total, max_frames)
+        return [round(index * (total - 1) / max(count - 1, 1)) for index in range(count)]
+
+    return load_video(path, backend="pyav", sample_indices_fn=evenly)
 
 
 class MmtokenModel(lmms):
@@ -186,7 +198,7 @@ class MmtokenModel(lmms):
             found_images, found_videos, _ = conversation.extract_media()
             images += [Image.open(image).convert("RGB") if isinstance(image, str) else image for image in found_images]
             for video in found_videos:
-                frames, meta = self._video(video)
+                frames, meta = read_video(video, self.max_num_frames) if isinstance(video, str) else (video, None)
                 videos.append(frames)
                 metadata.append(meta)
         media = {"images": images} if images else {}
@@ -194,15 +206,3 @@ class MmtokenModel(lmms):
             media |= {"videos": videos, "video_metadata": metadata, "do_sample_frames": False}
         inputs = self.processor(text=prompts, padding=True, return_tensors="pt", **media)
         return inputs.to(self.model.device, dtype=self.model.dtype)
-
-    def _video(self, video: object) -> tuple[object, object]:
-        """Frames and metadata of a video file (at most `max_num_frames`, evenly spaced), or frames as given."""
-        if not isinstance(video, str):
-            return video, None
-
-        def evenly(metadata, **_: object) -> list[int]:
-            total = metadata.total_num_frames
-            count = min(total, self.max_num_frames)
-            return [round(index * (total - 1) / max(count - 1, 1)) for index in range(count)]
-
-        return load_video(video, backend="pyav", sample_indices_fn=evenly)

@@ -137,7 +137,9 @@ def sweep(config_path: Path, shard: tuple[int, int] | None = None) -> Path:
     from lmms_eval.tasks import TaskManager
 
     include = [str(tasks_path()), *config.get("include_path", [])]
-    manager = TaskManager(verbosity="WARNING", include_path=include)
+    manager = TaskManager(verbosity="WARNING", include_path=include, include_defaults=False)
+    if any(task not in manager.all_tasks for task in config["tasks"]):  # indexing lmms-eval's own tasks takes ~10 s
+        manager = TaskManager(verbosity="WARNING", include_path=include)
     unknown = [task for task in config["tasks"] if task not in manager.all_tasks]
     if unknown:
         raise ValueError(f"{config_path}: unknown lmms-eval task(s) {unknown}")

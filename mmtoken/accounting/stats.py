@@ -40,6 +40,15 @@ class Stats:
         return asdict(self)
 
 
+def cache_bytes(cache: object) -> int:
+    """Bytes of the keys and values a transformers cache holds, summed over its layers."""
+    return sum(
+        layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+        for layer in cache.layers
+        if getattr(layer, "keys", None) is not None
+    )
+
+
 def measure_stats(call: CallState, depth: int, config: PretrainedConfig, seconds: float, kv_bytes: int) -> Stats:
     """Stats from the token sets of `call` (read on the CPU, so asking costs the GPU nothing)."""
     visual = [call.set_at(layer).visual_counts for layer in range(depth)]
