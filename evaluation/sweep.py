@@ -22,6 +22,7 @@ import contextlib
 import json
 import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -158,7 +159,7 @@ def sweep(config_path: Path, shard: tuple[int, int] | None = None) -> Path:
                 continue
             progress.update(bar, description=f"sweep: {cell.label}")
             row = run_cell(cell, manager, config.get("seed", 0))
-            if row is not None:  # None on the ranks > 0 of a data-parallel run
+            if int(os.environ.get("RANK", "0")) == 0:  # one writer under `accelerate launch`
                 _append(path, row)
                 progress.console.print(f"done: {cell.label}")
             progress.update(bar, advance=1)
@@ -166,7 +167,8 @@ def sweep(config_path: Path, shard: tuple[int, int] | None = None) -> Path:
 
 
 def run_cell(cell: Cell, manager: object, seed: int) -> dict | None:
-    """One cell through lmms-eval's `simple_evaluate`; the row, or a row saying why the budget is unreachable."""
+    """One cell through lmms-eval's `simple_evaluate`; the row, or a row saying why the budget is unreachable
+    (None on the ranks > 0 of a data-parallel run, which lmms-eval gives no results)."""
     from lmms_eval.evaluator import simple_evaluate
 
     import mmtoken
@@ -228,6 +230,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("config", type=Path)
     parser.add_argument("--shard", help="I/N: run every N-th cell starting at I (0-based), into its own file")
     args = parser.parse_args(argv)
+    from loguru import logger  # lmms-eval's logger: keep its per-cell chatter out of the progress bar
+
+    logger.remove()
+    logger.add(sys.stderr, level="WARNING")
     shard = None
     if args.shard:
         index, count = (int(part) for part in args.shard.split("/"))
