@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from rich.console import Console
 from rich.progress import track
 
 from mmtoken.zoo import probe
@@ -64,24 +65,23 @@ def tasks_path() -> Path:
 
 def _write(staging: Path, final: Path) -> None:
     """Data and YAML into `staging`; paths inside point at `final`, where the folder is renamed to."""
-    names = []
-    for kind, per_task in PER_TASK.items():
-        for task in probe.tasks(kind):
-            samples = probe.generate(kind, n=per_task, seed=SEED, task=task)
-            media = staging / "data" / task
-            media.mkdir(parents=True)
-            docs = []
-            for index, sample in enumerate(track(samples, description=f"probe task {task}", transient=True)):
-                file = f"{index:04d}." + ("png" if kind == "image" else "mp4")
-                if kind == "image":
-                    sample.images[0].save(media / file, compress_level=1)
-                else:
-                    _write_video(sample.video, media / file)
-                docs.append({"id": index, "task": task, "question": sample.question, "answer": sample.answer,
-                             "kind": kind, "path": str(final / "data" / task / file)})  # fmt: skip
-            (staging / "data" / f"{task}.jsonl").write_text("".join(json.dumps(doc) + "\n" for doc in docs))
-            (staging / f"{task_name(task)}.yaml").write_text(_task_yaml(task, final / "data" / f"{task}.jsonl"))
-            names.append(task)
+    tasks = [(kind, task) for kind in PER_TASK for task in probe.tasks(kind)]
+    progress = Console(stderr=True)  # stdout carries the folder, for `--include_path "$(mmtoken tasks-path)"`
+    for kind, task in track(tasks, description="writing the probe tasks", console=progress):
+        samples = probe.generate(kind, n=PER_TASK[kind], seed=SEED, task=task)
+        media = staging / "data" / task
+        media.mkdir(parents=True)
+        docs = []
+        for index, sample in enumerate(samples):
+            file = f"{index:04d}." + ("png" if kind == "image" else "mp4")
+            if kind == "image":
+                sample.images[0].save(media / file, compress_level=1)
+            else:
+                _write_video(sample.video, media / file)
+            docs.append({"id": index, "task": task, "question": sample.question, "answer": sample.answer,
+                         "kind": kind, "path": str(final / "data" / task / file)})  # fmt: skip
+        (staging / "data" / f"{task}.jsonl").write_text("".join(json.dumps(doc) + "\n" for doc in docs))
+        (staging / f"{task_name(task)}.yaml").write_text(_task_yaml(task, final / "data" / f"{task}.jsonl"))
     groups = {"mmtoken_probe_image": probe.tasks("image"), "mmtoken_probe_video": probe.tasks("video")}
     groups |= {reliable_group(model): tasks for model, tasks in RELIABLE_TASKS.items()}
     for group, tasks in groups.items():

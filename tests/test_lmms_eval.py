@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from lmms_eval.evaluator import simple_evaluate
 from lmms_eval.tasks import TaskManager
 from PIL import Image
 
+from mmtoken.cli import main
 from mmtoken.evaluation import probe_tasks
 from mmtoken.evaluation.lmms_model import MmtokenModel, read_video
 from mmtoken.zoo import ask, load, probe
@@ -26,9 +28,12 @@ def evaluate(model, manager, tasks, limit, **kwargs):
                            bootstrap_iters=0, verbosity="WARNING", **kwargs)  # fmt: skip
 
 
+def docs_in(folder: Path, task: str) -> list[dict]:
+    return [json.loads(line) for line in (folder / "data" / f"{task}.jsonl").read_text().splitlines()]
+
+
 def docs(task: str) -> list[dict]:
-    path = probe_tasks.tasks_path() / "data" / f"{task}.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    return docs_in(probe_tasks.tasks_path(), task)
 
 
 def test_task_data_is_the_probe_generator_output_pixel_for_pixel():
@@ -109,3 +114,16 @@ def test_bad_method_is_refused_before_the_model_loads():
         MmtokenModel(pretrained="no/such-model", method="nope")
     with pytest.raises(TypeError, match="unknown parameter"):
         MmtokenModel(pretrained="no/such-model", method="fastv", strength=3)
+
+
+def test_tasks_path_prints_only_the_folder_it_writes(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MMTOKEN_CACHE", str(tmp_path))
+    monkeypatch.setattr(probe_tasks, "PER_TASK", {"image": 2, "video": 1})
+    main(["tasks-path"])
+    folder = tmp_path / f"lmms-tasks-v{probe_tasks.VERSION}"
+    assert capsys.readouterr().out == f"{folder}\n"  # so `--include_path "$(mmtoken tasks-path)"` works
+    names = TaskManager(verbosity="WARNING", include_path=str(folder), include_defaults=False).all_tasks
+    tasks = [probe_tasks.task_name(task) for kind in ("image", "video") for task in probe.tasks(kind)]
+    groups = ["mmtoken_probe_image", "mmtoken_probe_video", "mmtoken_probe_llava_reliable"]
+    assert set(names) == {*tasks, *groups}
+    assert len(docs_in(folder, "needle")) == 1 and not list(tmp_path.glob("*.partial-*"))
