@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -70,6 +71,11 @@ def load_pretrained(
     return model, processor
 
 
+# A sweep builds one MmtokenModel per cell (lmms-eval drops the model when a cell ends): the latest model loaded is
+# kept and reused, patched anew each time (`clean()` unpatches it).
+_latest_loaded = lru_cache(maxsize=1)(load_pretrained)
+
+
 def read_video(path: str, max_frames: int) -> tuple[np.ndarray, VideoMetadata]:
     """The frames (at most `max_frames`, evenly spaced, first and last included) and metadata of a video file."""
 
@@ -112,9 +118,9 @@ class MmtokenModel(lmms):
         self.accelerator = Accelerator()
         if self.accelerator.num_processes > 1:
             device = f"cuda:{self.accelerator.local_process_index}"
-            self._rank, self._world_size = self.accelerator.local_process_index, self.accelerator.num_processes
+            self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model, self.processor = load_pretrained(pretrained, device, dtype, attn_implementation)
+        self.model, self.processor = _latest_loaded(pretrained, device, dtype, attn_implementation)
         self.batch_size, self.max_num_frames, self.max_new_tokens = int(batch_size), max_num_frames, max_new_tokens
         self.handle = mmtoken.patch(self.model, name, **patch_params)
 
