@@ -52,6 +52,10 @@ def settings(rows: list[dict]) -> dict[str, list[dict]]:
             for key in ("avg_visual_tokens", "flops_ratio_paper", "flops_ratio_exact"):
                 entry[key] = sum(cell[key] * weight for cell, weight in zip(cells, weights, strict=True)) / sum(weights)
             entry["prefill_ms"] = statistics.median(cell["prefill_ms"] for cell in cells)
+            entry["device"], entry["batch_size"] = (
+                cells[0]["device"],
+                json.loads(cells[0]["key"])["model"].get("batch_size", 1),
+            )
             entry["samples"] = sum(weights)
         out.setdefault(model, []).append(entry)
     for entries in out.values():
@@ -156,20 +160,22 @@ def report(paths: list[Path], markdown: Path, figures: Path, command: str) -> st
         percent = all(task in _fraction_tasks(entries) for entry in measured for task in entry["scores"])
         scale = 100 if percent else 1
         label = "mean score, %" if percent else "mean score"
-        plots = {"flops": ("flops_ratio_exact", 100, "language-model prefill FLOPs, % of unpatched (exact)"),
-                 "prefill": ("prefill_ms", 1, "measured prefill, ms (median)")}  # fmt: skip
+        plots = {"flops": ("FLOPs", "flops_ratio_exact", 100, "language-model prefill FLOPs, % of unpatched (exact)"),
+                 "prefill": ("prefill time", "prefill_ms", 1, "measured prefill, ms (median)")}  # fmt: skip
         links = []
-        for name, (key, factor, xlabel) in plots.items():
+        for name, (cost, key, factor, xlabel) in plots.items():
             series: dict[str, list[tuple[float, float]]] = {}
             for entry in measured:
                 series.setdefault(entry["method"], []).append((factor * entry[key], scale * entry["mean"]))
             path = figures / f"{_slug(model)}-{name}.png"
-            pareto_plot(series, xlabel, label, f"{model}: accuracy against {name}", path)
-            links.append(f"![{model}: accuracy against {name}]({os.path.relpath(path, markdown.parent)})")
+            pareto_plot(series, xlabel, label, f"{model}: accuracy against {cost}", path)
+            links.append(f"![{model}: accuracy against {cost}]({os.path.relpath(path, markdown.parent)})")
         samples = sorted({entry["samples"] for entry in measured})
+        where = sorted({f"batches of {entry['batch_size']} on {entry['device']}" for entry in measured})
         note = (f"Samples per setting: {', '.join(map(str, samples))}. Budget: average visual tokens per "
                 "language-model layer. The unpatched row runs under a keep-all patch (the same outputs), so its "
-                "prefill time includes the hooks' cost; prefill ms is per batch as the sweep ran it.")  # fmt: skip
+                f"prefill time includes the hooks' cost. Prefill ms: median per batch, {'; '.join(where)}; times "
+                "taken on a shared CPU are noisy, GPU speed is `mmtoken bench`'s (BENCHMARKS.md).")  # fmt: skip
         sections.append(markdown_table(model, entries) + "\n\n" + note + "\n\n" + "\n".join(links) + "\n")
     text = "\n".join(sections)
     markdown.parent.mkdir(parents=True, exist_ok=True)

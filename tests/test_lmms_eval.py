@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -127,3 +129,9 @@ def test_tasks_path_prints_only_the_folder_it_writes(tmp_path, monkeypatch, caps
     groups = ["mmtoken_probe_image", "mmtoken_probe_video", "mmtoken_probe_llava_reliable"]
     assert set(names) == {*tasks, *groups}
     assert len(docs_in(folder, "needle")) == 1 and not list(tmp_path.glob("*.partial-*"))
+
+
+def test_mmtoken_imports_lmms_eval_only_where_it_evaluates():
+    code = ("import sys, mmtoken, mmtoken.cli, mmtoken.compare, mmtoken.evaluation.report, mmtoken.evaluation.speed, "
+            "mmtoken.evaluation.probe_tasks, mmtoken.evaluation.sweep; print('lmms_eval' in sys.modules)")  # fmt: skip
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
