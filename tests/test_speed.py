@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
+from conftest import model_and_processor
 
 from mmtoken.evaluation import speed
-from mmtoken.zoo.tiny import tiny_model
 
 REAL_VISUAL_TOKENS = {
     "llava15-7b": 576,  # 24 x 24 CLIP patches
@@ -30,7 +30,7 @@ def test_real_shapes_give_the_checkpoints_visual_token_counts(name):
 def test_harness_end_to_end_on_tiny_models(tmp_path):
     models, shapes = {}, {}
     for family, media, size in (("llava", "image", (112, 112)), ("qwen2_5_vl", "video", (112, 112))):
-        model, processor = tiny_model(family)
+        model, processor = model_and_processor(family)
         frames = speed._frames(1 if media == "image" else 4, size)
         shapes[family] = speed.Shape(f"tiny {family} {media}", model.config, processor, media, frames)
         models[shapes[family].name] = model

@@ -40,7 +40,7 @@ def swept(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("sweep")
     output, config = folder / "results.jsonl", folder / "sweep.yaml"
     config.write_text(yaml.safe_dump({**CONFIG, "output": str(output)}))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", "OMP_NUM_THREADS": "1"}  # as conftest
     first = _run(config, env)
     deadline = time.monotonic() + 300
     while not (output.exists() and output.read_text().endswith("\n")):
