@@ -1,1 +1,1 @@
-"""Evaluation: the GPU speed harness (and, later, the lmms-eval adapter, sweeps and reports)."""
+"""Evaluation: the lmms-eval model and probe tasks, sweeps, reports and plots, and the GPU speed harness."""

@@ -16,6 +16,9 @@ def main(argv: list[str] | None = None) -> None:
     demo = commands.add_parser("demo", help="the Gradio comparison app on this machine (needs the demo extra)")
     demo.add_argument("--port", type=int, default=7860)
     demo.add_argument("--host", default="127.0.0.1")
+    commands.add_parser("sweep", help="models x methods x budgets x tasks through lmms-eval, resumable", add_help=False)
+    commands.add_parser("report", help="markdown tables and Pareto plots from sweep results", add_help=False)
+    commands.add_parser("tasks-path", help="the lmms-eval task folder of the probe set (for --include_path)")
     commands.add_parser("methods", help="list the methods with their parameters, stage and paper")
     search = commands.add_parser("search", help="search a per-layer schedule on a probe model, written as YAML")
     kinds = search.add_subparsers(dest="kind", required=True)
@@ -63,6 +66,18 @@ def main(argv: list[str] | None = None) -> None:
         from mmtoken.evaluation.speed import main as bench
 
         bench(rest)
+    elif args.command == "sweep":
+        from mmtoken.evaluation.sweep import main as run_sweep
+
+        run_sweep(rest)
+    elif args.command == "report":
+        from mmtoken.evaluation.report import main as report
+
+        report(rest)
+    elif args.command == "tasks-path":
+        from mmtoken.evaluation.probe_tasks import tasks_path
+
+        print(tasks_path())
     else:
         from mmtoken import list_methods
 

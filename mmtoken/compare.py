@@ -11,17 +11,12 @@ from rich.progress import track
 from rich.table import Table
 
 import mmtoken
+from mmtoken.evaluation.report import pareto_plot
 from mmtoken.zoo import probe
-from mmtoken.zoo.embedded import RELIABLE_TASKS, ask, load
+from mmtoken.zoo.embedded import METHOD_DEFAULTS, RELIABLE_TASKS, ask, load
 
 BUDGETS = (192, 128, 64)
-METHODS = {
-    "fastv": {"k": 1},
-    "pdrop": {"layers": (1, 2, 4)},
-    "random": {},
-    "uniform": {},
-    "pooling": {},
-}
+METHODS = ("fastv", "pdrop", "random", "uniform", "pooling")
 MODEL = "probe-llava"
 
 
@@ -70,7 +65,7 @@ def compare(per_task: int = 16, seed: int = 7, out: Path = Path("results")) -> l
         rows = [{"method": "unpatched", "budget": 576, **_run(model, processor, samples, handle)}]
     cells = [(name, budget) for name in METHODS for budget in BUDGETS]
     for name, budget in track(cells, description="methods x budgets"):
-        with mmtoken.patched(model, name, budget=budget, **METHODS[name]) as handle:
+        with mmtoken.patched(model, name, budget=budget, **METHOD_DEFAULTS[MODEL].get(name, {})) as handle:
             try:
                 rows.append({"method": name, "budget": budget, **_run(model, processor, samples, handle)})
             except ValueError as unreachable:
@@ -107,18 +102,8 @@ def _report(rows: list[dict], tasks: tuple[str, ...], per_task: int, out: Path) 
 
 
 def _plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
-
-    figure, axis = pyplot.subplots(figsize=(6, 4))
-    for method in dict.fromkeys(row["method"] for row in rows):
-        points = sorted((row["flops_exact"], row["average"]) for row in rows if row["method"] == method)
-        axis.plot(*zip(*points, strict=True), marker="o", label=method)
-    axis.set(xlabel="language-model prefill FLOPs, % of unpatched (exact)", ylabel="probe accuracy, %",
-             title=f"{MODEL}: accuracy against cost")  # fmt: skip
-    axis.legend()
-    axis.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    series: dict[str, list[tuple[float, float]]] = {}
+    for row in rows:
+        series.setdefault(row["method"], []).append((row["flops_exact"], row["average"]))
+    pareto_plot(series, "language-model prefill FLOPs, % of unpatched (exact)", "probe accuracy, %",
+                f"{MODEL}: accuracy against cost", path)  # fmt: skip

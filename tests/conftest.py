@@ -13,6 +13,10 @@ import torch
 from mmtoken.zoo import load
 from mmtoken.zoo.tiny import FAMILIES, VIDEO_FAMILIES, tiny_inputs, tiny_model
 
+# One thread: on a 2-core machine shared with other work, two threads per process oversubscribe the cores and
+# small ops wait on each other (a tiny model's decode step took 50-400 ms with two threads, 6 ms with one).
+torch.set_num_threads(1)
+
 CASES = [(family, False) for family in FAMILIES] + [(family, True) for family in FAMILIES if family in VIDEO_FAMILIES]
 CASE_IDS = [f"{family}-{'video' if video else 'image'}" for family, video in CASES]
 
@@ -43,7 +47,6 @@ KEEP_ALL = {
 
 @cache
 def model_and_processor(family: str, attention: str = "sdpa"):
-    torch.set_num_threads(2)
     return tiny_model(family, attn_implementation=attention)
 
 

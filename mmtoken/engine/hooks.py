@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from mmtoken.accounting.stats import Stats, measure_stats
+from mmtoken.accounting.stats import Stats, cache_bytes, measure_stats
 from mmtoken.engine.masks import decode_mask, prefill_mask
 from mmtoken.engine.select import select
 from mmtoken.engine.state import CallState, TokenSet
@@ -170,11 +170,7 @@ class Engine:
             self._measured, self._stats = (self.call, time.perf_counter() - self._started), None
         cache = getattr(output, "past_key_values", None)
         if cache is not None:
-            self._kv_bytes = sum(
-                layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
-                for layer in cache.layers
-                if getattr(layer, "keys", None) is not None
-            )
+            self._kv_bytes = cache_bytes(cache)
 
     # language model
 

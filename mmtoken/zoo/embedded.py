@@ -15,6 +15,10 @@ NAMES = ("probe-llava", "probe-qwen2vl")
 # Tasks on which each model, unpatched, reaches the 90% floor on a fresh seed (see its MODEL_CARD.md); the others
 # stay out of the default probe groups until training gets them there.
 RELIABLE_TASKS = {"probe-llava": ("count", "color", "exist"), "probe-qwen2vl": ("order", "events", "needle")}
+# The papers' cut layers, placed for 32 decoder layers, scaled to each model's depth; used wherever a method runs
+# on the model without its own layers (mmtoken compare, the lmms-eval model, sweeps).
+_SIX_LAYERS = {"fastv": {"k": 1}, "pdrop": {"layers": (1, 2, 4)}}
+METHOD_DEFAULTS = {"probe-llava": _SIX_LAYERS, "probe-qwen2vl": _SIX_LAYERS}
 
 
 def path(name: str) -> Path:

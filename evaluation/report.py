@@ -1,0 +1,199 @@
+"""`mmtoken report RESULTS.jsonl ...`: markdown tables and Pareto plots from sweep rows.
+
+Per model, one table: each method and budget with its score on every task, the mean over tasks, that mean
+relative to the unpatched model (mean over tasks of method / unpatched, in %), average visual tokens per layer,
+language-model prefill FLOPs in % of unpatched by both formulas, and the median measured prefill time. Two
+plots per model: mean score against FLOPs % (exact), and against measured prefill time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+from pathlib import Path
+
+UNPATCHED = "none"
+
+
+def read_rows(paths: list[Path]) -> list[dict]:
+    """Rows of every file, the last row of a cell winning."""
+    rows = {}
+    for path in paths:
+        for line in Path(path).read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                rows[row["key"]] = row
+    return list(rows.values())
+
+
+def _scores(row: dict) -> dict[str, float]:
+    """{task: score} of a row: each leaf task's first metric (a group's own entry is left out)."""
+    metrics = row["metrics"]
+    leaves = {task: values for task, values in metrics.items() if task != row["task"] or len(metrics) == 1}
+    return {task: next(iter(values.values())) for task, values in leaves.items() if values}
+
+
+def settings(rows: list[dict]) -> dict[str, list[dict]]:
+    """Per model, one entry per (method, budget): the scores of all its cells' tasks and their measured costs."""
+    grouped: dict[tuple, list[dict]] = {}
+    for row in rows:
+        grouped.setdefault((row["model"], row["method"], row["budget"]), []).append(row)
+    out: dict[str, list[dict]] = {}
+    for (model, method, budget), cells in grouped.items():
+        entry = {"method": method, "budget": budget}
+        skipped = [cell["skipped"] for cell in cells if "skipped" in cell]
+        if skipped:
+            entry["skipped"] = skipped[0]
+        else:
+            entry["scores"] = {task: score for cell in cells for task, score in _scores(cell).items()}
+            weights = [cell["samples"] for cell in cells]
+            for key in ("avg_visual_tokens", "flops_ratio_paper", "flops_ratio_exact"):
+                entry[key] = sum(cell[key] * weight for cell, weight in zip(cells, weights, strict=True)) / sum(weights)
+            entry["prefill_ms"] = statistics.median(cell["prefill_ms"] for cell in cells)
+            entry["device"], entry["batch_size"] = (
+                cells[0]["device"],
+                json.loads(cells[0]["key"])["model"].get("batch_size", 1),
+            )
+            entry["samples"] = sum(weights)
+        out.setdefault(model, []).append(entry)
+    for entries in out.values():
+        entries.sort(key=lambda entry: (entry["method"] != UNPATCHED, entry["method"], -(entry["budget"] or 0)))
+        _add_relative(entries)
+    return out
+
+
+def _add_relative(entries: list[dict]) -> None:
+    baseline = next((entry for entry in entries if entry["method"] == UNPATCHED and "scores" in entry), None)
+    for entry in entries:
+        if "scores" not in entry:
+            continue
+        entry["mean"] = statistics.mean(entry["scores"].values())
+        if baseline is not None:
+            shared = [task for task in entry["scores"] if baseline["scores"].get(task)]
+            ratios = [entry["scores"][task] / baseline["scores"][task] for task in shared]
+            entry["relative"] = 100 * statistics.mean(ratios) if ratios else None
+
+
+def _fraction_tasks(entries: list[dict]) -> set[str]:
+    """Tasks whose scores all lie in [0, 1]: shown in %."""
+    tasks: dict[str, list[float]] = {}
+    for entry in entries:
+        for task, score in entry.get("scores", {}).items():
+            tasks.setdefault(task, []).append(score)
+    return {task for task, scores in tasks.items() if all(0 <= score <= 1 for score in scores)}
+
+
+def markdown_table(model: str, entries: list[dict]) -> str:
+    tasks = list(dict.fromkeys(task for entry in entries for task in entry.get("scores", {})))
+    percent = _fraction_tasks(entries)
+
+    def shown(task: str, value: float) -> str:
+        return f"{100 * value:.1f}" if task in percent else f"{value:.1f}"
+
+    names = [task.removeprefix("mmtoken_probe_") + (" %" if task in percent else "") for task in tasks]
+    header = ["method", "budget", *names, "mean", "vs unpatched %", "visual tokens", "FLOPs % paper / exact",
+              "prefill ms"]  # fmt: skip
+    lines = [f"### {model}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for entry in entries:
+        budget = "-" if entry["budget"] is None else str(entry["budget"])
+        method = "unpatched" if entry["method"] == UNPATCHED else entry["method"]
+        if "skipped" in entry:
+            values = [method, budget, "unreachable: " + entry["skipped"]] + [""] * (len(header) - 3)
+        else:
+            scores = [shown(task, entry["scores"][task]) if task in entry["scores"] else "" for task in tasks]
+            mean = shown(tasks[0], entry["mean"]) if all(task in percent for task in tasks) else f"{entry['mean']:.1f}"
+            relative = "" if entry.get("relative") is None else f"{entry['relative']:.1f}"
+            values = [method, budget, *scores, mean, relative, f"{entry['avg_visual_tokens']:.0f}",
+                      f"{100 * entry['flops_ratio_paper']:.1f} / {100 * entry['flops_ratio_exact']:.1f}",
+                      f"{entry['prefill_ms']:.0f}"]  # fmt: skip
+        lines.append("| " + " | ".join(values) + " |")
+    return "\n".join(lines)
+
+
+def pareto_plot(series: dict[str, list[tuple[float, float]]], xlabel: str, ylabel: str, title: str, path: Path) -> None:
+    """One line per method (its budgets), the unpatched model as a star, and the Pareto front (lower x, higher y)
+    of all points as a dashed grey step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure, axis = pyplot.subplots(figsize=(6.4, 4.2))
+    for method, points in series.items():
+        points = sorted(points)
+        if method in (UNPATCHED, "unpatched"):
+            axis.plot(
+                *zip(*points, strict=True), marker="*", markersize=14, linestyle="", color="black", label="unpatched"
+            )
+        else:
+            axis.plot(*zip(*points, strict=True), marker="o", label=method)
+    front, best = [], float("-inf")
+    for x, y in sorted(point for points in series.values() for point in points):
+        if y > best:
+            front.append((x, y))
+            best = y
+    if len(front) > 1:
+        axis.step(
+            *zip(*front, strict=True), where="post", linestyle="--", color="grey", alpha=0.6, label="Pareto front"
+        )
+    axis.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    axis.legend(fontsize=8)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    pyplot.close(figure)
+
+
+def _slug(model: str) -> str:
+    return "".join(char if char.isalnum() or char in "-_" else "-" for char in model.strip("/").split("/")[-1])
+
+
+def report(paths: list[Path], markdown: Path, figures: Path, command: str) -> str:
+    """Write the markdown (linking the plots in `figures`) and the plots; returns the markdown."""
+    per_model = settings(read_rows(paths))
+    sections = [f"# Sweep results\n\nWritten by `{command}` from {', '.join(f'`{path}`' for path in paths)}.\n"]
+    for model, entries in per_model.items():
+        measured = [entry for entry in entries if "scores" in entry]
+        percent = all(task in _fraction_tasks(entries) for entry in measured for task in entry["scores"])
+        scale = 100 if percent else 1
+        label = "mean score, %" if percent else "mean score"
+        plots = {"flops": ("FLOPs", "flops_ratio_exact", 100, "language-model prefill FLOPs, % of unpatched (exact)"),
+                 "prefill": ("prefill time", "prefill_ms", 1, "measured prefill, ms (median)")}  # fmt: skip
+        links = []
+        for name, (cost, key, factor, xlabel) in plots.items():
+            series: dict[str, list[tuple[float, float]]] = {}
+            for entry in measured:
+                series.setdefault(entry["method"], []).append((factor * entry[key], scale * entry["mean"]))
+            path = figures / f"{_slug(model)}-{name}.png"
+            pareto_plot(series, xlabel, label, f"{model}: accuracy against {cost}", path)
+            links.append(f"![{model}: accuracy against {cost}]({os.path.relpath(path, markdown.parent)})")
+        samples = sorted({entry["samples"] for entry in measured})
+        where = sorted({f"batches of {entry['batch_size']} on {entry['device']}" for entry in measured})
+        note = (f"Samples per setting: {', '.join(map(str, samples))}. Budget: average visual tokens per "
+                "language-model layer. The unpatched row runs under a keep-all patch (the same outputs), so its "
+                f"prefill time includes the hooks' cost. Prefill ms: median per batch, {'; '.join(where)}; times "
+                "taken on a shared CPU are noisy, GPU speed is `mmtoken bench`'s (BENCHMARKS.md).")  # fmt: skip
+        sections.append(markdown_table(model, entries) + "\n\n" + note + "\n\n" + "\n".join(links) + "\n")
+    text = "\n".join(sections)
+    markdown.parent.mkdir(parents=True, exist_ok=True)
+    markdown.write_text(text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="mmtoken report", description=__doc__.splitlines()[0])
+    parser.add_argument("results", type=Path, nargs="+", help="sweep JSONL files (shards included)")
+    parser.add_argument("--markdown", type=Path, help="default: the first results file with .md")
+    parser.add_argument("--figures", type=Path, help="folder for the plots; default: beside the markdown")
+    args = parser.parse_args(argv)
+    markdown = args.markdown or args.results[0].with_suffix(".md")
+    figures = args.figures or markdown.parent
+    command = "mmtoken report " + " ".join(str(path) for path in args.results)
+    if args.markdown:
+        command += f" --markdown {args.markdown}"
+    if args.figures:
+        command += f" --figures {args.figures}"
+    print(report(args.results, markdown, figures, command))

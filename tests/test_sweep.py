@@ -1,0 +1,111 @@
+"""`mmtoken sweep` killed midway resumes with the missing cells only; `mmtoken report` tables and plots its rows."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mmtoken.evaluation import report, sweep
+
+CONFIG = {
+    "models": [{"pretrained": "probe-llava", "device": "cpu", "dtype": "float32", "batch_size": 2}],
+    "methods": {"none": {}, "random": {}, "uniform": {}, "fastv": {}},
+    "budgets": [192, 64],
+    "tasks": ["mmtoken_probe_count"],
+    "limit": 2,
+}
+CELLS = 1 + 3 * 2
+
+
+def _run(config: Path, env: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "mmtoken", "sweep", str(config)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory) -> Path:
+    """A sweep killed (SIGKILL) right after its first row, then run again to the end; its results file."""
+    folder = tmp_path_factory.mktemp("sweep")
+    output, config = folder / "results.jsonl", folder / "sweep.yaml"
+    config.write_text(yaml.safe_dump({**CONFIG, "output": str(output)}))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", "OMP_NUM_THREADS": "1"}  # as conftest
+    first = _run(config, env)
+    deadline = time.monotonic() + 300
+    while not (output.exists() and output.read_text().endswith("\n")):
+        assert first.poll() is None, first.stdout.read()
+        assert time.monotonic() < deadline, "the sweep wrote no row in 5 minutes"
+        time.sleep(0.05)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    before = _rows(output)
+    assert 1 <= len(before) < CELLS, "the kill came after the sweep had finished: nothing left to resume"
+    second = _run(config, env)
+    log, _ = second.communicate(timeout=600)
+    assert second.returncode == 0, log
+    ran = [line.removeprefix("done: ").strip() for line in log.splitlines() if line.startswith("done: ")]
+    cells = sweep.cells(sweep.load_config(config))
+    done_first = {row["key"] for row in before}
+    assert ran == [cell.label for cell in cells if cell.key not in done_first], log  # only the missing cells ran
+    after = _rows(output)
+    assert after[: len(before)] == before  # rows of the first run untouched
+    assert sorted(row["key"] for row in after) == sorted(cell.key for cell in cells)
+    return output
+
+
+def test_killed_sweep_resumes_with_the_missing_cells_only(swept):
+    rows = _rows(swept)
+    assert len({row["key"] for row in rows}) == len(rows) == CELLS
+    by_setting = {(row["method"], row["budget"]): row for row in rows}
+    assert by_setting[("none", None)]["avg_visual_tokens"] == 576
+    assert by_setting[("random", 64)]["avg_visual_tokens"] == 64
+    assert "unreachable" in by_setting[("fastv", 64)]["skipped"]  # K=1 of 6 layers cannot average 64
+    assert by_setting[("fastv", 192)]["params"] == {"k": 1, "budget": 192}  # the probe model's default K
+
+
+def test_report_tables_and_plots(swept, tmp_path):
+    markdown = tmp_path / "RESULTS.md"
+    text = report.report([swept], markdown, tmp_path / "figures", "mmtoken report x")
+    lines = [line.split(" | ") for line in text.splitlines() if line.startswith("| ")]
+    header, rows = lines[0], {(line[0].strip("| "), line[1]): line for line in lines[1:]}
+    unpatched = rows[("unpatched", "-")]
+    assert unpatched[header.index("vs unpatched %")] == "100.0"
+    assert unpatched[header.index("FLOPs % paper / exact")] == "100.0 / 100.0"
+    random64 = {row["method"]: row for row in _rows(swept) if row["budget"] == 64}["random"]
+    score = random64["metrics"]["mmtoken_probe_count"]["exact_match"]
+    assert rows[("random", "64")][header.index("count %")] == f"{100 * score:.1f}"
+    assert f"{100 * random64['flops_ratio_exact']:.1f}" in rows[("random", "64")][header.index("FLOPs % paper / exact")]
+    assert rows[("fastv", "64")][2].startswith("unreachable")
+    for name in ("flops", "prefill"):
+        figure = tmp_path / "figures" / f"probe-llava-{name}.png"
+        assert figure.stat().st_size > 10_000
+        assert f"](figures/probe-llava-{name}.png)" in text
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"method": {}}, "unknown key"),
+        ({"methods": {"nope": {}}}, "unknown method"),
+        ({"methods": {"fastv": {"strength": 1}}}, "unknown parameter"),
+        ({"models": [{"pretrained": "probe-llava", "gpu": 1}]}, "takes only"),
+        ({"budgets": [-5]}, "budget must be a positive"),
+    ],
+)
+def test_bad_config_is_refused_before_any_cell(tmp_path, change, message):
+    config = tmp_path / "sweep.yaml"
+    config.write_text(yaml.safe_dump({**CONFIG, "output": str(tmp_path / "out.jsonl"), **change}))
+    with pytest.raises((ValueError, KeyError, TypeError), match=message):
+        sweep.sweep(config)
+    assert not (tmp_path / "out.jsonl").exists()
