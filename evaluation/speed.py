@@ -204,9 +204,10 @@ def encode(model: torch.nn.Module, inputs: dict) -> dict:
     for modality, pixels in zip(("image", "video"), _PIXELS, strict=True):
         if pixels in inputs:
             function = getattr(model.model, f"get_{modality}_features")
-            wanted = inspect.signature(function).parameters
-            features[modality] = function(**{key: value for key, value in inputs.items() if key in wanted},
-                                          return_dict=True)  # fmt: skip
+            # the pixels go first, by position: their parameter's name differs between transformers versions
+            wanted = set(inspect.signature(function).parameters) - set(_PIXELS)
+            features[modality] = function(inputs[pixels], **{key: value for key, value in inputs.items()
+                                                             if key in wanted}, return_dict=True)  # fmt: skip
     return features
 
 

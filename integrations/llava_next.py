@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from mmtoken.engine.state import IMAGE
+from mmtoken.engine.state import IMAGE, VIDEO
 from mmtoken.integrations.base import Adapter, raster
 
 
@@ -21,6 +21,15 @@ class LlavaNextAdapter(Adapter):
     def _side(self) -> int:
         vision = self.config.vision_config
         return vision.image_size // vision.patch_size
+
+    def expected_tokens(self, kind: int, inputs: dict) -> int | None:
+        expected = super().expected_tokens(kind, inputs)
+        if kind == VIDEO and expected is not None:
+            # transformers before 5.2x appends each video's image_newline after get_video_features, not inside it
+            newline = self.model.model.image_newline
+            videos = inputs["mm_encoder_outputs"]["video"].pooler_output
+            expected += sum(not torch.equal(video[-1], newline.to(video.dtype)) for video in videos)
+        return expected
 
     def split_run(self, kind: int, embeddings: torch.Tensor, positions: torch.Tensor | None) -> list[torch.Tensor]:
         newline = (embeddings == self.model.model.image_newline.to(embeddings.dtype)).all(-1).cpu()
