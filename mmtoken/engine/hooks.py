@@ -25,6 +25,7 @@ from mmtoken.accounting.stats import Stats, measure_stats
 from mmtoken.engine.masks import decode_mask, prefill_mask
 from mmtoken.engine.select import select
 from mmtoken.engine.state import CallState, TokenSet
+from mmtoken.integrations.vision import VisionWatch
 from mmtoken.methods.base import Method
 from mmtoken.scorers.base import ScoreInput
 
@@ -56,7 +57,7 @@ class Engine:
         self.model, self.adapter, self.method = model, adapter, method
         self.layers = adapter.decoder_layers
         self.depth = len(self.layers)
-        self.scorer, self.reducer = method.scorer, method.reducer
+        self.watch = VisionWatch(adapter) if method.needs_vision else None
         self.implementation = adapter.language_model.config._attn_implementation
         self.call: CallState | None = None
         self._prefill = False
@@ -88,11 +89,15 @@ class Engine:
         ]
         for index, layer in enumerate(self.layers):
             self._handles.append(layer.register_forward_pre_hook(self._layer_hook(index), with_kwargs=True))
+        if self.watch is not None:
+            self.watch.attach()
 
     def detach(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        if self.watch is not None:
+            self.watch.detach()
         self.call = None
 
     # top-level model
@@ -144,9 +149,12 @@ class Engine:
                 kwargs["attention_mask"] = self._shortened_padding_mask(kwargs)
             return args, kwargs
         call.locate = partial(self.adapter.geometry, call, kwargs["inputs_embeds"], kwargs.get("position_ids"))
+        if self.watch is not None:
+            call.vision_signal = self.watch.take(call)
         positions = torch.arange(call.prompt_length, device=call.kinds.device).expand(call.batch_size, -1)
         unpadded = all(t + v == call.prompt_length for t, v in zip(call.text_counts, call.visual_counts, strict=True))
-        tokens = TokenSet(positions, positions, ~call.padding, call.visual_counts, unpadded)
+        weight = torch.ones(positions.shape, device=positions.device)
+        tokens = TokenSet(positions, positions, ~call.padding, call.visual_counts, unpadded, weight)
         if 0 in self._keep:
             tokens, embeddings = self._cut(0, tokens, kwargs["inputs_embeds"], None)
             tokens.slot = torch.arange(len(tokens), device=embeddings.device).expand(call.batch_size, -1)
@@ -225,6 +233,9 @@ class Engine:
     ) -> tuple[TokenSet, torch.Tensor]:
         """Score the visual tokens of `tokens` and keep the planned number of each row."""
         call = self.call
+        scorer, reducer = self.method.parts(layer, self.depth)
+        keep, keep_on_device = self._keep[layer]
+        kept = [min(count, alive) for count, alive in zip(keep, tokens.visual_counts, strict=True)]
         inputs = ScoreInput(
             hidden=hidden,
             layer=None,
@@ -232,18 +243,20 @@ class Engine:
             candidates=call.visual(tokens),
             valid=tokens.valid,
             locate=lambda: call.geometry.gather(1, tokens.position[..., None].expand(-1, -1, 4)),
+            kinds=call.kinds.gather(1, tokens.position),
+            weight=tokens.weight,
+            keep=kept,
+            measure=lambda: call.vision_signal.gather(1, tokens.position),
         )
-        if self.scorer.layer_offset == 0:
+        if scorer.layer_offset == 0:
             cos, sin = kwargs["position_embeddings"]
             inputs.layer = self.layers[layer]
             inputs.position_embeddings = (_gather_rows(cos, tokens.slot), _gather_rows(sin, tokens.slot))
-        elif self.scorer.layer_offset == -1:
+        elif scorer.layer_offset == -1:
             inputs.layer, inputs.hidden, inputs.position_embeddings = self._previous
-        keep, keep_on_device = self._keep[layer]
-        kept = [min(count, alive) for count, alive in zip(keep, tokens.visual_counts, strict=True)]
         sizes = [text + visual for text, visual in zip(call.text_counts, kept, strict=True)]
-        planned = not getattr(self.scorer, "discards", False)
-        local, valid = select(self.scorer.score(inputs), inputs.candidates, tokens.valid, keep_on_device,
+        planned = not getattr(scorer, "discards", False)
+        local, valid = select(scorer.score(inputs), inputs.candidates, tokens.valid, keep_on_device,
                               max(sizes) if planned else None)  # fmt: skip
         survivors = TokenSet(tokens.position.gather(1, local), tokens.slot.gather(1, local), valid, kept, False)
         if not planned:
@@ -251,4 +264,5 @@ class Engine:
             sizes = [text + visual for text, visual in zip(call.text_counts, survivors.visual_counts, strict=True)]
         survivors.complete = min(sizes) == len(survivors)
         inputs.hidden = hidden
-        return survivors, self.reducer.reduce(hidden, local, inputs)
+        hidden, survivors.weight = reducer.reduce(hidden, local, inputs)
+        return survivors, hidden

@@ -11,6 +11,7 @@ from mmtoken.schedules import Cut, single_cut_keep
 from mmtoken.scorers import Scorer
 
 BEFORE_LLM, AT_LAYER = "before_llm", "at_layer"
+BEFORE_AND_AT_LAYER = f"{BEFORE_LLM}+{AT_LAYER}"
 
 
 def check_ratio(ratio: float) -> None:
@@ -23,13 +24,25 @@ def check_budget(budget: float) -> None:
         raise ValueError(f"budget must be a positive number of visual tokens per layer, got {budget}")
 
 
+def check_ratio_or_budget(name: str, ratio: float | None, budget: float | None) -> None:
+    """At most one of a ratio and a budget, each valid."""
+    if ratio is not None and budget is not None:
+        raise ValueError(f"{name}: give one of ratio, budget")
+    if ratio is not None:
+        check_ratio(ratio)
+    if budget is not None:
+        check_budget(budget)
+
+
 @dataclass
 class Method:
-    """Base of every method: `cuts(depth, visual)` says where and how many, `scorer` what, `reducer` how."""
+    """Base of every method: `cuts(depth, visual)` says where and how many, `scorer` what, `reducer` how.
+    `needs_vision` asks the engine to record the vision encoder's attention (`ScoreInput.vision_signal`)."""
 
     name: ClassVar[str]
     paper: ClassVar[str]
     stage: ClassVar[str]
+    needs_vision: ClassVar[bool] = False
 
     def cuts(self, depth: int, visual: int) -> list[Cut]:
         raise NotImplementedError
@@ -41,6 +54,11 @@ class Method:
     @property
     def reducer(self) -> Reducer:
         return Drop()
+
+    def parts(self, layer: int, depth: int) -> tuple[Scorer, Reducer]:
+        """The scorer and reducer of the cut at `layer` of a `depth`-layer model: the preset's own for every cut
+        unless it mixes stages. Asked once per cut, so parts may keep state for the length of one cut."""
+        return self.scorer, self.reducer
 
     def check_depth(self, depth: int) -> None:
         """Raise if the schedule names a layer the model does not have."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from mmtoken.methods.base import AT_LAYER, Method, check_budget, check_ratio
+from mmtoken.methods.base import AT_LAYER, Method, check_ratio_or_budget
 from mmtoken.schedules import Cut, average_visual_tokens, solve_ratio
 from mmtoken.scorers import LastQueryAttention, Scorer
 
@@ -31,12 +31,7 @@ class PyramidDrop(Method):
         self.layers = tuple(self.layers)
         if not self.layers or list(self.layers) != sorted(set(self.layers)) or self.layers[0] < 1:
             raise ValueError(f"pdrop: layers must be increasing layer indices >= 1, got {self.layers}")
-        if self.ratio is not None and self.budget is not None:
-            raise ValueError("pdrop: give one of ratio, budget")
-        if self.ratio is not None:
-            check_ratio(self.ratio)
-        if self.budget is not None:
-            check_budget(self.budget)
+        check_ratio_or_budget("pdrop", self.ratio, self.budget)
 
     def check_depth(self, depth: int) -> None:
         if self.layers[-1] >= depth:
