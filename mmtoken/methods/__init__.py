@@ -6,13 +6,17 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 
 from mmtoken.methods.base import Method
+from mmtoken.methods.divprune import DivPrune
 from mmtoken.methods.fastv import FastV
 from mmtoken.methods.pdrop import PyramidDrop
 from mmtoken.methods.pooling import Pooling
 from mmtoken.methods.random import RandomPrune
+from mmtoken.methods.tome import ToMe
 from mmtoken.methods.uniform import UniformPrune
+from mmtoken.methods.visionzip import VisionZip
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (FastV, PyramidDrop, RandomPrune, UniformPrune, Pooling)}
+_PRESETS = (FastV, PyramidDrop, RandomPrune, UniformPrune, Pooling, VisionZip, DivPrune, ToMe)
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in _PRESETS}
 
 
 def _defaults(cls: type[Method]) -> dict[str, object]:
@@ -58,12 +62,15 @@ def build(method: str | dict | Method, **params: object) -> Method:
 
 __all__ = [
     "METHODS",
+    "DivPrune",
     "FastV",
     "Method",
     "Pooling",
     "PyramidDrop",
     "RandomPrune",
+    "ToMe",
     "UniformPrune",
+    "VisionZip",
     "build",
     "list_methods",
 ]
