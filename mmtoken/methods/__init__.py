@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import MISSING, fields
 from pathlib import Path
 
+from mmtoken.methods.aim import AIM
 from mmtoken.methods.base import Method
 from mmtoken.methods.divprune import DivPrune
 from mmtoken.methods.fastv import FastV
@@ -15,7 +16,7 @@ from mmtoken.methods.tome import ToMe
 from mmtoken.methods.uniform import UniformPrune
 from mmtoken.methods.visionzip import VisionZip
 
-_PRESETS = (FastV, PyramidDrop, RandomPrune, UniformPrune, Pooling, VisionZip, DivPrune, ToMe)
+_PRESETS = (FastV, PyramidDrop, RandomPrune, UniformPrune, Pooling, VisionZip, DivPrune, ToMe, AIM)
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in _PRESETS}
 
 
@@ -61,6 +62,7 @@ def build(method: str | dict | Method, **params: object) -> Method:
 
 
 __all__ = [
+    "AIM",
     "METHODS",
     "DivPrune",
     "FastV",
