@@ -9,14 +9,16 @@ from mmtoken.methods.aim import AIM
 from mmtoken.methods.base import Method
 from mmtoken.methods.divprune import DivPrune
 from mmtoken.methods.fastv import FastV
+from mmtoken.methods.holitom import HoliTom
 from mmtoken.methods.pdrop import PyramidDrop
 from mmtoken.methods.pooling import Pooling
 from mmtoken.methods.random import RandomPrune
+from mmtoken.methods.temporal import Temporal
 from mmtoken.methods.tome import ToMe
 from mmtoken.methods.uniform import UniformPrune
 from mmtoken.methods.visionzip import VisionZip
 
-_PRESETS = (FastV, PyramidDrop, RandomPrune, UniformPrune, Pooling, VisionZip, DivPrune, ToMe, AIM)
+_PRESETS = (FastV, PyramidDrop, RandomPrune, UniformPrune, Pooling, VisionZip, DivPrune, ToMe, AIM, HoliTom, Temporal)
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in _PRESETS}
 
 
@@ -66,10 +68,12 @@ __all__ = [
     "METHODS",
     "DivPrune",
     "FastV",
+    "HoliTom",
     "Method",
     "Pooling",
     "PyramidDrop",
     "RandomPrune",
+    "Temporal",
     "ToMe",
     "UniformPrune",
     "VisionZip",
