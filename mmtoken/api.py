@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch
 from torch import nn
 
 from mmtoken.accounting.stats import Stats
@@ -31,6 +32,13 @@ class Handle:
     @property
     def stats(self) -> Stats | None:
         return self.engine.stats
+
+    def alive_visual_tokens(self) -> dict[int, list[torch.Tensor]] | None:
+        """The visual tokens of the latest prefill (None before one) that survive at each stage: keyed by the first
+        decoder layer of each stretch of layers that share a token set (0: what the language model receives), a
+        list over batch rows of (n, 4) long tensors holding each surviving token's media index, frame, row and
+        column in its patch grid (column -1 for a token without a grid cell: LLaVA's CLS or image_newline)."""
+        return self.engine.alive_visual_tokens()
 
     def remove(self) -> None:
         self.engine.detach()

@@ -13,10 +13,26 @@ def main(argv: list[str] | None = None) -> None:
     compare.add_argument("--per-task", type=int, default=16)
     compare.add_argument("--out", type=Path, default=Path("results"))
     commands.add_parser("bench", help="GPU prefill speed at real model sizes (needs CUDA)", add_help=False)
+    demo = commands.add_parser("demo", help="the Gradio comparison app on this machine (needs the demo extra)")
+    demo.add_argument("--port", type=int, default=7860)
+    demo.add_argument("--host", default="127.0.0.1")
     commands.add_parser("methods", help="list the methods with their parameters, stage and paper")
+    search = commands.add_parser("search", help="search a per-layer schedule on a probe model, written as YAML")
+    kinds = search.add_subparsers(dest="kind", required=True)
+    greedy = kinds.add_parser("gsearch", help="G-Search: the fewest tokens per layer within a tolerance")
+    greedy.add_argument("--tolerance", type=float, default=1.0, help="accuracy points it may lose (default 1)")
+    greedy.add_argument("--steps", type=int, default=8, help="counts tried: this many equal fractions (default 8)")
+    sigmoid = kinds.add_parser("psigmoid", help="P-Sigmoid: the best sigmoid under a budget (needs optuna)")
+    sigmoid.add_argument("--budget", type=float, required=True, help="average visual tokens per layer")
+    sigmoid.add_argument("--trials", type=int, default=30)
+    for kind in (greedy, sigmoid):
+        kind.add_argument("--model", default="probe-llava", choices=["probe-llava"])
+        kind.add_argument("--per-task", type=int, default=16, help="calibration samples per task (default 16)")
+        kind.add_argument("--seed", type=int, default=0, help="probe seed of the calibration set (default 0)")
+        kind.add_argument("--out", type=Path, help="YAML file to write (default results/KIND.yaml)")
     zoo = commands.add_parser("zoo", help="the embedded probe models").add_subparsers(dest="zoo", required=True)
     train = zoo.add_parser("train", help="train a probe model (on the GPU), resumable")
-    train.add_argument("name", choices=["probe-llava"])
+    train.add_argument("name", choices=["probe-llava", "probe-qwen2vl"])
     train.add_argument("--out", type=Path, required=True)
     train.add_argument("--resume", type=Path)
     train.add_argument("--steps", type=int, default=6000)
@@ -29,12 +45,20 @@ def main(argv: list[str] | None = None) -> None:
         from mmtoken.compare import compare as run_compare
 
         run_compare(per_task=args.per_task, out=args.out)
+    elif args.command == "search":
+        _search(args)
     elif args.command == "zoo":
         from mmtoken.zoo.train import TrainConfig, train
 
         config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, minutes=args.minutes,
                              seed=args.seed)  # fmt: skip
         train(args.name, args.out, config, resume=args.resume)
+    elif args.command == "demo":
+        try:
+            from mmtoken.demos.app import launch
+        except ModuleNotFoundError as missing:
+            parser.exit(1, f"mmtoken demo needs {missing.name}: pip install 'mmtoken[demo]'\n")
+        launch(args.host, args.port)
     elif args.command == "bench":
         from mmtoken.evaluation.speed import main as bench
 
@@ -45,3 +69,19 @@ def main(argv: list[str] | None = None) -> None:
         for method in list_methods():
             params = ", ".join(f"{name}={value!r}" for name, value in method["parameters"].items())
             print(f"{method['name']:8} {method['stage']:10} {method['paper']:18} {params}")
+
+
+def _search(args: argparse.Namespace) -> None:
+    from mmtoken.search import Calibration, g_search, p_sigmoid_search, write_schedule
+
+    calibration = Calibration.of(args.model, args.per_task, args.seed)
+    if args.kind == "gsearch":
+        found = g_search(calibration, args.tolerance, args.steps)
+        options = f"--tolerance {args.tolerance} --steps {args.steps}"
+    else:
+        found = p_sigmoid_search(calibration, args.budget, args.trials, args.seed)
+        options = f"--budget {args.budget} --trials {args.trials}"
+    out = args.out or Path("results") / f"{args.kind}.yaml"
+    command = f"mmtoken search {args.kind} {options} --model {args.model} --per-task {args.per_task} --seed {args.seed}"
+    write_schedule(found, out, [f"found by: {command}", "load with: mmtoken.patch(model, PATH)"])
+    print(f"written: {out}")

@@ -25,19 +25,33 @@ METHODS = {
 MODEL = "probe-llava"
 
 
-def _run(model, processor, samples: list[probe.Sample], handle=None) -> dict:
+def probe_samples(model_name: str, per_task: int, seed: int) -> list[probe.Sample]:
+    """`per_task` fresh image samples of each task the model answers reliably, drawn from `seed`."""
+    tasks = RELIABLE_TASKS[model_name]
+    return [sample for task in tasks for sample in probe.generate("image", n=per_task, seed=seed, task=task)]
+
+
+def accuracy(samples: list[probe.Sample], answers: list[str]) -> dict[str, float]:
+    """Accuracy % on each task and the average over tasks."""
     hits: dict[str, list[bool]] = {}
-    prefill, visual, flops_paper, flops_exact = [], [], [], []
+    for sample, answer in zip(samples, answers, strict=True):
+        hits.setdefault(sample.task, []).append(answer == sample.answer)
+    row = {task: 100 * sum(results) / len(results) for task, results in hits.items()}
+    row["average"] = sum(row.values()) / len(row)
+    return row
+
+
+def _run(model, processor, samples: list[probe.Sample], handle=None) -> dict:
+    answers, prefill, visual, flops_paper, flops_exact = [], [], [], [], []
     for sample in samples:
-        hits.setdefault(sample.task, []).append(ask(model, processor, sample) == sample.answer)
+        answers.append(ask(model, processor, sample))
         if handle is not None:
             stats = handle.stats
             prefill.append(stats.prefill_seconds)
             visual.append(stats.avg_visual_tokens)
             flops_paper.append(stats.flops_ratio_paper)
             flops_exact.append(stats.flops_ratio_exact)
-    row = {task: 100 * sum(results) / len(results) for task, results in hits.items()}
-    row["average"] = sum(row.values()) / len(row)
+    row = accuracy(samples, answers)
     if handle is not None:
         row["visual"] = statistics.mean(visual)
         row["flops_paper"] = 100 * statistics.mean(flops_paper)
@@ -51,7 +65,7 @@ def compare(per_task: int = 16, seed: int = 7, out: Path = Path("results")) -> l
     torch.manual_seed(0)
     model, processor = load(MODEL)
     tasks = RELIABLE_TASKS[MODEL]
-    samples = [sample for task in tasks for sample in probe.generate("image", n=per_task, seed=seed, task=task)]
+    samples = probe_samples(MODEL, per_task, seed)
     with mmtoken.patched(model, "random", ratio=1.0) as handle:
         rows = [{"method": "unpatched", "budget": 576, **_run(model, processor, samples, handle)}]
     cells = [(name, budget) for name in METHODS for budget in BUDGETS]

@@ -10,23 +10,33 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import pytest
 import torch
 
+from mmtoken.zoo import load
 from mmtoken.zoo.tiny import FAMILIES, VIDEO_FAMILIES, tiny_inputs, tiny_model
 
 CASES = [(family, False) for family in FAMILIES] + [(family, True) for family in FAMILIES if family in VIDEO_FAMILIES]
 CASE_IDS = [f"{family}-{'video' if video else 'image'}" for family, video in CASES]
 
+# pmod, gsearch and psigmoid are left out to spare test time: they reach the engine as PyramidDrop does (cuts ranked
+# by its scorer, here at every layer where a per-layer curve falls); test_methods checks batch == rows and their
+# counts on a model, test_parts their curves.
 PRUNING = {
     "fastv": {"k": 2, "ratio": 0.4},
     "pdrop": {"layers": (2, 4), "ratio": 0.5},
     "random": {"ratio": 0.3},
     "uniform": {"ratio": 0.3},
     "pooling": {"stride": 2},
+    "feather": {"layers": (2, 4), "ratio": 0.3},
+    "atp": {"layers": (2, 4), "mass": 0.5},
     "visionzip": {"ratio": 0.3},
     "divprune": {"ratio": 0.3},
     "tome": {"ratio": 0.3},
     "aim": {"ratio": 0.5, "layer": 2, "step": 0.5},
     "holitom": {"ratio": 0.3, "layer": 3},
     "temporal": {"threshold": 0.5},
+    # merging (whose count the merge decides) and an inner merge, then pruning planned on the survivors
+    "pipeline": {
+        "stages": ({"method": "holitom", "ratio": 0.5, "layer": 2}, {"method": "pdrop", "layers": (3, 5)}),
+    },
 }
 KEEP_ALL = {
     "fastv": {"k": 2, "ratio": 1.0},
@@ -34,12 +44,15 @@ KEEP_ALL = {
     "random": {"ratio": 1.0},
     "uniform": {"ratio": 1.0},
     "pooling": {"stride": 1},
+    "feather": {"layers": (2, 4), "ratio": 1.0},
+    "atp": {"layers": (2, 4), "spatial": 1.0},
     "visionzip": {"ratio": 1.0},
     "divprune": {"ratio": 1.0},
     "tome": {"ratio": 1.0},
     "aim": {"ratio": 1.0, "step": 0},
     "holitom": {"ratio": 1.0, "threshold": 1.0, "merge": 0.0},
     "temporal": {"threshold": 1.0},
+    "pipeline": {"stages": ({"method": "pooling", "stride": 1}, {"method": "pdrop", "layers": (2, 4), "ratio": 1.0})},
 }
 VIDEO_ONLY = {"temporal"}
 
@@ -58,6 +71,13 @@ def method_cases(methods: dict[str, dict]) -> list:
 def model_and_processor(family: str, attention: str = "sdpa"):
     torch.set_num_threads(2)
     return tiny_model(family, attn_implementation=attention)
+
+
+@cache
+def probe_llava():
+    """The embedded trained probe model and its processor, loaded once."""
+    torch.set_num_threads(2)
+    return load("probe-llava")
 
 
 def inputs(family: str, video: bool, **kwargs):

@@ -29,7 +29,7 @@ def layer_calls(llava):
 @pytest.mark.parametrize(
     ("method", "params", "error", "message"),
     [
-        ("fastvv", {}, KeyError, "unknown method 'fastvv'; known: "),
+        ("fastvv", {}, KeyError, "unknown method 'fastvv'; known: aim, atp, divprune, fastv"),
         ("fastv", {"keep_ratio": 0.5}, TypeError, "unknown parameter(s) keep_ratio"),
         ("fastv", {"ratio": 0.0}, ValueError, "ratio must be in (0, 1]"),
         ("pdrop", {"layers": (2, 4), "ratio": 1.5}, ValueError, "ratio must be in (0, 1]"),
@@ -54,8 +54,25 @@ def layer_calls(llava):
         ("holitom", {"layer": 3, "merge": 1.0}, ValueError, "holitom: merge must be a share in [0, 1)"),
         ("temporal", {"threshold": 0.5, "budget": 10}, ValueError, "temporal: give one of threshold, budget"),
         ("temporal", {"threshold": -2}, ValueError, "temporal: threshold is a cosine similarity in [-1, 1]"),
+        ("feather", {"layers": (2,)}, ValueError, "feather: give two layers"),
+        ("feather", {"layers": (2, 7)}, ValueError, "feather: layer 7 is past the model's 6 decoder layers"),
+        ("feather", {"layers": (2, 4), "stride": 0}, ValueError, "feather: stride must be >= 1"),
+        ("feather", {"layers": (2, 4), "ratio": 0.3, "budget": 20}, ValueError, "give one of ratio, budget"),
+        ("atp", {"layers": (2, 4), "mass": 0.0}, ValueError, "atp: mass must be in (0, 1]"),
+        ("atp", {"layers": (2, 4), "spatial": 1.5}, ValueError, "atp: spatial must be in [0, 1]"),
+        ("atp", {"layers": (0, 4)}, ValueError, "atp: layers must be increasing layer indices >= 1"),
+        ("pmod", {"lowest": 0.9, "highest": 0.5}, ValueError, "pmod: need 0 <= lowest <= highest <= 1"),
+        ("gsearch", {}, ValueError, "gsearch: give `keep`"),
+        ("gsearch", {"keep": (64, 32, 48, 8, 8, 8), "visual": 64}, ValueError, "never grow with depth"),
+        ("gsearch", {"keep": (576, 576, 288)}, ValueError, "gsearch: keep names 3 layers, the model has 6"),
+        ("psigmoid", {"slope": 0}, ValueError, "psigmoid: slope must be > 0"),
+        ("psigmoid", {"floor": 1.5}, ValueError, "psigmoid: floor must be in [0, 1]"),
+        ("pipeline", {}, ValueError, "pipeline: give at least one stage"),
+        ("pipeline", {"stages": [{"method": "fastvv"}]}, KeyError, "unknown method 'fastvv'"),
+        ("pipeline", {"stages": ["fastv", {"method": "pdrop", "layers": (3, 4)}], "budget": 20}, ValueError,
+         "a budget needs every stage but the last to cut before the language model; fastv cut inside it"),
     ],
-)
+)  # fmt: skip
 def test_bad_method_is_refused_before_patching(llava, method, params, error, message):
     with pytest.raises(error) as raised:
         mmtoken.patch(llava, method, **params)
@@ -85,10 +102,21 @@ def test_budget_beyond_the_input_is_refused_before_the_language_model_runs(llava
     assert not layer_calls
 
 
-@pytest.mark.parametrize(("method", "params"), [("aim", {"layer": 3}), ("holitom", {"layer": 3})])
-def test_budget_beyond_a_schedule_that_also_cuts_inside_names_its_highest(llava, layer_calls, method, params):
-    mmtoken.patch(llava, method, budget=60, **params)
-    with pytest.raises(ValueError, match=rf"{method}: budget 60 exceeds what this schedule keeps at ratio 1 \(\d"):
+@pytest.mark.parametrize(
+    ("method", "params", "message"),
+    [
+        ("pmod", {"budget": 15}, r"budget 15 is unreachable with this schedule: the lowest is 18\.7"),
+        ("feather", {"layers": (2, 4), "budget": 20}, r"budget 20 is unreachable with this schedule: the lowest is 2"),
+        ("pipeline", {"stages": [{"method": "pdrop", "layers": (2, 4)}, {"method": "fastv", "k": 3}]},
+         r"pipeline: step 2 \(fastv\) cuts at layer 3, not after the step before it \(its last cut is at layer 4\)"),
+        ("aim", {"layer": 3, "budget": 60}, r"aim: budget 60 exceeds what this schedule keeps at ratio 1 \(\d"),
+        ("holitom", {"layer": 3, "budget": 60}, r"holitom: budget 60 exceeds what this schedule keeps at ratio 1 \(\d"),
+    ],
+)  # fmt: skip
+def test_schedule_that_cannot_be_made_is_refused_before_the_language_model_runs(llava, layer_calls, method, params,
+                                                                                message):  # fmt: skip
+    mmtoken.patch(llava, method, **params)
+    with pytest.raises(ValueError, match=message):
         greedy(llava, inputs("llava", False))
     assert not layer_calls
 

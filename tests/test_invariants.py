@@ -144,3 +144,35 @@ def test_beam_search_keeps_the_invariants(family, method):
         together = model.generate(**batch, **beams)[:, -4:]
         alone = [model.generate(**inputs(family, False, rows=[row]), **beams)[:, -4:] for row in range(2)]
     assert torch.equal(together, torch.cat(alone))
+
+
+@pytest.mark.parametrize("method", ["pdrop", "random"])
+def test_alive_visual_tokens_nest_and_match_the_stats(case, method):
+    family, video = case
+    model, _ = model_and_processor(family)
+    batch = inputs(family, video, batch=2)
+    with mmtoken.patched(model, method, **PRUNING[method]) as handle:
+        assert handle.alive_visual_tokens() is None
+        greedy(model, batch, new_tokens=2)
+        alive = handle.alive_visual_tokens()
+        depth = len(handle.stats.visual_tokens_per_layer)
+        cuts = handle.method.cuts(depth, int(handle.stats.original_visual_tokens))
+    assert sorted(alive) == sorted({0} | {cut.layer for cut in cuts})
+    previous = None
+    for layer, rows in alive.items():
+        assert sum(len(row) for row in rows) / len(rows) == handle.stats.visual_tokens_per_layer[layer]
+        cells = [{tuple(token) for token in row.tolist()} for row in rows]
+        assert [len(row) for row in cells] == [len(row) for row in rows]
+        if previous is not None:
+            assert all(now <= before for now, before in zip(cells, previous, strict=True))
+        previous = cells
+
+
+def test_alive_visual_tokens_of_keep_all_cover_the_whole_grid():
+    model, _ = model_and_processor("llava")
+    with mmtoken.patched(model, "random", ratio=1.0) as handle:
+        greedy(model, inputs("llava", False), new_tokens=1)
+    (row,) = handle.alive_visual_tokens()[0]
+    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    assert sorted(map(tuple, row[:, 2:].tolist())) == [(r, c) for r in range(side) for c in range(side)]
+    assert (row[:, :2] == 0).all()

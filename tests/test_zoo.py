@@ -12,33 +12,69 @@ from transformers import AutoModelForImageTextToText
 
 from mmtoken.zoo import ask, load, probe
 from mmtoken.zoo.embedded import RELIABLE_TASKS
-from mmtoken.zoo.recipes import probe_llava
-from mmtoken.zoo.train import PromptEncoder, TrainConfig, pixel_values, train
+from mmtoken.zoo.formats import probe_format
+from mmtoken.zoo.recipes import RECIPES
+from mmtoken.zoo.train import PACKED_ATTENTION, PromptEncoder, TrainConfig, train
 
 
-@pytest.fixture(scope="module")
-def recipe():
-    return probe_llava()
+@pytest.fixture(scope="module", params=sorted(RECIPES))
+def recipe(request):
+    model, processor = RECIPES[request.param]()
+    return model, processor, probe_format(model, processor)
+
+
+def _kinds(recipe) -> tuple[str, ...]:
+    return recipe[2].kinds
+
+
+def _media(sample: probe.Sample) -> tuple[str, dict]:
+    if sample.images is not None:
+        return "image", {"images": sample.images}
+    return "video", {"videos": [sample.video]}
 
 
 def test_training_tokens_equal_the_processors(recipe):
-    model, processor = recipe
-    encoder = PromptEncoder(processor, model.config.image_seq_length)
-    for sample in probe.generate("image", n=12, seed=3):
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": sample.question}]}]
-        prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        expected = processor(text=prompt, images=sample.images, return_tensors="pt")["input_ids"][0].tolist()
-        assert list(encoder.prompt_ids(sample.question)) == expected
-        assert processor.tokenizer.unk_token_id not in expected + encoder.answer_ids(sample.answer)
-        assert processor.decode(encoder.answer_ids(sample.answer), skip_special_tokens=True) == sample.answer
+    _, processor, model_format = recipe
+    encoder = PromptEncoder(processor, model_format)
+    for kind in model_format.kinds:
+        for sample in probe.generate(kind, n=8, seed=3):
+            messages = [{"role": "user", "content": [{"type": kind}, {"type": "text", "text": sample.question}]}]
+            prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            expected = processor(text=prompt, return_tensors="pt", **_media(sample)[1])["input_ids"][0].tolist()
+            assert list(encoder.prompt_ids(sample.question, kind)) == expected
+            assert processor.tokenizer.unk_token_id not in expected + encoder.answer_ids(sample.answer)
+            assert processor.decode(encoder.answer_ids(sample.answer), skip_special_tokens=True) == sample.answer
 
 
 def test_training_pixels_equal_the_processors(recipe):
-    _, processor = recipe
-    batch = probe.render_batch("image", 4, torch.Generator().manual_seed(0))
-    pil = [Image.fromarray(pixels.permute(1, 2, 0).numpy()) for pixels in batch.pixels]
-    expected = processor.image_processor(pil, return_tensors="pt")["pixel_values"]
-    assert (pixel_values(batch, processor, torch.float32) - expected).abs().max() < 0.05
+    _, processor, model_format = recipe
+    for kind in model_format.kinds:
+        batch = probe.render_batch(kind, 2, torch.Generator().manual_seed(0))
+        frames = batch.pixels if kind == "video" else batch.pixels[:, None]
+        pil = [[Image.fromarray(frame.permute(1, 2, 0).numpy()) for frame in sample] for sample in frames]
+        if kind == "image":
+            expected = processor.image_processor([frames[0] for frames in pil], return_tensors="pt")
+        else:
+            expected = processor.video_processor(videos=pil, return_tensors="pt")
+        mine = model_format.vision_inputs(batch, kind)
+        assert mine.keys() == expected.keys()
+        for key, value in mine.items():
+            assert (value.float() - expected[key].float()).abs().max() < 0.05, key
+
+
+def test_patch_targets_follow_the_patch_order(recipe):
+    _, processor, model_format = recipe
+    batch = probe.render_batch("image", 2, torch.Generator().manual_seed(5), task="color")
+    labels = torch.arange(2 * 24 * 24).view(2, 24, 24)
+    # a label map that encodes each patch's pixels: the patch order of the targets must match the features'
+    batch.pixels = (labels.view(2, 24, 1, 24, 1) % 251).expand(2, 24, 14, 24, 14).reshape(2, 1, 336, 336)
+    batch.pixels = batch.pixels.expand(2, 3, 336, 336).to(torch.uint8)
+    flat = model_format.vision_inputs(batch, "image")["pixel_values"]
+    if flat.dim() == 4:  # LLaVA: the tower patchifies row-major itself
+        flat = flat[:, 0].unfold(1, 14, 14).unfold(2, 14, 14).reshape(2 * 576, -1)
+    first_pixel = ((flat[:, 0] * processor.image_processor.image_std[0] + processor.image_processor.image_mean[0])
+                   * 255).round().long()  # fmt: skip
+    assert torch.equal(first_pixel, model_format.patch_targets(labels) % 251)
 
 
 def test_training_runs_checkpoints_and_resumes(tmp_path):
@@ -59,14 +95,35 @@ def test_training_runs_checkpoints_and_resumes(tmp_path):
     assert model.config.image_seq_length == 576
 
 
-def test_embedded_model_loads_offline_and_answers_its_reliable_tasks():
-    model, processor = load("probe-llava")
-    for task in RELIABLE_TASKS["probe-llava"]:
-        samples = probe.generate("image", n=10, seed=4242, task=task)
+def test_packed_vision_attention_equals_one_call_per_sequence():
+    model, processor = RECIPES["probe-qwen2vl"]()
+    model_format = probe_format(model.eval(), processor)
+    batch = probe.render_batch("video", 2, torch.Generator().manual_seed(1))
+    inputs = model_format.vision_inputs(batch, "video")
+    with torch.no_grad():
+        expected = model.model.visual(inputs["pixel_values_videos"], grid_thw=inputs["video_grid_thw"])
+        model.model.visual.config._attn_implementation = PACKED_ATTENTION
+        packed = model.model.visual(inputs["pixel_values_videos"], grid_thw=inputs["video_grid_thw"])
+    assert torch.allclose(packed.last_hidden_state, expected.last_hidden_state, atol=1e-5)
+
+
+def test_qwen_training_alternates_images_and_videos(tmp_path):
+    state = train("probe-qwen2vl", tmp_path, TrainConfig(steps=2, batch_size=2, eval_every=2, eval_per_task=1))
+    assert set(state["evaluations"][-1]["accuracy"]) == set(probe.tasks("image")) | set(probe.tasks("video"))
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path, local_files_only=True)
+    assert model.config.model_type == "qwen2_vl"
+
+
+@pytest.mark.parametrize("name", sorted(RELIABLE_TASKS))
+def test_embedded_model_loads_offline_and_answers_its_reliable_tasks(name):
+    model, processor = load(name)
+    for task in RELIABLE_TASKS[name]:
+        kind = "image" if task in probe.tasks("image") else "video"
+        samples = probe.generate(kind, n=10, seed=4242, task=task)
         correct = sum(ask(model, processor, sample) == sample.answer for sample in samples)
-        assert correct >= 8, f"{task}: {correct}/10"
+        assert correct >= 8, f"{name} {task}: {correct}/10"
 
 
 def test_unknown_or_untrained_model_is_a_clear_error():
-    with pytest.raises(ValueError, match="unknown probe model 'probe-x'; embedded: probe-llava"):
+    with pytest.raises(ValueError, match="unknown probe model 'probe-x'; embedded: probe-llava, probe-qwen2vl"):
         load("probe-x")

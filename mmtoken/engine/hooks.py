@@ -7,14 +7,15 @@ Three kinds of hook, all removable:
 - a pre-hook on every decoder layer applies a cut made at that layer and hands the layer the rotary
   embeddings and mask of the tokens alive there. Rotary phases are the original ones, sliced, never recomputed.
 Each layer's KV cache therefore holds exactly the tokens alive at that layer. Token counts are planned on the
-CPU, so the hooks never make the CPU wait for the GPU (pooling, whose counts depend on the image, is the one
-exception).
+CPU, so the hooks never make the CPU wait for the GPU (cuts whose scorer decides the count from the image, as
+pooling's, ATP's, FEATHER's first and HoliTom's merge, are the exception).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -27,7 +28,8 @@ from mmtoken.engine.select import select
 from mmtoken.engine.state import CallState, TokenSet
 from mmtoken.integrations.vision import VisionWatch
 from mmtoken.methods.base import Method
-from mmtoken.scorers.base import ScoreInput
+from mmtoken.reducers import Reducer
+from mmtoken.scorers.base import ScoreInput, Scorer
 
 if TYPE_CHECKING:
     from mmtoken.integrations.base import Adapter
@@ -50,18 +52,39 @@ def _gather_rows(table: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
     return table.gather(1, slot[..., None].expand(-1, -1, table.shape[-1]))
 
 
+@dataclass
+class PlannedCut:
+    """One cut of one call: the visual tokens each row keeps (on the CPU and on the device), ranked by `scorer`
+    and reduced by `reducer` (the cut's own, else its method's). `resume` is set on the last cut of a step whose
+    survivors only a scorer knows: the steps after it (from `resume` on) are planned once that cut is made."""
+
+    scorer: Scorer
+    reducer: Reducer
+    keep: list[int]
+    keep_on_device: torch.Tensor
+    resume: int | None = None
+
+
+def decides_count(scorer: Scorer) -> bool:
+    return getattr(scorer, "discards", False)
+
+
 class Engine:
-    """Applies `method` to `model` through hooks; `stats` holds the numbers of the latest prefill."""
+    """Applies `method` to `model` through hooks; `stats` holds the numbers of the latest prefill.
+
+    A method runs as one or more steps (`Method.steps`, several for a pipeline); each step's cuts come after the
+    cuts of the step before and see its survivors."""
 
     def __init__(self, model: nn.Module, adapter: Adapter, method: Method) -> None:
         self.model, self.adapter, self.method = model, adapter, method
         self.layers = adapter.decoder_layers
         self.depth = len(self.layers)
-        self.watch = VisionWatch(adapter) if method.needs_vision else None
+        self.steps = method.steps
+        self.watch = VisionWatch(adapter) if any(step.needs_vision for step in self.steps) else None
         self.implementation = adapter.language_model.config._attn_implementation
         self.call: CallState | None = None
         self._prefill = False
-        self._keep: dict[int, tuple[list[int], torch.Tensor]] = {}
+        self._keep: dict[int, list[PlannedCut]] = {}
         self._previous: tuple[nn.Module, torch.Tensor, tuple] | None = None
         self._sliced: dict[int, tuple[object, object, object]] = {}
         self._decode_masks: dict[int, tuple[object, object, int]] = {}
@@ -80,6 +103,10 @@ class Engine:
         if self._stats is not None:
             self._stats.kv_bytes = self._kv_bytes
         return self._stats
+
+    def alive_visual_tokens(self) -> dict[int, list[torch.Tensor]] | None:
+        """Where the latest prefill's visual tokens were alive (see `CallState.visual_geometry`); None before one."""
+        return None if self._measured is None else self._measured[0].visual_geometry()
 
     def attach(self) -> None:
         self._handles = [
@@ -113,20 +140,37 @@ class Engine:
         if input_ids is None:
             raise ValueError("mmtoken needs input_ids to find the visual tokens; inputs_embeds alone are not enough")
         call = self.adapter.call_state(input_ids, kwargs.get("attention_mask"), kwargs)
-        self._keep = self._plan(call)
+        self._keep = {}
+        self._plan(call.visual_counts, 0, 0, call.kinds.device)
         self.call, self._previous, self._sliced, self._decode_masks = call, None, {}, {}
         _synchronize(input_ids.device)
         self._started = time.perf_counter()
 
-    def _plan(self, call: CallState) -> dict[int, tuple[list[int], torch.Tensor]]:
-        """Visual tokens each row keeps at each cut, from the method's schedule for that row's visual count,
-        on the CPU and (copied before the model queues any work) on the model's device."""
-        schedules = {count: self.method.cuts(self.depth, count) for count in set(call.visual_counts)}
-        plan = {}
-        for index, cut in enumerate(schedules[call.visual_counts[0]]):
-            keep = [schedules[count][index].keep for count in call.visual_counts]
-            plan[cut.layer] = (keep, torch.tensor(keep, device=call.kinds.device))
-        return plan
+    def _plan(self, counts: list[int], first: int, after: int, device: torch.device) -> None:
+        """Visual tokens each row keeps at each cut of steps `first` on, from each step's schedule for the row's
+        visual count, on the CPU and (copied before the model queues any work) on the model's device. A step
+        whose scorer decides the count ends the planning; the steps after it are planned from its survivors."""
+        for index in range(first, len(self.steps)):
+            step = self.steps[index]
+            schedules = {count: step.cuts(self.depth, count) for count in set(counts)}
+            cuts = schedules[counts[0]]
+            if cuts and (cuts[0].layer < after or 0 < cuts[0].layer == after):
+                raise ValueError(
+                    f"pipeline: step {index + 1} ({step.name}) cuts at layer {cuts[0].layer}, not after the step "
+                    f"before it (its last cut is at layer {after})"
+                )
+            alive, decided = counts, False
+            for position, cut in enumerate(cuts):
+                keep = [schedules[count][position].keep for count in counts]
+                scorer, reducer = cut.scorer or step.scorer, cut.reducer or step.reducer
+                planned = PlannedCut(scorer, reducer, keep, torch.tensor(keep, device=device))
+                self._keep.setdefault(cut.layer, []).append(planned)
+                alive, after = [min(count, kept) for count, kept in zip(alive, keep, strict=True)], cut.layer
+                decided |= decides_count(scorer)
+            if decided and index + 1 < len(self.steps):
+                planned.resume = index + 1
+                return
+            counts = alive
 
     def _after_call(self, module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
         if self._prefill:
@@ -156,7 +200,7 @@ class Engine:
         weight = torch.ones(positions.shape, device=positions.device)
         tokens = TokenSet(positions, positions, ~call.padding, call.visual_counts, unpadded, weight)
         if 0 in self._keep:
-            tokens, embeddings = self._cut(0, tokens, kwargs["inputs_embeds"], None)
+            tokens, embeddings = self._cuts_at(0, tokens, kwargs["inputs_embeds"], None)
             tokens.slot = torch.arange(len(tokens), device=embeddings.device).expand(call.batch_size, -1)
             kwargs["inputs_embeds"] = embeddings
             kwargs["attention_mask"] = tokens.valid.long()
@@ -183,7 +227,7 @@ class Engine:
             hidden = args[0]
             if self._prefill:
                 if index in self._keep and index > 0:
-                    tokens, hidden = self._cut(index, self.call.set_at(index), hidden, kwargs)
+                    tokens, hidden = self._cuts_at(index, self.call.set_at(index), hidden, kwargs)
                     self.call.sets[index] = tokens
                 self._slice_prefill(index, kwargs)
                 self._previous = (module, hidden, kwargs["position_embeddings"])
@@ -228,21 +272,32 @@ class Engine:
 
     # cutting
 
-    def _cut(
+    def _cuts_at(
         self, layer: int, tokens: TokenSet, hidden: torch.Tensor, kwargs: dict | None
     ) -> tuple[TokenSet, torch.Tensor]:
+        """Make the cuts planned at `layer` one after the other (more than one only where pipeline steps meet)."""
+        done = 0
+        while done < len(self._keep[layer]):
+            planned = self._keep[layer][done]
+            tokens, hidden = self._cut(planned, layer, tokens, hidden, kwargs)
+            if planned.resume is not None:
+                self._plan(tokens.visual_counts, planned.resume, layer, hidden.device)
+            done += 1
+        return tokens, hidden
+
+    def _cut(
+        self, planned: PlannedCut, layer: int, tokens: TokenSet, hidden: torch.Tensor, kwargs: dict | None
+    ) -> tuple[TokenSet, torch.Tensor]:
         """Score the visual tokens of `tokens` and keep the planned number of each row."""
-        call = self.call
-        scorer, reducer = self.method.parts(layer, self.depth)
-        keep, keep_on_device = self._keep[layer]
-        kept = [min(count, alive) for count, alive in zip(keep, tokens.visual_counts, strict=True)]
+        call, scorer = self.call, planned.scorer
+        kept = [min(count, alive) for count, alive in zip(planned.keep, tokens.visual_counts, strict=True)]
         inputs = ScoreInput(
             hidden=hidden,
             layer=None,
             position_embeddings=None,
             candidates=call.visual(tokens),
             valid=tokens.valid,
-            locate=lambda: call.geometry.gather(1, tokens.position[..., None].expand(-1, -1, 4)),
+            locate=lambda: call.geometry_of(tokens),
             kinds=call.kinds.gather(1, tokens.position),
             weight=tokens.weight,
             keep=kept,
@@ -255,14 +310,14 @@ class Engine:
         elif scorer.layer_offset == -1:
             inputs.layer, inputs.hidden, inputs.position_embeddings = self._previous
         sizes = [text + visual for text, visual in zip(call.text_counts, kept, strict=True)]
-        planned = not getattr(scorer, "discards", False)
-        local, valid = select(scorer.score(inputs), inputs.candidates, tokens.valid, keep_on_device,
-                              max(sizes) if planned else None)  # fmt: skip
+        counted = not decides_count(scorer)
+        local, valid = select(scorer.score(inputs), inputs.candidates, tokens.valid, planned.keep_on_device,
+                              max(sizes) if counted else None)  # fmt: skip
         survivors = TokenSet(tokens.position.gather(1, local), tokens.slot.gather(1, local), valid, kept, False)
-        if not planned:
+        if not counted:
             survivors.visual_counts = call.visual(survivors).sum(1).tolist()
             sizes = [text + visual for text, visual in zip(call.text_counts, survivors.visual_counts, strict=True)]
         survivors.complete = min(sizes) == len(survivors)
         inputs.hidden = hidden
-        hidden, survivors.weight = reducer.reduce(hidden, local, inputs)
+        hidden, survivors.weight = planned.reducer.reduce(hidden, local, inputs)
         return survivors, hidden

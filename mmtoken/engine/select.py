@@ -9,7 +9,7 @@ def select(
     scores: torch.Tensor, candidates: torch.Tensor, valid: torch.Tensor, keep: torch.Tensor, width: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep every valid non-candidate and the `keep[row]` best-scored candidates of each row; a candidate
-    scored -inf is never kept.
+    scored -inf is never kept, and one scored +inf always is, on top of the `keep[row]` best others.
 
     Returns `local` (batch, width), indices into the set in their original order, and their validity. Rows that
     keep fewer than `width` tokens are filled up with invalid tokens (padding first), so the batch stays a
@@ -19,7 +19,8 @@ def select(
     ranked = scores.float().masked_fill(~candidates, float("-inf"))
     order = ranked.argsort(dim=1, descending=True, stable=True)
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(length, device=order.device).expand(batch, -1))
-    chosen = candidates & (rank < keep[:, None]) & (ranked > float("-inf"))
+    forced = (ranked == float("inf")).sum(1, keepdim=True)
+    chosen = candidates & (rank < keep[:, None] + forced) & (ranked > float("-inf"))
     required = chosen | (valid & ~candidates)
     if width is None:
         width = int(required.sum(1).max())

@@ -69,6 +69,19 @@ class CallState:
         """Mask over `tokens`: valid image or video tokens."""
         return (self.kinds.gather(1, tokens.position) != TEXT) & tokens.valid
 
+    def geometry_of(self, tokens: TokenSet) -> torch.Tensor:
+        """(batch, len(tokens), 4): media, frame, row, column of each token of `tokens` (-1 for text)."""
+        return self.geometry.gather(1, tokens.position[..., None].expand(-1, -1, 4))
+
+    def visual_geometry(self) -> dict[int, list[torch.Tensor]]:
+        """For each stretch, keyed by its first layer: per batch row, the (n, 4) media, frame, row and column of the
+        valid visual tokens alive there, on the CPU."""
+        alive = {}
+        for start, tokens in sorted(self.sets.items()):
+            geometry, visual = self.geometry_of(tokens).cpu(), self.visual(tokens).cpu()
+            alive[start] = [geometry[row][visual[row]] for row in range(self.batch_size)]
+        return alive
+
     def stretch_of(self, layer: int) -> int:
         """The first layer of the stretch that decoder layer `layer` belongs to."""
         return max(start for start in self.sets if start <= layer)

@@ -6,20 +6,28 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 
 from mmtoken.methods.aim import AIM
+from mmtoken.methods.atp import AdaptivePrune
 from mmtoken.methods.base import Method
 from mmtoken.methods.divprune import DivPrune
 from mmtoken.methods.fastv import FastV
+from mmtoken.methods.feather import Feather
+from mmtoken.methods.gsearch import GSearch
 from mmtoken.methods.holitom import HoliTom
 from mmtoken.methods.pdrop import PyramidDrop
+from mmtoken.methods.pipeline import Pipeline
+from mmtoken.methods.pmod import ProgressiveDecay
 from mmtoken.methods.pooling import Pooling
+from mmtoken.methods.psigmoid import PSigmoid
 from mmtoken.methods.random import RandomPrune
 from mmtoken.methods.temporal import Temporal
 from mmtoken.methods.tome import ToMe
 from mmtoken.methods.uniform import UniformPrune
 from mmtoken.methods.visionzip import VisionZip
 
-_PRESETS = (FastV, PyramidDrop, RandomPrune, UniformPrune, Pooling, VisionZip, DivPrune, ToMe, AIM, HoliTom, Temporal)
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in _PRESETS}
+_ALL = [FastV, PyramidDrop, RandomPrune, UniformPrune, Pooling]
+_ALL += [Feather, AdaptivePrune, ProgressiveDecay, GSearch, PSigmoid]
+_ALL += [VisionZip, DivPrune, ToMe, AIM, HoliTom, Temporal, Pipeline]
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in _ALL}
 
 
 def _defaults(cls: type[Method]) -> dict[str, object]:
@@ -66,11 +74,17 @@ def build(method: str | dict | Method, **params: object) -> Method:
 __all__ = [
     "AIM",
     "METHODS",
+    "AdaptivePrune",
     "DivPrune",
     "FastV",
+    "Feather",
+    "GSearch",
     "HoliTom",
     "Method",
+    "PSigmoid",
+    "Pipeline",
     "Pooling",
+    "ProgressiveDecay",
     "PyramidDrop",
     "RandomPrune",
     "Temporal",

@@ -6,12 +6,10 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
-from mmtoken.methods.base import BEFORE_AND_AT_LAYER, Method, check_ratio_or_budget
-from mmtoken.reducers import Drop, GroupMean, Reducer
+from mmtoken.methods.base import BEFORE_AND_AT_LAYER, Method, check_ratio_or_budget, merge_cut
 from mmtoken.schedules import Cut, average_visual_tokens
 from mmtoken.scorers import Scorer
 from mmtoken.scorers.bipartite import BipartiteMerge
-from mmtoken.scorers.groups import GroupHeads
 from mmtoken.scorers.pagerank import TextRank
 
 
@@ -64,10 +62,9 @@ class AIM(Method):
                     f"aim: budget {self.budget} exceeds what this schedule keeps at ratio 1 ({per_token * visual:.1f})"
                 )
             merged = round(self.budget / per_token)
-        return [Cut(0, merged), *(Cut(cut.layer, round(cut.keep)) for cut in self._pruning(depth, merged))]
+        pruning = [Cut(cut.layer, round(cut.keep)) for cut in self._pruning(depth, merged)]
+        return [merge_cut(0, merged, BipartiteMerge()), *pruning]
 
-    def parts(self, layer: int, depth: int) -> tuple[Scorer, Reducer]:
-        if layer == 0:
-            grouping = BipartiteMerge()
-            return GroupHeads(grouping), GroupMean(grouping)
-        return TextRank(), Drop()
+    @property
+    def scorer(self) -> Scorer:
+        return TextRank()

@@ -6,9 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from mmtoken.reducers import Drop, Reducer
+from mmtoken.reducers import Drop, GroupMean, Reducer
 from mmtoken.schedules import Cut, single_cut_keep
-from mmtoken.scorers import Scorer
+from mmtoken.schedules.curves import curve_cuts
+from mmtoken.scorers import LastQueryAttention, Scorer
+from mmtoken.scorers.groups import GroupHeads, Grouping
 
 BEFORE_LLM, AT_LAYER = "before_llm", "at_layer"
 BEFORE_AND_AT_LAYER = f"{BEFORE_LLM}+{AT_LAYER}"
@@ -34,10 +36,29 @@ def check_ratio_or_budget(name: str, ratio: float | None, budget: float | None) 
         check_budget(budget)
 
 
+def check_layers(name: str, layers: tuple[int, ...]) -> tuple[int, ...]:
+    """`layers` as a tuple; raises unless they are increasing layer indices >= 1."""
+    layers = tuple(layers)
+    if not layers or list(layers) != sorted(set(layers)) or layers[0] < 1:
+        raise ValueError(f"{name}: layers must be increasing layer indices >= 1, got {layers}")
+    return layers
+
+
+def check_layers_fit(name: str, layers: tuple[int, ...], depth: int) -> None:
+    if layers[-1] >= depth:
+        raise ValueError(f"{name}: layer {layers[-1]} is past the model's {depth} decoder layers")
+
+
+def merge_cut(layer: int, keep: int, grouping: Grouping) -> Cut:
+    """A cut at `layer` that keeps the heads of `grouping`'s groups, each the weighted mean of its group."""
+    return Cut(layer, keep, GroupHeads(grouping), GroupMean(grouping))
+
+
 @dataclass
 class Method:
-    """Base of every method: `cuts(depth, visual)` says where and how many, `scorer` what, `reducer` how.
-    `needs_vision` asks the engine to record the vision encoder's attention (`ScoreInput.vision_signal`)."""
+    """Base of every method: `cuts(depth, visual)` says where and how many, `scorer` what, `reducer` how (for the
+    cuts that name no scorer or reducer of their own). `needs_vision` asks the engine to record the vision encoder's
+    attention (`ScoreInput.vision_signal`)."""
 
     name: ClassVar[str]
     paper: ClassVar[str]
@@ -55,13 +76,13 @@ class Method:
     def reducer(self) -> Reducer:
         return Drop()
 
-    def parts(self, layer: int, depth: int) -> tuple[Scorer, Reducer]:
-        """The scorer and reducer of the cut at `layer` of a `depth`-layer model: the preset's own for every cut
-        unless it mixes stages. Asked once per cut, so parts may keep state for the length of one cut."""
-        return self.scorer, self.reducer
-
     def check_depth(self, depth: int) -> None:
         """Raise if the schedule names a layer the model does not have."""
+
+    @property
+    def steps(self) -> list[Method]:
+        """The methods the engine runs one after the other: this one alone, or a pipeline's stages."""
+        return [self]
 
 
 @dataclass
@@ -116,3 +137,23 @@ class Baseline(SingleCut):
     @property
     def cut_layer(self) -> int:
         return self.layer
+
+
+@dataclass
+class CurveMethod(Method):
+    """A method whose schedule is the share of visual tokens alive at each layer (`mmtoken.schedules.curves`):
+    cut wherever the share falls, ranked by the last instruction token's attention recomputed at the cut layer
+    (as PyramidDrop)."""
+
+    stage: ClassVar[str] = AT_LAYER
+
+    def shares(self, depth: int, visual: int) -> list[float]:
+        """The share of the visual tokens alive at each layer."""
+        raise NotImplementedError
+
+    def cuts(self, depth: int, visual: int) -> list[Cut]:
+        return curve_cuts(self.shares(depth, visual), visual)
+
+    @property
+    def scorer(self) -> Scorer:
+        return LastQueryAttention(layer_offset=0)

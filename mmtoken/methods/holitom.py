@@ -5,11 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from mmtoken.methods.base import BEFORE_AND_AT_LAYER, Method, check_ratio_or_budget
-from mmtoken.reducers import GroupMean, NearestMerge, Reducer
+from mmtoken.methods.base import BEFORE_AND_AT_LAYER, Method, check_ratio_or_budget, merge_cut
+from mmtoken.reducers import NearestMerge
 from mmtoken.schedules import Cut
-from mmtoken.scorers import LastQueryAttention, Scorer
-from mmtoken.scorers.groups import GroupHeads
+from mmtoken.scorers import LastQueryAttention
 from mmtoken.scorers.holitom import HoliTomMerge
 
 
@@ -68,14 +67,10 @@ class HoliTom(Method):
                 f"holitom: budget {self.budget} exceeds what this schedule keeps at ratio 1 "
                 f"({visual * self.budget / outer:.1f})"
             )
-        cuts = [Cut(0, visual)]  # every token stays a candidate: the grouping decides how many stay
+        ratio = 0.15 if self.ratio is None and self.budget is None else self.ratio
+        # every token stays a candidate: the grouping decides how many stay
+        cuts = [merge_cut(0, visual, HoliTomMerge(self.threshold, ratio, self._outer(depth)))]
         if self.merge:
-            cuts.append(Cut(self.layer, round(outer * (1 - self.merge))))
+            keep = round(outer * (1 - self.merge))
+            cuts.append(Cut(self.layer, keep, LastQueryAttention(layer_offset=-1), NearestMerge()))
         return cuts
-
-    def parts(self, layer: int, depth: int) -> tuple[Scorer, Reducer]:
-        if layer == 0:
-            ratio = 0.15 if self.ratio is None and self.budget is None else self.ratio
-            grouping = HoliTomMerge(self.threshold, ratio, self._outer(depth))
-            return GroupHeads(grouping), GroupMean(grouping)
-        return LastQueryAttention(layer_offset=-1), NearestMerge()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from mmtoken.methods.base import AT_LAYER, Method, check_ratio_or_budget
+from mmtoken.methods.base import AT_LAYER, Method, check_layers, check_layers_fit, check_ratio_or_budget
 from mmtoken.schedules import Cut, average_visual_tokens, solve_ratio
 from mmtoken.scorers import LastQueryAttention, Scorer
 
@@ -28,14 +28,11 @@ class PyramidDrop(Method):
     budget: float | None = None
 
     def __post_init__(self) -> None:
-        self.layers = tuple(self.layers)
-        if not self.layers or list(self.layers) != sorted(set(self.layers)) or self.layers[0] < 1:
-            raise ValueError(f"pdrop: layers must be increasing layer indices >= 1, got {self.layers}")
-        check_ratio_or_budget("pdrop", self.ratio, self.budget)
+        self.layers = check_layers(self.name, self.layers)
+        check_ratio_or_budget(self.name, self.ratio, self.budget)
 
     def check_depth(self, depth: int) -> None:
-        if self.layers[-1] >= depth:
-            raise ValueError(f"pdrop: layer {self.layers[-1]} is past the model's {depth} decoder layers")
+        check_layers_fit(self.name, self.layers, depth)
 
     def _schedule(self, ratio: float, visual: int) -> list[Cut]:
         return [Cut(layer, round(visual * ratio ** (stage + 1))) for stage, layer in enumerate(self.layers)]

@@ -5,11 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from mmtoken.methods.base import BEFORE_LLM, Method, check_budget
-from mmtoken.reducers import GroupMean, Reducer
+from mmtoken.methods.base import BEFORE_LLM, Method, check_budget, merge_cut
 from mmtoken.schedules import Cut
-from mmtoken.scorers import Scorer
-from mmtoken.scorers.groups import GroupHeads
 from mmtoken.scorers.temporal import TemporalMerge
 
 
@@ -40,9 +37,6 @@ class Temporal(Method):
     def cuts(self, depth: int, visual: int) -> list[Cut]:
         if self.budget is not None and self.budget > visual:
             raise ValueError(f"temporal: budget {self.budget} exceeds the {visual} visual tokens of this input")
-        return [Cut(0, visual)]  # every token stays a candidate: the grouping decides how many stay
-
-    def parts(self, layer: int, depth: int) -> tuple[Scorer, Reducer]:
         threshold = 0.8 if self.threshold is None and self.budget is None else self.threshold
-        grouping = TemporalMerge(threshold, self.budget)
-        return GroupHeads(grouping), GroupMean(grouping)
+        # every token stays a candidate: the grouping decides how many stay
+        return [merge_cut(0, visual, TemporalMerge(threshold, self.budget))]

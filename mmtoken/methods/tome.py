@@ -5,11 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from mmtoken.methods.base import BEFORE_LLM, Baseline
-from mmtoken.reducers import GroupMean, Reducer
-from mmtoken.scorers import Scorer
+from mmtoken.methods.base import BEFORE_LLM, Baseline, merge_cut
+from mmtoken.schedules import Cut
 from mmtoken.scorers.bipartite import BipartiteMerge
-from mmtoken.scorers.groups import GroupHeads
 
 
 @dataclass
@@ -26,6 +24,5 @@ class ToMe(Baseline):
     paper: ClassVar[str] = "arXiv 2210.09461"
     stage: ClassVar[str] = BEFORE_LLM
 
-    def parts(self, layer: int, depth: int) -> tuple[Scorer, Reducer]:
-        grouping = BipartiteMerge()
-        return GroupHeads(grouping), GroupMean(grouping)
+    def cuts(self, depth: int, visual: int) -> list[Cut]:
+        return [merge_cut(cut.layer, cut.keep, BipartiteMerge()) for cut in super().cuts(depth, visual)]

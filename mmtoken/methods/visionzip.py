@@ -5,11 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from mmtoken.methods.base import BEFORE_LLM, Baseline
-from mmtoken.reducers import GroupMean, Reducer
-from mmtoken.scorers import Scorer
+from mmtoken.methods.base import BEFORE_LLM, Baseline, merge_cut
+from mmtoken.schedules import Cut
 from mmtoken.scorers.contextual import DominantContextual
-from mmtoken.scorers.groups import GroupHeads
 
 
 @dataclass
@@ -33,6 +31,7 @@ class VisionZip(Baseline):
         if not 0 <= self.contextual <= 1:
             raise ValueError(f"visionzip: contextual must be a share in [0, 1], got {self.contextual}")
 
-    def parts(self, layer: int, depth: int) -> tuple[Scorer, Reducer]:
-        grouping = DominantContextual(self.contextual)
-        return GroupHeads(grouping), GroupMean(grouping)
+    def cuts(self, depth: int, visual: int) -> list[Cut]:
+        return [
+            merge_cut(cut.layer, cut.keep, DominantContextual(self.contextual)) for cut in super().cuts(depth, visual)
+        ]

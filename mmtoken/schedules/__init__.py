@@ -8,14 +8,23 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mmtoken.reducers import Reducer
+    from mmtoken.scorers.base import Scorer
 
 
 @dataclass(frozen=True)
 class Cut:
-    """From decoder layer `layer` on (0: before the language model), `keep` visual tokens of a row survive."""
+    """From decoder layer `layer` on (0: before the language model), `keep` visual tokens of a row survive.
+    `scorer` ranks them and `reducer` removes the rest where a method makes this cut unlike its others (FEATHER's
+    first cut, a merge before the language model followed by pruning inside it); None: the method's own."""
 
     layer: int
     keep: int
+    scorer: Scorer | None = None
+    reducer: Reducer | None = None
 
 
 def average_visual_tokens(cuts: list[Cut], depth: int, visual: int) -> float:
@@ -38,12 +47,11 @@ def single_cut_keep(budget: float, layer: int, depth: int, visual: int) -> int:
     return keep
 
 
-def solve_ratio(average: Callable[[float], float], target: float) -> float:
-    """The ratio in (0, 1] whose schedule averages `target` visual tokens per layer (bisection; `average`
-    must grow with the ratio)."""
-    low, high = 0.0, 1.0
+def solve_ratio(average: Callable[[float], float], target: float, low: float = 0.0, high: float = 1.0) -> float:
+    """The parameter in (low, high] (by default a ratio in (0, 1]) whose schedule averages `target` visual tokens
+    per layer (bisection; `average` must grow with the parameter)."""
     if average(high) < target:
-        raise ValueError(f"budget {target} exceeds what this schedule keeps at ratio 1 ({average(high):.1f})")
+        raise ValueError(f"budget {target} exceeds the most this schedule keeps ({average(high):.1f})")
     if average(low) > target:
         raise ValueError(f"budget {target} is unreachable with this schedule: the lowest is {average(low):.1f}")
     for _ in range(50):

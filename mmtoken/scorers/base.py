@@ -49,7 +49,8 @@ class ScoreInput:
 class Scorer(Protocol):
     """Scores tokens; only the scores of candidates are read. `layer_offset` picks the layer to mimic
     relative to the cut (0: the first layer that sees the reduced set, -1: the one before); None needs no layer.
-    A scorer that `discards` marks tokens that must go whatever the budget with -inf."""
+    A scorer that `discards` decides the count itself: it marks tokens that must go whatever the budget with
+    -inf, and may mark tokens that stay on top of the planned count with +inf."""
 
     layer_offset: int | None
     discards: ClassVar[bool] = False

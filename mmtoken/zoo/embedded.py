@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin
+from transformers import AutoModelForImageTextToText, AutoProcessor, BatchFeature, PreTrainedModel, ProcessorMixin
 
 from mmtoken.zoo.probe import Sample
 
 MODELS = Path(__file__).parent / "models"
-NAMES = ("probe-llava",)
+NAMES = ("probe-llava", "probe-qwen2vl")
 # Tasks on which each model, unpatched, reaches the 90% floor on a fresh seed (see its MODEL_CARD.md); the others
 # stay out of the default probe groups until training gets them there.
-RELIABLE_TASKS = {"probe-llava": ("count", "color", "exist")}
+RELIABLE_TASKS = {"probe-llava": ("count", "color", "exist"), "probe-qwen2vl": ("order", "events", "needle")}
 
 
 def path(name: str) -> Path:
@@ -33,13 +34,48 @@ def load(name: str, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel
     return model.eval(), AutoProcessor.from_pretrained(folder, local_files_only=True)
 
 
-def ask(model: PreTrainedModel, processor: ProcessorMixin, sample: Sample, max_new_tokens: int = 6) -> str:
-    """The model's greedy answer to a probe sample, as a string of words."""
-    kind = "image" if sample.images is not None else "video"
-    messages = [{"role": "user", "content": [{"type": kind}, {"type": "text", "text": sample.question}]}]
-    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    media = {"images": sample.images} if kind == "image" else {"videos": [sample.video]}
-    inputs = processor(text=prompt, return_tensors="pt", **media).to(model.device)
+def prompts(processor: ProcessorMixin, samples: list[Sample]) -> BatchFeature:
+    """The processor's inputs for probe samples (all images or all videos), one left-padded batch."""
+    kind = "image" if samples[0].images is not None else "video"
+    texts = [
+        processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": kind}, {"type": "text", "text": sample.question}]}],
+            add_generation_prompt=True,
+            tokenize=False,
+        )
+        for sample in samples
+    ]
+    media = (
+        {"images": [image for sample in samples for image in sample.images]}
+        if kind == "image"
+        else {"videos": [sample.video for sample in samples]}
+    )
+    return processor(text=texts, return_tensors="pt", padding=True, padding_side="left", **media)
+
+
+def encode(model: PreTrainedModel, processor: ProcessorMixin, samples: list[Sample]) -> dict:
+    """Inputs for probe samples with their media already through the vision tower (`mm_encoder_outputs`), so
+    that they can be answered many times, under different methods, for the cost of the language model only."""
+    inputs = dict(prompts(processor, samples).to(model.device))
+    encoded, used = {}, set()
+    with torch.no_grad():
+        for modality in ("image", "video"):
+            encoder = getattr(model, f"get_{modality}_features", None)
+            signature = [] if encoder is None else inspect.signature(encoder).parameters
+            names = [name for name in signature if name in inputs]
+            if any(name.startswith("pixel_values") for name in names):
+                encoded[modality] = encoder(**{name: inputs[name] for name in names}, return_dict=True)
+                used.update(names)
+    return {**{name: value for name, value in inputs.items() if name not in used}, "mm_encoder_outputs": encoded}
+
+
+def answers(model: PreTrainedModel, processor: ProcessorMixin, inputs: dict, max_new_tokens: int = 6) -> list[str]:
+    """The model's greedy answers to a batch of probe inputs (from `prompts` or `encode`), as strings of words."""
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    return processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    return [processor.decode(row, skip_special_tokens=True).strip() for row in out[:, inputs["input_ids"].shape[1] :]]
+
+
+def ask(model: PreTrainedModel, processor: ProcessorMixin, sample: Sample, max_new_tokens: int = 6) -> str:
+    """The model's greedy answer to a probe sample, as a string of words."""
+    return answers(model, processor, prompts(processor, [sample]).to(model.device), max_new_tokens)[0]

@@ -18,14 +18,45 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin
+from transformers import AttentionInterface, AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin
 
+from mmtoken.zoo.formats import LlavaFormat, QwenFormat, probe_format
 from mmtoken.zoo.probe import Batch, render_batch, tasks
 from mmtoken.zoo.recipes import RECIPES
 
 IGNORE = -100
 PATCH_CLASSES = 16
 PATCH_HEAD = "patch_head.pt"
+# Qwen's vision tower gives a "flash" attention implementation the whole packed batch and its boundaries, and any
+# other one each frame pair as its own call (hundreds per layer). Training batches hold sequences of one length,
+# so this implementation serves the packed batch with one batched sdpa call.
+PACKED_ATTENTION = "flash_api_equal_length_sdpa"
+
+
+def equal_length_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: None,
+    scaling: float,
+    cu_seq_lens_q: torch.Tensor,
+    max_length_q: int,
+    **kwargs: object,
+) -> tuple[torch.Tensor, None]:
+    """Attention within each packed sequence, (1, heads, total, dim) in, (1, total, heads, dim) out."""
+    _, heads, total, dim = query.shape
+    if total != max_length_q * (len(cu_seq_lens_q) - 1):
+        raise ValueError("packed attention needs sequences of one length")
+
+    def batched(x: torch.Tensor) -> torch.Tensor:
+        return x[0].view(heads, -1, max_length_q, dim).transpose(0, 1)
+
+    out = nn.functional.scaled_dot_product_attention(batched(query), batched(key), batched(value), scale=scaling)
+    return out.permute(0, 2, 1, 3).reshape(1, total, heads, dim), None
+
+
+AttentionInterface.register(PACKED_ATTENTION, equal_length_attention)
 
 
 @dataclass
@@ -46,24 +77,27 @@ class TrainConfig:
 class PromptEncoder:
     """Token ids of probe questions and answers exactly as the model's processor and chat template make them."""
 
-    def __init__(self, processor: ProcessorMixin, image_tokens: int) -> None:
-        self.processor, self.tokenizer, self.image_tokens = processor, processor.tokenizer, image_tokens
+    def __init__(self, processor: ProcessorMixin, model_format: LlavaFormat | QwenFormat) -> None:
+        self.processor, self.tokenizer, self.format = processor, processor.tokenizer, model_format
         self.prompt_ids = cache(self._prompt_ids)
 
-    def _prompt_ids(self, question: str) -> tuple[int, ...]:
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    def _prompt_ids(self, question: str, kind: str = "image") -> tuple[int, ...]:
+        messages = [{"role": "user", "content": [{"type": kind}, {"type": "text", "text": question}]}]
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        placeholder = getattr(self.tokenizer, f"{kind}_token_id")
         ids = []
         for token in self.tokenizer(text)["input_ids"]:
-            ids.extend([token] * (self.image_tokens if token == self.tokenizer.image_token_id else 1))
+            ids.extend([token] * (self.format.visual_tokens(kind) if token == placeholder else 1))
         return tuple(ids)
 
     def answer_ids(self, answer: str) -> list[int]:
         return [*self.tokenizer(answer, add_special_tokens=False)["input_ids"], self.tokenizer.eos_token_id]
 
-    def encode(self, questions: list[str], answers: list[str], device: torch.device) -> dict[str, torch.Tensor]:
-        """Left-padded input ids, attention mask, position ids and labels (answer tokens only)."""
-        rows = [(list(self.prompt_ids(q)), self.answer_ids(a)) for q, a in zip(questions, answers, strict=True)]
+    def encode(self, batch: Batch, kind: str, device: torch.device) -> dict[str, torch.Tensor]:
+        """Left-padded input ids, attention mask and labels (answer tokens only); 1-D position ids where the
+        model takes them (M-RoPE models derive theirs from the mask and the visual grids)."""
+        rows = [(list(self.prompt_ids(q, kind)), self.answer_ids(a)) for q, a in zip(batch.questions, batch.answers,
+                                                                                      strict=True)]  # fmt: skip
         length = max(len(prompt) + len(answer) for prompt, answer in rows)
         ids = torch.full((len(rows), length), self.tokenizer.pad_token_id)
         labels = torch.full((len(rows), length), IGNORE)
@@ -72,36 +106,32 @@ class PromptEncoder:
             ids[row, length - len(sequence) :] = torch.tensor(sequence)
             labels[row, length - len(answer) :] = torch.tensor(answer)
         mask = (torch.arange(length) >= length - torch.tensor([len(p) + len(a) for p, a in rows])[:, None]).long()
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        batch = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "labels": labels}
-        return {key: value.to(device) for key, value in batch.items()}
-
-
-def pixel_values(batch: Batch, processor: ProcessorMixin, dtype: torch.dtype) -> torch.Tensor:
-    """The probe's uint8 pixels normalised as the model's image processor would."""
-    image_processor = processor.image_processor
-    mean = torch.tensor(image_processor.image_mean, device=batch.pixels.device)[:, None, None]
-    std = torch.tensor(image_processor.image_std, device=batch.pixels.device)[:, None, None]
-    return ((batch.pixels.float() / 255 - mean) / std).to(dtype)
+        inputs = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        if isinstance(self.format, LlavaFormat):
+            inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+        if "mm_token_type_ids" in self.processor.model_input_names:  # M-RoPE needs to know image from video
+            inputs["mm_token_type_ids"] = (ids == self.tokenizer.image_token_id) + 2 * (
+                ids == self.tokenizer.video_token_id
+            )
+        return {key: value.to(device) for key, value in inputs.items()}
 
 
 class PatchProbe(nn.Module):
     """The auxiliary head: the colour under each patch, read from the vision tower's penultimate layer."""
 
-    def __init__(self, model: PreTrainedModel) -> None:
+    def __init__(self, model: PreTrainedModel, model_format: LlavaFormat | QwenFormat) -> None:
         super().__init__()
-        vision = model.config.vision_config
-        self.head = nn.Linear(vision.hidden_size, PATCH_CLASSES)
+        self.format = model_format
+        self.head = nn.Linear(model.config.vision_config.hidden_size, PATCH_CLASSES)
         self.features: torch.Tensor | None = None
-        layer = model.model.vision_tower.encoder.layers[model.config.vision_feature_layer]
-        layer.register_forward_hook(self._keep)
+        model_format.patch_layer().register_forward_hook(self._keep)
 
     def _keep(self, module: nn.Module, args: tuple, output: object) -> None:
         self.features = output[0] if isinstance(output, tuple) else output
 
     def loss(self, labels: torch.Tensor) -> torch.Tensor:
-        logits = self.head(self.features[:, 1:].float())
-        return nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
+        logits = self.head(self.format.patch_features(self.features).float())
+        return nn.functional.cross_entropy(logits, self.format.patch_targets(labels))
 
 
 def learning_rate(step: int, start: int, config: TrainConfig) -> float:
@@ -112,24 +142,27 @@ def learning_rate(step: int, start: int, config: TrainConfig) -> float:
 
 
 @torch.no_grad()
-def answer_accuracy(model, processor, encoder: PromptEncoder, batch: Batch, dtype: torch.dtype) -> float:
+def answer_accuracy(model: PreTrainedModel, encoder: PromptEncoder, batch: Batch, kind: str) -> float:
     """Exact-match accuracy of the answers under teacher forcing (equal to greedy decoding's)."""
-    inputs = encoder.encode(batch.questions, batch.answers, batch.pixels.device)
+    inputs = encoder.encode(batch, kind, batch.pixels.device)
     labels = inputs.pop("labels")
     with torch.autocast(batch.pixels.device.type, dtype=torch.bfloat16, enabled=batch.pixels.is_cuda):
-        logits = model(**inputs, pixel_values=pixel_values(batch, processor, dtype)).logits
+        logits = model(**inputs, **encoder.format.vision_inputs(batch, kind)).logits
     predicted, target = logits[:, :-1].argmax(-1), labels[:, 1:]
     answered = target != IGNORE
     return float(((predicted == target) | ~answered).all(-1).float().mean())
 
 
-def evaluation_batches(kind: str, config: TrainConfig, device: torch.device) -> dict[str, Batch]:
+def evaluation_batches(kinds: tuple[str, ...], config: TrainConfig, device: torch.device) -> dict[str, Batch]:
+    """A fixed held-out batch per task of each kind, from a seed apart from training's."""
     generator = torch.Generator(device=device).manual_seed(10_000 + config.seed)
-    return {task: render_batch(kind, config.eval_per_task, generator, device, task=task) for task in tasks(kind)}
+    return {(kind, task): render_batch(kind, config.eval_per_task, generator, device, task=task)
+            for kind in kinds for task in tasks(kind)}  # fmt: skip
 
 
 def train(name: str, out: Path, config: TrainConfig, resume: Path | None = None) -> dict:
-    """Train `name` into `out`; returns the final state (steps, curve, per-task accuracy)."""
+    """Train `name` into `out`; returns the final state (steps, curve, per-task accuracy). A model that reads
+    images and videos alternates between an image batch and a video batch."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if resume is None:
         model, processor = RECIPES[name]()
@@ -144,50 +177,54 @@ def train(name: str, out: Path, config: TrainConfig, resume: Path | None = None)
         {"from_step": state["step"], "resumed": resume is not None, **asdict(config)},
     ]
     model.to(device).train()
-    probe = PatchProbe(model).to(device)
+    model_format = probe_format(model, processor)
+    if isinstance(model_format, QwenFormat):
+        model.model.visual.config._attn_implementation = PACKED_ATTENTION
+    patch_probe = PatchProbe(model, model_format).to(device)
     if resume is not None and (resume / PATCH_HEAD).exists():
-        probe.head.load_state_dict(torch.load(resume / PATCH_HEAD, map_location=device))
-    encoder = PromptEncoder(processor, model.config.image_seq_length)
-    optimizer = torch.optim.AdamW([*model.parameters(), *probe.parameters()], lr=config.lr, betas=(0.9, 0.98),
-                                  weight_decay=0.05)  # fmt: skip
+        patch_probe.head.load_state_dict(torch.load(resume / PATCH_HEAD, map_location=device))
+    encoder = PromptEncoder(processor, model_format)
+    optimizer = torch.optim.AdamW([*model.parameters(), *patch_probe.parameters()], lr=config.lr,
+                                  betas=(0.9, 0.98), weight_decay=0.05)  # fmt: skip
     generator = torch.Generator(device=device).manual_seed(config.seed * 1_000_003 + state["step"])
-    held_out = evaluation_batches("image", config, device)
+    held_out = evaluation_batches(model_format.kinds, config, device)
     start, began = state["step"], time.perf_counter()
     for step in range(start, config.steps):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, start, config)
-        batch = render_batch("image", config.batch_size, generator, device)
-        inputs = encoder.encode(batch.questions, batch.answers, device)
+        kind = model_format.kinds[step % len(model_format.kinds)]
+        batch = render_batch(kind, config.batch_size, generator, device)
+        inputs = encoder.encode(batch, kind, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            answer_loss = model(**inputs, pixel_values=pixel_values(batch, processor, torch.float32)).loss
-            aux_loss = probe.loss(batch.patch_labels)
+            answer_loss = model(**inputs, **model_format.vision_inputs(batch, kind)).loss
+            # the per-patch colour labels exist for images only
+            aux_loss = patch_probe.loss(batch.patch_labels) if kind == "image" else answer_loss.new_zeros(())
         loss = answer_loss + config.aux_weight * aux_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         state["step"], state["samples"] = step + 1, state["samples"] + config.batch_size
-        if (step + 1) % 50 == 0:
+        if (step + 1) % 50 < len(model_format.kinds):  # the last step of each kind in every 50
             elapsed = time.perf_counter() - began
-            state["curve"].append({"step": step + 1, "loss": float(answer_loss), "aux": float(aux_loss),
+            state["curve"].append({"step": step + 1, "kind": kind, "loss": float(answer_loss), "aux": float(aux_loss),
                                    "samples_per_s": (step + 1 - start) * config.batch_size / elapsed})  # fmt: skip
             print(json.dumps(state["curve"][-1]), flush=True)
         out_of_time = config.minutes is not None and time.perf_counter() - began > 60 * config.minutes
         if (step + 1) % config.eval_every == 0 or step + 1 == config.steps or out_of_time:
             model.eval()
-            accuracy = {task: answer_accuracy(model, processor, encoder, batch, torch.float32)
-                        for task, batch in held_out.items()}  # fmt: skip
+            accuracy = {task: answer_accuracy(model, encoder, batch, kind) for (kind, task), batch in held_out.items()}
             model.train()
             state["evaluations"].append({"step": step + 1, "accuracy": accuracy})
             print(json.dumps(state["evaluations"][-1]), flush=True)
-            save(model, processor, probe, state, out, time.perf_counter() - began)
+            save(model, processor, patch_probe, state, out, time.perf_counter() - began)
         if out_of_time:
             break
     return state
 
 
 def save(
-    model: PreTrainedModel, processor: ProcessorMixin, probe: PatchProbe, state: dict, out: Path, seconds: float
+    model: PreTrainedModel, processor: ProcessorMixin, patch_probe: PatchProbe, state: dict, out: Path, seconds: float
 ) -> None:
     """A resumable checkpoint that is also the shippable model: bf16 shards under 16 MB, processor, the
     auxiliary head, state."""
@@ -197,5 +234,5 @@ def save(
     weights = {key: value.to(torch.bfloat16) for key, value in model.state_dict().items()}
     model.save_pretrained(out, state_dict=weights, max_shard_size="15MB")
     processor.save_pretrained(out)
-    torch.save(probe.head.state_dict(), out / PATCH_HEAD)
+    torch.save(patch_probe.head.state_dict(), out / PATCH_HEAD)
     (out / "state.json").write_text(json.dumps(state, indent=1))

@@ -1,0 +1,53 @@
+"""Methods in a row: each stage cuts after the stage before it and sees its survivors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import ClassVar
+
+from mmtoken.methods.base import BEFORE_LLM, Method, check_budget
+
+COMPOSED = "composed"
+
+
+@dataclass
+class Pipeline(Method):
+    """Several methods applied one after the other, e.g. pooling before the language model, then PyramidDrop
+    inside it: `{"method": "pipeline", "stages": [{"method": "pooling"}, {"method": "pdrop", "layers": [2, 8]}]}`.
+
+    Each stage is a method (a name, a dict or a Method) with its own parameters; its cuts come after the last cut
+    of the stage before (stages before the language model may share layer 0), and its schedule is planned for the
+    visual tokens that stage leaves. `budget` goes to the last stage, whose average then is the pipeline's: so all
+    stages before it must cut before the language model.
+    """
+
+    name: ClassVar[str] = "pipeline"
+    paper: ClassVar[str] = "its stages' papers"
+    stage: ClassVar[str] = COMPOSED
+    stages: tuple = ()
+    budget: float | None = None
+
+    def __post_init__(self) -> None:
+        from mmtoken.methods import build
+
+        if not self.stages:
+            raise ValueError("pipeline: give at least one stage")
+        methods = [build(stage) for stage in self.stages]
+        if self.budget is not None:
+            check_budget(self.budget)
+            inside = [method.name for method in methods[:-1] if method.stage != BEFORE_LLM]
+            if inside:
+                raise ValueError(
+                    f"pipeline: a budget needs every stage but the last to cut before the language model; "
+                    f"{', '.join(inside)} cut inside it: give each stage its own budget instead"
+                )
+            methods[-1] = replace(methods[-1], budget=self.budget)
+        self._steps = [step for method in methods for step in method.steps]
+
+    @property
+    def steps(self) -> list[Method]:
+        return self._steps
+
+    def check_depth(self, depth: int) -> None:
+        for step in self._steps:
+            step.check_depth(depth)
