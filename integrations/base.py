@@ -45,6 +45,20 @@ class Adapter:
         """Layouts (n_i, 3) of the media items in one run; `positions` (3, n) are M-RoPE (t, h, w) or None."""
         raise NotImplementedError
 
+    @property
+    def vision_attention(self) -> nn.Module:
+        """The vision-tower attention module whose input gives the vision signal (`integrations.vision`)."""
+        raise NotImplementedError
+
+    def vision_attention_signal(self, module: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+        """The signal of every token of one run of `vision_attention`, from the module's own inputs."""
+        raise NotImplementedError
+
+    def arrange_vision_signal(self, kind: int, raw: torch.Tensor, arguments: dict) -> torch.Tensor:
+        """The flat signal of the visual tokens of one `get_image_features` / `get_video_features` call (whose
+        `arguments` are given), in the order the model scatters them into the prompt, from the tower's `raw`."""
+        raise NotImplementedError
+
     def call_state(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, inputs: dict) -> CallState:
         """Kinds and padding of this prompt; raises if its visual tokens do not match the encoded media."""
         ids = input_ids.cpu()

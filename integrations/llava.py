@@ -6,9 +6,10 @@ import torch
 
 from mmtoken.engine.state import IMAGE
 from mmtoken.integrations.base import Adapter, raster
+from mmtoken.integrations.vision import TowerAttention, select_tower_tokens
 
 
-class LlavaAdapter(Adapter):
+class LlavaAdapter(TowerAttention, Adapter):
     """LLaVA-1.5 (`LlavaForConditionalGeneration`): each image is one square patch grid, led by the CLS token
     when `vision_feature_select_strategy` is "full" (it gets no grid cell)."""
 
@@ -32,3 +33,7 @@ class LlavaAdapter(Adapter):
     def split_run(self, kind: int, embeddings: torch.Tensor, positions: torch.Tensor | None) -> list[torch.Tensor]:
         layout = self._layout
         return [layout] * (len(embeddings) // len(layout))
+
+    def arrange_vision_signal(self, kind: int, raw: torch.Tensor, arguments: dict) -> torch.Tensor:
+        tower = self.model.base_model.vision_tower
+        return select_tower_tokens(tower, raw, self.config.vision_feature_select_strategy).flatten()

@@ -5,12 +5,14 @@ from __future__ import annotations
 import math
 
 import torch
+from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 from mmtoken.engine.state import IMAGE, VIDEO
 from mmtoken.integrations.base import Adapter, raster
+from mmtoken.integrations.vision import TowerAttention, select_tower_tokens
 
 
-class LlavaNextAdapter(Adapter):
+class LlavaNextAdapter(TowerAttention, Adapter):
     """LLaVA-NeXT and LLaVA-OneVision. An image is the base image's square grid (frame 0), then the unpadded
     high-resolution grid (frame 1) with an `image_newline` token closing each row (column -1). A OneVision
     video is its frames pooled 2 x 2, closed by one `image_newline`. Newlines are found by their embedding."""
@@ -58,3 +60,33 @@ class LlavaNextAdapter(Adapter):
     def _video(tokens: int, pooled: int) -> torch.Tensor:
         frames = tokens // pooled**2
         return torch.cat([raster(frames, pooled, pooled), torch.tensor([[frames - 1, pooled - 1, -1]])])
+
+    def arrange_vision_signal(self, kind: int, raw: torch.Tensor, arguments: dict) -> torch.Tensor:
+        """The model's own packing (tiles, unpadding, `image_newline` rows) and video pooling, applied to the
+        signal as a one-channel feature; newline tokens get 0."""
+        base = self.model.base_model
+        signal = select_tower_tokens(base.vision_tower, raw, self.config.vision_feature_select_strategy)[..., None]
+        newline = signal.new_zeros(1)
+        if kind != IMAGE:
+            videos = arguments["pixel_values_videos"].shape[0]
+            pooled = base.apply_pooling(signal).reshape(videos, -1)
+            return torch.cat([pooled, pooled.new_zeros(videos, 1)], dim=1).flatten()
+        sizes = arguments["image_sizes"]
+        tiles = list(signal.split(self._tiles(sizes, arguments.get("batch_num_images"))))
+        if self.config.model_type == "llava_onevision":
+            aspect = arguments.get("vision_aspect_ratio") or self.config.vision_aspect_ratio
+            packed, _ = base.pack_image_features(tiles, sizes, image_newline=newline, vision_aspect_ratio=aspect)
+        else:
+            strategy = self.config.vision_feature_select_strategy
+            packed, _ = base.pack_image_features(tiles, sizes, strategy, image_newline=newline)
+        return torch.cat(packed).flatten()
+
+    def _tiles(self, sizes: torch.Tensor, images_per_row: torch.Tensor | None) -> list[int]:
+        """Tiles the tower encoded for each image: as `get_image_features` counts them (a OneVision row with
+        several images encodes each as one tile)."""
+        single = [True] * len(sizes) if images_per_row is None else [n == 1 for n in images_per_row for _ in range(n)]
+        pinpoints, side = self.config.image_grid_pinpoints, self.config.vision_config.image_size
+        return [
+            image_size_to_num_patches(size, pinpoints, side) if alone else 1
+            for size, alone in zip(sizes, single, strict=True)
+        ]

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
+from torch import nn
+from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
+from transformers.vision_utils import get_vision_window_index
 
 from mmtoken.engine.state import IMAGE
 from mmtoken.integrations.base import Adapter
+from mmtoken.integrations.vision import module_input, received_attention
 
 
 class Qwen2VLAdapter(Adapter):
@@ -28,3 +34,32 @@ class Qwen2VLAdapter(Adapter):
         row, column = positions[1] - positions[1].min(), positions[2] - positions[2].min()
         frame = torch.arange(len(row)) // int((row.max() + 1) * (column.max() + 1))
         return [torch.stack([frame, row, column], dim=1)]
+
+    @property
+    def vision_attention(self) -> nn.Module:
+        """The last block with full attention over each frame (Qwen2.5-VL windows the others)."""
+        blocks = self.model.base_model.visual.blocks
+        full = getattr(self.config.vision_config, "fullatt_block_indexes", None)
+        return blocks[full[-1] if full else len(blocks) - 1].attn
+
+    def vision_attention_signal(self, module: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+        """Received attention of every patch within its frame, recomputed with the block's rotary embedding."""
+        hidden = module_input(args, kwargs)
+        query, keys, _ = module.qkv(hidden).reshape(len(hidden), 3, module.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        query, keys = apply_rotary_pos_emb_vision(query, keys, *kwargs["position_embeddings"])
+        query, keys = query.transpose(0, 1)[None], keys.transpose(0, 1)[None]
+        frames = itertools.pairwise(kwargs["cu_seqlens"].tolist())
+        signals = [received_attention(query[..., a:b, :], keys[..., a:b, :], module.scaling) for a, b in frames]
+        return torch.cat(signals, dim=1)[0]
+
+    def arrange_vision_signal(self, kind: int, raw: torch.Tensor, arguments: dict) -> torch.Tensor:
+        """Mean over each 2 x 2 group the merger fuses into one token; Qwen2.5-VL's tower runs in window order,
+        which is undone as its merger output is."""
+        vision = self.config.vision_config
+        merge = vision.spatial_merge_size
+        signal = raw.view(-1, merge**2).mean(1)
+        if self.config.model_type == "qwen2_5_vl":
+            grid = arguments["image_grid_thw" if kind == IMAGE else "video_grid_thw"]
+            window_index, _ = get_vision_window_index(grid, merge, vision.window_size, vision.patch_size)
+            signal = signal[torch.argsort(window_index.to(signal.device))]
+        return signal

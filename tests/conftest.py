@@ -31,7 +31,16 @@ PRUNING = {
     "pooling": {"stride": 2},
     "feather": {"layers": (2, 4), "ratio": 0.3},
     "atp": {"layers": (2, 4), "mass": 0.5},
-    "pipeline": {"stages": ({"method": "pooling", "stride": 2}, {"method": "pdrop", "layers": (2, 4)})},
+    "visionzip": {"ratio": 0.3},
+    "divprune": {"ratio": 0.3},
+    "tome": {"ratio": 0.3},
+    "aim": {"ratio": 0.5, "layer": 2, "step": 0.5},
+    "holitom": {"ratio": 0.3, "layer": 3},
+    "temporal": {"threshold": 0.5},
+    # merging (whose count the merge decides) and an inner merge, then pruning planned on the survivors
+    "pipeline": {
+        "stages": ({"method": "holitom", "ratio": 0.5, "layer": 2}, {"method": "pdrop", "layers": (3, 5)}),
+    },
 }
 KEEP_ALL = {
     "fastv": {"k": 2, "ratio": 1.0},
@@ -41,8 +50,25 @@ KEEP_ALL = {
     "pooling": {"stride": 1},
     "feather": {"layers": (2, 4), "ratio": 1.0},
     "atp": {"layers": (2, 4), "spatial": 1.0},
+    "visionzip": {"ratio": 1.0},
+    "divprune": {"ratio": 1.0},
+    "tome": {"ratio": 1.0},
+    "aim": {"ratio": 1.0, "step": 0},
+    "holitom": {"ratio": 1.0, "threshold": 1.0, "merge": 0.0},
+    "temporal": {"threshold": 1.0},
     "pipeline": {"stages": ({"method": "pooling", "stride": 1}, {"method": "pdrop", "layers": (2, 4), "ratio": 1.0})},
 }
+VIDEO_ONLY = {"temporal"}
+
+
+def method_cases(methods: dict[str, dict]) -> list:
+    """(case, method) for every method on every case it applies to: video-only methods skip the image cases."""
+    return [
+        pytest.param(case, method, id=f"{case_id}-{method}")
+        for method in sorted(methods)
+        for case, case_id in zip(CASES, CASE_IDS, strict=True)
+        if case[1] or method not in VIDEO_ONLY
+    ]
 
 
 @cache
@@ -67,8 +93,8 @@ def greedy(model, batch, new_tokens: int = 4) -> torch.Tensor:
     return out[:, batch["input_ids"].shape[1] :]
 
 
-def greedy_logits(model, batch, new_tokens: int = 4) -> torch.Tensor:
-    """The logits of every greedy step, (batch, steps, vocabulary): prefill and decode alike."""
+def greedy_run(model, batch, new_tokens: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """The greedy tokens and the logits of every greedy step, (batch, steps, vocabulary): prefill and decode."""
     out = model.generate(
         **batch,
         max_new_tokens=new_tokens,
@@ -77,7 +103,21 @@ def greedy_logits(model, batch, new_tokens: int = 4) -> torch.Tensor:
         output_logits=True,
         return_dict_in_generate=True,
     )
-    return torch.stack(out.logits, dim=1)
+    return out.sequences[:, batch["input_ids"].shape[1] :], torch.stack(out.logits, dim=1)
+
+
+def greedy_logits(model, batch, new_tokens: int = 4) -> torch.Tensor:
+    """The logits of every greedy step, (batch, steps, vocabulary): prefill and decode alike."""
+    return greedy_run(model, batch, new_tokens)[1]
+
+
+@cache
+def unpatched(family: str, video: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unpatched model's forward logits and greedy tokens on the two-row batch of a case, computed once."""
+    model, _ = model_and_processor(family)
+    batch = inputs(family, video, batch=2)
+    with torch.no_grad():
+        return model(**batch).logits, greedy(model, batch)
 
 
 @pytest.fixture(params=CASES, ids=CASE_IDS)

@@ -29,7 +29,7 @@ def layer_calls(llava):
 @pytest.mark.parametrize(
     ("method", "params", "error", "message"),
     [
-        ("fastvv", {}, KeyError, "unknown method 'fastvv'; known: atp, fastv"),
+        ("fastvv", {}, KeyError, "unknown method 'fastvv'; known: aim, atp, divprune, fastv"),
         ("fastv", {"keep_ratio": 0.5}, TypeError, "unknown parameter(s) keep_ratio"),
         ("fastv", {"ratio": 0.0}, ValueError, "ratio must be in (0, 1]"),
         ("pdrop", {"layers": (2, 4), "ratio": 1.5}, ValueError, "ratio must be in (0, 1]"),
@@ -42,6 +42,18 @@ def layer_calls(llava):
         ("fastv", {"ratio": 0.5, "keep": 3}, ValueError, "give one of keep, ratio, budget"),
         ("fastv", {"k": 0}, ValueError, "k must be >= 1"),
         ("pooling", {"stride": 0}, ValueError, "stride must be >= 1"),
+        ("visionzip", {"contextual": 1.5}, ValueError, "visionzip: contextual must be a share in [0, 1]"),
+        ("divprune", {"ratio": 2.0}, ValueError, "ratio must be in (0, 1]"),
+        ("tome", {"keep": -1}, ValueError, "tome: keep must be >= 0"),
+        ("aim", {"ratio": 0.5, "budget": 10}, ValueError, "aim: give one of ratio, budget"),
+        ("aim", {"step": 1.5}, ValueError, "aim: step must be in [0, 1]"),
+        ("aim", {"layer": 0}, ValueError, "aim: layer must be >= 1"),
+        ("aim", {"layer": 6}, ValueError, "aim: layer 6 is past the model's 6 decoder layers"),
+        ("holitom", {}, ValueError, "holitom: layer 18 is past the model's 6 decoder layers"),
+        ("holitom", {"layer": 3, "threshold": 1.5}, ValueError, "holitom: threshold is a cosine similarity"),
+        ("holitom", {"layer": 3, "merge": 1.0}, ValueError, "holitom: merge must be a share in [0, 1)"),
+        ("temporal", {"threshold": 0.5, "budget": 10}, ValueError, "temporal: give one of threshold, budget"),
+        ("temporal", {"threshold": -2}, ValueError, "temporal: threshold is a cosine similarity in [-1, 1]"),
         ("feather", {"layers": (2,)}, ValueError, "feather: give two layers"),
         ("feather", {"layers": (2, 7)}, ValueError, "feather: layer 7 is past the model's 6 decoder layers"),
         ("feather", {"layers": (2, 4), "stride": 0}, ValueError, "feather: stride must be >= 1"),
@@ -69,7 +81,19 @@ def test_bad_method_is_refused_before_patching(llava, method, params, error, mes
     assert not llava.get_decoder().layers[0]._forward_pre_hooks
 
 
-@pytest.mark.parametrize(("method", "budget"), [("fastv", 1000), ("pdrop", 65), ("random", 64.5), ("pooling", 99)])
+@pytest.mark.parametrize(
+    ("method", "budget"),
+    [
+        ("fastv", 1000),
+        ("pdrop", 65),
+        ("random", 64.5),
+        ("pooling", 99),
+        ("visionzip", 65),
+        ("divprune", 65),
+        ("tome", 65),
+        ("temporal", 65),
+    ],
+)
 def test_budget_beyond_the_input_is_refused_before_the_language_model_runs(llava, layer_calls, method, budget):
     extra = {"layers": (2, 4)} if method == "pdrop" else {}
     mmtoken.patch(llava, method, budget=budget, **extra)
@@ -85,6 +109,8 @@ def test_budget_beyond_the_input_is_refused_before_the_language_model_runs(llava
         ("feather", {"layers": (2, 4), "budget": 20}, r"budget 20 is unreachable with this schedule: the lowest is 2"),
         ("pipeline", {"stages": [{"method": "pdrop", "layers": (2, 4)}, {"method": "fastv", "k": 3}]},
          r"pipeline: step 2 \(fastv\) cuts at layer 3, not after the step before it \(its last cut is at layer 4\)"),
+        ("aim", {"layer": 3, "budget": 60}, r"aim: budget 60 exceeds what this schedule keeps at ratio 1 \(\d"),
+        ("holitom", {"layer": 3, "budget": 60}, r"holitom: budget 60 exceeds what this schedule keeps at ratio 1 \(\d"),
     ],
 )  # fmt: skip
 def test_schedule_that_cannot_be_made_is_refused_before_the_language_model_runs(llava, layer_calls, method, params,
@@ -92,6 +118,25 @@ def test_schedule_that_cannot_be_made_is_refused_before_the_language_model_runs(
     mmtoken.patch(llava, method, **params)
     with pytest.raises(ValueError, match=message):
         greedy(llava, inputs("llava", False))
+    assert not layer_calls
+
+
+def test_temporal_merging_of_an_image_is_refused(llava, layer_calls):
+    mmtoken.patch(llava, "temporal")
+    with pytest.raises(ValueError, match="temporal: row 0 holds no video"):
+        greedy(llava, inputs("llava", False))
+    assert not layer_calls
+
+
+@pytest.mark.parametrize("method", ["visionzip", "holitom"])
+def test_vision_signal_without_the_tower_running_is_refused(llava, layer_calls, method):
+    """Features encoded before patching carry no attention: methods that rank by it say so."""
+    batch = inputs("llava", False, batch=2)
+    with torch.no_grad():
+        encoded = llava.model.get_image_features(pixel_values=batch.pop("pixel_values"))
+    mmtoken.patch(llava, method, **({"layer": 3} if method == "holitom" else {}))
+    with pytest.raises(ValueError, match="attention covers 0 image tokens but the prompt holds 128"):
+        greedy(llava, {**batch, "mm_encoder_outputs": {"image": encoded}})
     assert not layer_calls
 
 

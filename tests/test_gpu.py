@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CASE_IDS, CASES, PRUNING, greedy, inputs
+from conftest import CASE_IDS, CASES, PRUNING, greedy, inputs, method_cases
 from transformers.utils import import_utils
 
 import mmtoken
@@ -35,9 +35,9 @@ def to_gpu(batch, dtype: torch.dtype = torch.float32):
     }
 
 
-@pytest.mark.parametrize(("family", "video"), CASES, ids=CASE_IDS)
-@pytest.mark.parametrize("method", sorted(PRUNING))
-def test_gpu_batch_equals_rows_and_sdpa_equals_eager(family, video, method):
+@pytest.mark.parametrize(("case", "method"), method_cases(PRUNING))
+def test_gpu_batch_equals_rows_and_sdpa_equals_eager(case, method):
+    family, video = case
     results = {}
     for attention in ("sdpa", "eager"):
         model = on_gpu(family, attention)

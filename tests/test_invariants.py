@@ -6,19 +6,27 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import KEEP_ALL, PRUNING, greedy, greedy_logits, inputs, model_and_processor
+from conftest import (
+    KEEP_ALL,
+    PRUNING,
+    greedy,
+    greedy_logits,
+    greedy_run,
+    inputs,
+    method_cases,
+    model_and_processor,
+    unpatched,
+)
 
 import mmtoken
 
 
-@pytest.mark.parametrize("method", sorted(KEEP_ALL))
+@pytest.mark.parametrize(("case", "method"), method_cases(KEEP_ALL))
 def test_keep_all_equals_unpatched(case, method):
     family, video = case
     model, _ = model_and_processor(family)
     batch = inputs(family, video, batch=2)
-    with torch.no_grad():
-        expected_logits = model(**batch).logits
-    expected_tokens = greedy(model, batch)
+    expected_logits, expected_tokens = unpatched(family, video)
     with mmtoken.patched(model, method, **KEEP_ALL[method]) as handle, torch.no_grad():
         logits = model(**batch).logits
         tokens = greedy(model, batch)
@@ -41,7 +49,7 @@ def test_unpatch_restores_the_model_bit_for_bit(case):
     assert not model._forward_pre_hooks and not model._forward_hooks
 
 
-@pytest.mark.parametrize("method", sorted(PRUNING))
+@pytest.mark.parametrize(("case", "method"), method_cases(PRUNING))
 def test_padded_batch_equals_rows_alone(case, method):
     family, video = case
     model, _ = model_and_processor(family)
@@ -49,17 +57,15 @@ def test_padded_batch_equals_rows_alone(case, method):
     assert not batch["attention_mask"].all(), "the batch must be left-padded"
     rows = [inputs(family, video, rows=[row]) for row in range(2)]
     with mmtoken.patched(model, method, **PRUNING[method]) as handle, torch.no_grad():
-        together = greedy(model, batch)
+        together, logits = greedy_run(model, batch)
         batch_stats = handle.stats
-        alone = [greedy(model, row) for row in rows]
-        logits = greedy_logits(model, batch)
-        logits_alone = torch.cat([greedy_logits(model, row) for row in rows])
+        alone = [greedy_run(model, row) for row in rows]
     assert batch_stats.avg_visual_tokens < batch_stats.original_visual_tokens
-    assert torch.equal(together, torch.cat(alone))
-    assert (logits - logits_alone).abs().max() < 1e-4
+    assert torch.equal(together, torch.cat([tokens for tokens, _ in alone]))
+    assert (logits - torch.cat([row_logits for _, row_logits in alone])).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("method", sorted(PRUNING))
+@pytest.mark.parametrize(("case", "method"), method_cases(PRUNING))
 def test_sdpa_equals_eager_when_pruned(case, method):
     family, video = case
     batch = inputs(family, video, batch=2)
@@ -71,7 +77,7 @@ def test_sdpa_equals_eager_when_pruned(case, method):
     assert torch.equal(*outputs)
 
 
-@pytest.mark.parametrize("method", sorted(PRUNING))
+@pytest.mark.parametrize(("case", "method"), method_cases(PRUNING))
 def test_each_layer_caches_exactly_its_tokens(case, method):
     family, video = case
     model, _ = model_and_processor(family)
@@ -123,17 +129,18 @@ def test_rows_without_padding_that_keep_different_counts(attention, method):
     assert (together - alone).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("method", ["pdrop", "visionzip"])
 @pytest.mark.parametrize("family", ["llava_next", "qwen2_vl"])
-def test_beam_search_keeps_the_invariants(family):
-    """Beam search expands the batch and reorders the cache: keep-all still equals unpatched, and a pruned
-    padded batch still equals its rows alone."""
+def test_beam_search_keeps_the_invariants(family, method):
+    """Beam search expands the batch and reorders the cache (and, for VisionZip, repeats rows whose media were
+    encoded once): keep-all still equals unpatched, and a pruned padded batch still equals its rows alone."""
     model, _ = model_and_processor(family)
     batch = inputs(family, False, batch=2)
     beams = {"max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False, "num_beams": 3}
     expected = model.generate(**batch, **beams)
-    with mmtoken.patched(model, "pdrop", **KEEP_ALL["pdrop"]):
+    with mmtoken.patched(model, method, **KEEP_ALL[method]):
         assert torch.equal(model.generate(**batch, **beams), expected)
-    with mmtoken.patched(model, "pdrop", **PRUNING["pdrop"]):
+    with mmtoken.patched(model, method, **PRUNING[method]):
         together = model.generate(**batch, **beams)[:, -4:]
         alone = [model.generate(**inputs(family, False, rows=[row]), **beams)[:, -4:] for row in range(2)]
     assert torch.equal(together, torch.cat(alone))

@@ -92,6 +92,26 @@ def test_pipeline_plans_each_stage_on_the_survivors_of_the_one_before():
         assert set(kept.tolist()) <= set(pooled.position[call.visual(pooled)].tolist())
 
 
+def test_pipeline_of_a_merge_and_pruning_plans_pruning_on_the_merged_tokens():
+    """HoliTom (an adaptive merge before the language model, an inner merge at layer 2) then PyramidDrop at layers
+    3 and 5 on a video: HoliTom's tokens and merged states are its own alone, and PyramidDrop halves what it left."""
+    model, _ = model_and_processor("qwen2_vl")
+    batch = inputs("qwen2_vl", True, batch=2)
+    holitom = {"method": "holitom", "ratio": 0.5, "layer": 2}
+    with mmtoken.patched(model, holitom) as handle:
+        greedy(model, batch)
+        merged = handle.engine.call.sets
+    with mmtoken.patched(model, "pipeline", stages=[holitom, {"method": "pdrop", "layers": (3, 5)}]) as handle:
+        greedy(model, batch)
+        sets = handle.engine.call.sets
+    for layer in (0, 2):
+        assert torch.equal(sets[layer].position, merged[layer].position)
+        assert torch.equal(sets[layer].weight, merged[layer].weight)
+    inner = merged[2].visual_counts
+    assert sets[3].visual_counts == [round(count / 2) for count in inner]
+    assert sets[5].visual_counts == [round(count / 4) for count in inner]
+
+
 KEEP_ALL_PDROP = {"method": "pdrop", "layers": (2, 4), "ratio": 1.0}
 
 

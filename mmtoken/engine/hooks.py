@@ -8,7 +8,7 @@ Three kinds of hook, all removable:
   embeddings and mask of the tokens alive there. Rotary phases are the original ones, sliced, never recomputed.
 Each layer's KV cache therefore holds exactly the tokens alive at that layer. Token counts are planned on the
 CPU, so the hooks never make the CPU wait for the GPU (cuts whose scorer decides the count from the image, as
-pooling's, ATP's and FEATHER's first, are the exception).
+pooling's, ATP's, FEATHER's first and HoliTom's merge, are the exception).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from mmtoken.accounting.stats import Stats, cache_bytes, measure_stats
 from mmtoken.engine.masks import decode_mask, prefill_mask
 from mmtoken.engine.select import select
 from mmtoken.engine.state import CallState, TokenSet
+from mmtoken.integrations.vision import VisionWatch
 from mmtoken.methods.base import Method
 from mmtoken.reducers import Reducer
 from mmtoken.scorers.base import ScoreInput, Scorer
@@ -54,8 +55,8 @@ def _gather_rows(table: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
 @dataclass
 class PlannedCut:
     """One cut of one call: the visual tokens each row keeps (on the CPU and on the device), ranked by `scorer`
-    and reduced by `reducer`. `resume` is set on the last cut of a step whose survivors only its scorer knows:
-    the steps after it (from `resume` on) are planned once that cut is made."""
+    and reduced by `reducer` (the cut's own, else its method's). `resume` is set on the last cut of a step whose
+    survivors only a scorer knows: the steps after it (from `resume` on) are planned once that cut is made."""
 
     scorer: Scorer
     reducer: Reducer
@@ -79,6 +80,7 @@ class Engine:
         self.layers = adapter.decoder_layers
         self.depth = len(self.layers)
         self.steps = method.steps
+        self.watch = VisionWatch(adapter) if any(step.needs_vision for step in self.steps) else None
         self.implementation = adapter.language_model.config._attn_implementation
         self.call: CallState | None = None
         self._prefill = False
@@ -114,11 +116,15 @@ class Engine:
         ]
         for index, layer in enumerate(self.layers):
             self._handles.append(layer.register_forward_pre_hook(self._layer_hook(index), with_kwargs=True))
+        if self.watch is not None:
+            self.watch.attach()
 
     def detach(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        if self.watch is not None:
+            self.watch.detach()
         self.call = None
 
     # top-level model
@@ -153,13 +159,15 @@ class Engine:
                     f"pipeline: step {index + 1} ({step.name}) cuts at layer {cuts[0].layer}, not after the step "
                     f"before it (its last cut is at layer {after})"
                 )
-            alive = counts
+            alive, decided = counts, False
             for position, cut in enumerate(cuts):
                 keep = [schedules[count][position].keep for count in counts]
-                planned = PlannedCut(cut.scorer or step.scorer, step.reducer, keep, torch.tensor(keep, device=device))
+                scorer, reducer = cut.scorer or step.scorer, cut.reducer or step.reducer
+                planned = PlannedCut(scorer, reducer, keep, torch.tensor(keep, device=device))
                 self._keep.setdefault(cut.layer, []).append(planned)
                 alive, after = [min(count, kept) for count, kept in zip(alive, keep, strict=True)], cut.layer
-            if any(decides_count(cut.scorer or step.scorer) for cut in cuts) and index + 1 < len(self.steps):
+                decided |= decides_count(scorer)
+            if decided and index + 1 < len(self.steps):
                 planned.resume = index + 1
                 return
             counts = alive
@@ -181,9 +189,12 @@ class Engine:
                 kwargs["attention_mask"] = self._shortened_padding_mask(kwargs)
             return args, kwargs
         call.locate = partial(self.adapter.geometry, call, kwargs["inputs_embeds"], kwargs.get("position_ids"))
+        if self.watch is not None:
+            call.vision_signal = self.watch.take(call)
         positions = torch.arange(call.prompt_length, device=call.kinds.device).expand(call.batch_size, -1)
         unpadded = all(t + v == call.prompt_length for t, v in zip(call.text_counts, call.visual_counts, strict=True))
-        tokens = TokenSet(positions, positions, ~call.padding, call.visual_counts, unpadded)
+        weight = torch.ones(positions.shape, device=positions.device)
+        tokens = TokenSet(positions, positions, ~call.padding, call.visual_counts, unpadded, weight)
         if 0 in self._keep:
             tokens, embeddings = self._cuts_at(0, tokens, kwargs["inputs_embeds"], None)
             tokens.slot = torch.arange(len(tokens), device=embeddings.device).expand(call.batch_size, -1)
@@ -275,6 +286,7 @@ class Engine:
     ) -> tuple[TokenSet, torch.Tensor]:
         """Score the visual tokens of `tokens` and keep the planned number of each row."""
         call, scorer = self.call, planned.scorer
+        kept = [min(count, alive) for count, alive in zip(planned.keep, tokens.visual_counts, strict=True)]
         inputs = ScoreInput(
             hidden=hidden,
             layer=None,
@@ -282,6 +294,10 @@ class Engine:
             candidates=call.visual(tokens),
             valid=tokens.valid,
             locate=lambda: call.geometry_of(tokens),
+            kinds=call.kinds.gather(1, tokens.position),
+            weight=tokens.weight,
+            keep=kept,
+            measure=lambda: call.vision_signal.gather(1, tokens.position),
         )
         if scorer.layer_offset == 0:
             cos, sin = kwargs["position_embeddings"]
@@ -289,7 +305,6 @@ class Engine:
             inputs.position_embeddings = (_gather_rows(cos, tokens.slot), _gather_rows(sin, tokens.slot))
         elif scorer.layer_offset == -1:
             inputs.layer, inputs.hidden, inputs.position_embeddings = self._previous
-        kept = [min(count, alive) for count, alive in zip(planned.keep, tokens.visual_counts, strict=True)]
         sizes = [text + visual for text, visual in zip(call.text_counts, kept, strict=True)]
         counted = not decides_count(scorer)
         local, valid = select(scorer.score(inputs), inputs.candidates, tokens.valid, planned.keep_on_device,
@@ -300,4 +315,5 @@ class Engine:
             sizes = [text + visual for text, visual in zip(call.text_counts, survivors.visual_counts, strict=True)]
         survivors.complete = min(sizes) == len(survivors)
         inputs.hidden = hidden
-        return survivors, planned.reducer.reduce(hidden, local, inputs)
+        hidden, survivors.weight = planned.reducer.reduce(hidden, local, inputs)
+        return survivors, hidden

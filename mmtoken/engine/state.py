@@ -19,6 +19,7 @@ class TokenSet:
     the sequence the language model received (what masks and rotary embeddings are indexed by), and `valid` is
     False for left padding and for the fillers that keep rows of a batch equally long. `visual_counts` (valid
     visual tokens per row) and `complete` (no invalid token) are kept on the CPU so hooks never wait on the GPU.
+    `weight` is each token's merge weight: how many original tokens it stands for (1 until a merge).
     """
 
     position: torch.Tensor
@@ -26,6 +27,7 @@ class TokenSet:
     valid: torch.Tensor
     visual_counts: list[int]
     complete: bool
+    weight: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.position.shape[1]
@@ -39,6 +41,8 @@ class CallState:
     (media, frame, row, column of each visual token, -1 for text), computed from `locate` the first time a
     method asks. `text_counts` and `visual_counts` count each row's valid tokens on the CPU. `sets` maps the
     first layer of each stretch to the tokens alive there; layer 0 is the sequence the language model receives.
+    `vision_signal` is the vision encoder's attention to each visual token, by original position, for methods
+    that need it.
     """
 
     kinds: torch.Tensor
@@ -46,6 +50,7 @@ class CallState:
     text_counts: list[int]
     visual_counts: list[int]
     locate: Callable[[], torch.Tensor] | None = None
+    vision_signal: torch.Tensor | None = None
     sets: dict[int, TokenSet] = field(default_factory=dict)
 
     @property

@@ -5,21 +5,28 @@ from __future__ import annotations
 from dataclasses import MISSING, fields
 from pathlib import Path
 
+from mmtoken.methods.aim import AIM
 from mmtoken.methods.atp import AdaptivePrune
 from mmtoken.methods.base import Method
+from mmtoken.methods.divprune import DivPrune
 from mmtoken.methods.fastv import FastV
 from mmtoken.methods.feather import Feather
 from mmtoken.methods.gsearch import GSearch
+from mmtoken.methods.holitom import HoliTom
 from mmtoken.methods.pdrop import PyramidDrop
 from mmtoken.methods.pipeline import Pipeline
 from mmtoken.methods.pmod import ProgressiveDecay
 from mmtoken.methods.pooling import Pooling
 from mmtoken.methods.psigmoid import PSigmoid
 from mmtoken.methods.random import RandomPrune
+from mmtoken.methods.temporal import Temporal
+from mmtoken.methods.tome import ToMe
 from mmtoken.methods.uniform import UniformPrune
+from mmtoken.methods.visionzip import VisionZip
 
 _ALL = [FastV, PyramidDrop, RandomPrune, UniformPrune, Pooling]
-_ALL += [Feather, AdaptivePrune, ProgressiveDecay, GSearch, PSigmoid, Pipeline]
+_ALL += [Feather, AdaptivePrune, ProgressiveDecay, GSearch, PSigmoid]
+_ALL += [VisionZip, DivPrune, ToMe, AIM, HoliTom, Temporal, Pipeline]
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in _ALL}
 
 
@@ -65,11 +72,14 @@ def build(method: str | dict | Method, **params: object) -> Method:
 
 
 __all__ = [
+    "AIM",
     "METHODS",
     "AdaptivePrune",
+    "DivPrune",
     "FastV",
     "Feather",
     "GSearch",
+    "HoliTom",
     "Method",
     "PSigmoid",
     "Pipeline",
@@ -77,7 +87,10 @@ __all__ = [
     "ProgressiveDecay",
     "PyramidDrop",
     "RandomPrune",
+    "Temporal",
+    "ToMe",
     "UniformPrune",
+    "VisionZip",
     "build",
     "list_methods",
 ]

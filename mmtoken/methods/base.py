@@ -6,12 +6,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from mmtoken.reducers import Drop, Reducer
+from mmtoken.reducers import Drop, GroupMean, Reducer
 from mmtoken.schedules import Cut, single_cut_keep
 from mmtoken.schedules.curves import curve_cuts
 from mmtoken.scorers import LastQueryAttention, Scorer
+from mmtoken.scorers.groups import GroupHeads, Grouping
 
 BEFORE_LLM, AT_LAYER = "before_llm", "at_layer"
+BEFORE_AND_AT_LAYER = f"{BEFORE_LLM}+{AT_LAYER}"
 
 
 def check_ratio(ratio: float) -> None:
@@ -25,6 +27,7 @@ def check_budget(budget: float) -> None:
 
 
 def check_ratio_or_budget(name: str, ratio: float | None, budget: float | None) -> None:
+    """At most one of a ratio and a budget, each valid."""
     if ratio is not None and budget is not None:
         raise ValueError(f"{name}: give one of ratio, budget")
     if ratio is not None:
@@ -46,13 +49,21 @@ def check_layers_fit(name: str, layers: tuple[int, ...], depth: int) -> None:
         raise ValueError(f"{name}: layer {layers[-1]} is past the model's {depth} decoder layers")
 
 
+def merge_cut(layer: int, keep: int, grouping: Grouping) -> Cut:
+    """A cut at `layer` that keeps the heads of `grouping`'s groups, each the weighted mean of its group."""
+    return Cut(layer, keep, GroupHeads(grouping), GroupMean(grouping))
+
+
 @dataclass
 class Method:
-    """Base of every method: `cuts(depth, visual)` says where and how many, `scorer` what, `reducer` how."""
+    """Base of every method: `cuts(depth, visual)` says where and how many, `scorer` what, `reducer` how (for the
+    cuts that name no scorer or reducer of their own). `needs_vision` asks the engine to record the vision encoder's
+    attention (`ScoreInput.vision_signal`)."""
 
     name: ClassVar[str]
     paper: ClassVar[str]
     stage: ClassVar[str]
+    needs_vision: ClassVar[bool] = False
 
     def cuts(self, depth: int, visual: int) -> list[Cut]:
         raise NotImplementedError

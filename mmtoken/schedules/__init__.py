@@ -11,17 +11,20 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from mmtoken.reducers import Reducer
     from mmtoken.scorers.base import Scorer
 
 
 @dataclass(frozen=True)
 class Cut:
     """From decoder layer `layer` on (0: before the language model), `keep` visual tokens of a row survive.
-    `scorer` ranks them where a method ranks this cut unlike its others (FEATHER's first cut)."""
+    `scorer` ranks them and `reducer` removes the rest where a method makes this cut unlike its others (FEATHER's
+    first cut, a merge before the language model followed by pruning inside it); None: the method's own."""
 
     layer: int
     keep: int
     scorer: Scorer | None = None
+    reducer: Reducer | None = None
 
 
 def average_visual_tokens(cuts: list[Cut], depth: int, visual: int) -> float:

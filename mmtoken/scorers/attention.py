@@ -10,7 +10,7 @@ from transformers.models.llama.modeling_llama import rotate_half
 from mmtoken.scorers.base import ScoreInput
 
 
-def _rotate(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rotate(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return states * cos.unsqueeze(1) + rotate_half(states) * sin.unsqueeze(1)
 
 
@@ -35,8 +35,8 @@ class LastQueryAttention:
         keys = attention.k_proj(states).view(batch, length, -1, head_dim).transpose(1, 2)
         if self.rope:
             cos, sin = inputs.position_embeddings
-            query = _rotate(query, cos[:, -1:], sin[:, -1:])
-            keys = _rotate(keys, cos, sin)
+            query = rotate(query, cos[:, -1:], sin[:, -1:])
+            keys = rotate(keys, cos, sin)
         keys = keys.repeat_interleave(query.shape[1] // keys.shape[1], dim=1)
         logits = (query @ keys.transpose(2, 3)).squeeze(2).float() * attention.scaling
         logits = logits.masked_fill(~inputs.valid[:, None, :], float("-inf"))

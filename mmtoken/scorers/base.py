@@ -18,7 +18,10 @@ class ScoreInput:
     `hidden` (batch, n, dim) enters `layer` (None before the language model, where `hidden` is the embeddings);
     `candidates` marks the visual tokens that may be cut, `valid` the tokens that are neither padding nor fillers;
     `geometry` (batch, n, 4) is (media, frame, row, column) of visual tokens and -1 elsewhere, worked out by
-    `locate` only for scorers that read it.
+    `locate` only for scorers that read it; `kinds` (batch, n) is text, image or video. `weight` (batch, n) is each
+    token's merge weight (how many original tokens it stands for), `keep` the number of visual tokens each row
+    keeps, and `vision_signal` (batch, n) the vision encoder's attention to each visual token, from `measure`, for
+    methods that declare `needs_vision`.
     """
 
     hidden: torch.Tensor
@@ -27,10 +30,20 @@ class ScoreInput:
     candidates: torch.Tensor
     valid: torch.Tensor
     locate: Callable[[], torch.Tensor]
+    kinds: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
+    keep: list[int] | None = None
+    measure: Callable[[], torch.Tensor] | None = None
 
     @cached_property
     def geometry(self) -> torch.Tensor:
         return self.locate()
+
+    @cached_property
+    def vision_signal(self) -> torch.Tensor:
+        if self.measure is None:
+            raise RuntimeError("this scorer reads the vision encoder's attention; its method must set needs_vision")
+        return self.measure()
 
 
 class Scorer(Protocol):

@@ -20,11 +20,6 @@ class CellCorners:
     discards: ClassVar[bool] = True
 
     def score(self, inputs: ScoreInput) -> torch.Tensor:
-        scores = torch.full(inputs.candidates.shape, float("-inf"), device=inputs.candidates.device)
-        for row in range(scores.shape[0]):
-            cells, members = self.cells.of_row(inputs.geometry[row], inputs.candidates[row]).unique(return_inverse=True)
-            first = torch.full_like(cells, len(members)).scatter_reduce(
-                0, members, torch.arange(len(members), device=members.device), reduce="amin"
-            )
-            scores[row, first] = 0.0
-        return scores
+        first = self.cells.firsts(inputs)
+        own = torch.arange(first.shape[1], device=first.device)
+        return torch.where(first == own, 0.0, float("-inf"))

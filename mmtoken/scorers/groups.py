@@ -1,0 +1,75 @@
+"""Merging methods as a scorer and a reducer that share one grouping: which token each visual token merges into.
+
+A `Grouping` returns `target` (batch, n): the index in the set of the token each token merges into, itself for
+the tokens that stay (the groups' heads), -1 for tokens that leave without merging. `GroupHeads` keeps the heads;
+`mmtoken.reducers.GroupMean` turns each head into the weighted mean of its group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from mmtoken.scorers.base import ScoreInput
+
+
+def compress(target: torch.Tensor) -> torch.Tensor:
+    """Follow chains of merges (a merges into b, b into c) until every token names a head."""
+    while True:
+        valid = target >= 0
+        onward = torch.where(valid, target[target.clamp(min=0)], target)
+        if torch.equal(onward, target):
+            return target
+        target = onward
+
+
+def row_targets(inputs: ScoreInput, assign: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """(batch, n) targets built one row at a time: `assign(row, index)` gets the set indices `index` of the row's
+    candidates and returns each one's target as a position in `index` (or -1); every other token stays."""
+    batch, length = inputs.candidates.shape
+    target = torch.arange(length, device=inputs.candidates.device).repeat(batch, 1)
+    for row in range(batch):
+        index = inputs.candidates[row].nonzero().squeeze(1)
+        if len(index):
+            local = assign(row, index)
+            target[row, index] = torch.where(local >= 0, index[local.clamp(min=0)], -1)
+    return target
+
+
+@dataclass
+class Grouping:
+    """Base of groupings: computes `targets` once per cut, whoever asks first (the scorer or the reducer).
+
+    `exact` says that a row keeps exactly its planned number of visual tokens, so the engine need not count them.
+    """
+
+    exact: ClassVar[bool] = True
+    _memo: tuple[ScoreInput, torch.Tensor] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def targets(self, inputs: ScoreInput) -> torch.Tensor:
+        if self._memo is None or self._memo[0] is not inputs:
+            self._memo = (inputs, self.group(inputs))
+        return self._memo[1]
+
+    def group(self, inputs: ScoreInput) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@dataclass
+class GroupHeads:
+    """Scores 0 for the heads of a grouping's groups and -inf for the rest, so a cut keeps exactly the heads."""
+
+    grouping: Grouping
+    layer_offset: int | None = None
+
+    @property
+    def discards(self) -> bool:
+        return not self.grouping.exact
+
+    def score(self, inputs: ScoreInput) -> torch.Tensor:
+        target = self.grouping.targets(inputs)
+        own = torch.arange(target.shape[1], device=target.device)
+        return torch.where(target == own, 0.0, float("-inf"))
