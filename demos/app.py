@@ -10,14 +10,16 @@ from pathlib import Path
 import gradio as gr
 
 from mmtoken import list_methods
-from mmtoken.compare import METHODS as PROBE_PARAMETERS
 from mmtoken.demos.comparison import MAX_METHODS, Comparer, embedded_models
 from mmtoken.demos.media import probe_examples, read_media, write_probe_example
 from mmtoken.demos.overlay import survival_overlay, tokens_chart
+from mmtoken.zoo.embedded import METHOD_DEFAULTS
 
 NONE = "none"
 DEFAULT_SLOTS = (("fastv", 128), ("pdrop", 128), ("uniform", 64), (NONE, 64))
 USER_ERRORS = (ValueError, KeyError, TypeError, OSError)
+# the method slots start with the settings the embedded probe models (six decoder layers) need
+PROBE_PARAMETERS = METHOD_DEFAULTS["probe-llava"]
 
 
 def _message(error: Exception) -> str:

@@ -126,7 +126,12 @@ def test_tasks_path_prints_only_the_folder_it_writes(tmp_path, monkeypatch, caps
     assert capsys.readouterr().out == f"{folder}\n"  # so `--include_path "$(mmtoken tasks-path)"` works
     names = TaskManager(verbosity="WARNING", include_path=str(folder), include_defaults=False).all_tasks
     tasks = [probe_tasks.task_name(task) for kind in ("image", "video") for task in probe.tasks(kind)]
-    groups = ["mmtoken_probe_image", "mmtoken_probe_video", "mmtoken_probe_llava_reliable"]
+    groups = [
+        "mmtoken_probe_image",
+        "mmtoken_probe_video",
+        "mmtoken_probe_llava_reliable",
+        "mmtoken_probe_qwen2vl_reliable",
+    ]
     assert set(names) == {*tasks, *groups}
     assert len(docs_in(folder, "needle")) == 1 and not list(tmp_path.glob("*.partial-*"))
 

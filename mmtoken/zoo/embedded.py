@@ -17,7 +17,13 @@ NAMES = ("probe-llava", "probe-qwen2vl")
 RELIABLE_TASKS = {"probe-llava": ("count", "color", "exist"), "probe-qwen2vl": ("order", "events", "needle")}
 # The papers' cut layers, placed for 32 decoder layers, scaled to each model's depth; used wherever a method runs
 # on the model without its own layers (mmtoken compare, the lmms-eval model, sweeps).
-_SIX_LAYERS = {"fastv": {"k": 1}, "pdrop": {"layers": (1, 2, 4)}}
+_SIX_LAYERS = {
+    "fastv": {"k": 1},
+    "pdrop": {"layers": (1, 2, 4)},
+    "feather": {"layers": (1, 3)},
+    "atp": {"layers": (1, 3, 4)},
+    "holitom": {"layer": 3},
+}
 METHOD_DEFAULTS = {"probe-llava": _SIX_LAYERS, "probe-qwen2vl": _SIX_LAYERS}
 
 
