@@ -15,6 +15,7 @@ import statistics
 from pathlib import Path
 
 UNPATCHED = "none"
+SIMPLE_BASELINES = ("random", "uniform", "pooling")
 
 
 def read_rows(paths: list[Path]) -> list[dict]:
@@ -112,6 +113,24 @@ def markdown_table(model: str, entries: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def against_baselines(entries: list[dict], scale: float) -> str:
+    """A sentence per budget naming the methods whose mean score falls below the best simple baseline's (random,
+    uniform grid, pooling) at the same budget."""
+    lines = []
+    for budget in sorted({entry["budget"] for entry in entries if entry["budget"] is not None}, reverse=True):
+        at_budget = [entry for entry in entries if entry["budget"] == budget and "mean" in entry]
+        simple = [entry for entry in at_budget if entry["method"] in SIMPLE_BASELINES]
+        if not simple:
+            continue
+        best = max(simple, key=lambda entry: entry["mean"])
+        losing = sorted(entry["method"] for entry in at_budget
+                        if entry["method"] not in SIMPLE_BASELINES and entry["mean"] < best["mean"])  # fmt: skip
+        verdict = f"{', '.join(losing)} score below it" if losing else "every method scores at least as well"
+        best_mean = f"{scale * best['mean']:.1f}"
+        lines.append(f"- Budget {budget}: the best simple baseline is {best['method']} (mean {best_mean}); {verdict}.")
+    return "\n".join(lines)
+
+
 def pareto_plot(series: dict[str, list[tuple[float, float]]], xlabel: str, ylabel: str, title: str, path: Path) -> None:
     """One line per method (its budgets), the unpatched model as a star, and the Pareto front (lower x, higher y)
     of all points as a dashed grey step."""
@@ -176,6 +195,9 @@ def report(paths: list[Path], markdown: Path, figures: Path, command: str) -> st
                 "language-model layer. The unpatched row runs under a keep-all patch (the same outputs), so its "
                 f"prefill time includes the hooks' cost. Prefill ms: median per batch, {'; '.join(where)}; times "
                 "taken on a shared CPU are noisy, GPU speed is `mmtoken bench`'s (BENCHMARKS.md).")  # fmt: skip
+        verdicts = against_baselines(entries, scale)
+        if verdicts:
+            note += "\n\nAgainst the simple baselines (mean over tasks, same budget):\n\n" + verdicts
         sections.append(markdown_table(model, entries) + "\n\n" + note + "\n\n" + "\n".join(links) + "\n")
     text = "\n".join(sections)
     markdown.parent.mkdir(parents=True, exist_ok=True)

@@ -109,3 +109,19 @@ def test_bad_config_is_refused_before_any_cell(tmp_path, change, message):
     with pytest.raises((ValueError, KeyError, TypeError), match=message):
         sweep.sweep(config)
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_report_names_the_methods_that_lose_to_a_simple_baseline():
+    entries = [
+        {"method": "random", "budget": 64, "mean": 0.5},
+        {"method": "uniform", "budget": 64, "mean": 0.6},
+        {"method": "fastv", "budget": 64, "mean": 0.55},
+        {"method": "pdrop", "budget": 64, "mean": 0.7},
+        {"method": "fastv", "budget": 192, "mean": 0.9},
+        {"method": "pooling", "budget": 192, "mean": 0.8},
+        {"method": "pdrop", "budget": 192, "skipped": "unreachable"},
+    ]
+    assert report.against_baselines(entries, 100).splitlines() == [
+        "- Budget 192: the best simple baseline is pooling (mean 80.0); every method scores at least as well.",
+        "- Budget 64: the best simple baseline is uniform (mean 60.0); fastv score below it.",
+    ]
