@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText
 
-from mmtoken.zoo import ask, load, probe
+from mmtoken.zoo import ask, card, load, probe
 from mmtoken.zoo.embedded import RELIABLE_TASKS
 from mmtoken.zoo.formats import probe_format
 from mmtoken.zoo.recipes import RECIPES
@@ -127,3 +127,15 @@ def test_embedded_model_loads_offline_and_answers_its_reliable_tasks(name):
 def test_unknown_or_untrained_model_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown probe model 'probe-x'; embedded: probe-llava, probe-qwen2vl"):
         load("probe-x")
+
+
+def test_model_card_blanks_every_frame_and_names_the_tasks_below_the_floor():
+    video = probe.generate("video", n=1, seed=2)[0]
+    grey = card.blanked(video)
+    assert grey.images is None and len(grey.video) == len(video.video)
+    assert all(frame.getextrema() == ((128, 128),) * 3 for frame in grey.video)
+    rows = {"unpatched": {"order": 0.9, "events": 0.8, "needle": 1.0}, "video blanked": {"order": 0.5, "events": 0.2,
+                                                                                          "needle": 0.1}}  # fmt: skip
+    table = "\n".join(card.accuracy_table(rows))
+    assert "| video blanked | 50 | 20 | 10 |" in table
+    assert "Below the 85% floor unpatched: events;" in table
