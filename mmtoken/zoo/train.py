@@ -207,7 +207,7 @@ def train(name: str, out: Path, config: TrainConfig, resume: Path | None = None)
         state["step"], state["samples"] = step + 1, state["samples"] + config.batch_size
         if (step + 1) % 50 < len(model_format.kinds):  # the last step of each kind in every 50
             elapsed = time.perf_counter() - began
-            state["curve"].append({"step": step + 1, "kind": kind, "loss": float(answer_loss), "aux": float(aux_loss),
+            state["curve"].append({"step": step + 1, "kind": kind, "loss": answer_loss.item(), "aux": aux_loss.item(),
                                    "samples_per_s": (step + 1 - start) * config.batch_size / elapsed})  # fmt: skip
             print(json.dumps(state["curve"][-1]), flush=True)
         out_of_time = config.minutes is not None and time.perf_counter() - began > 60 * config.minutes
