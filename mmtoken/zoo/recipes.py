@@ -14,6 +14,7 @@ from transformers import (
     LlavaConfig,
     LlavaProcessor,
     PreTrainedModel,
+    PreTrainedTokenizerFast,
     ProcessorMixin,
     Qwen2VLConfig,
     Qwen2VLImageProcessor,
@@ -28,23 +29,27 @@ IMAGE_SIZE, PATCH_SIZE = 336, 14
 WIDTH, DEPTH = 256, 6
 
 
+def _language_model(tokenizer: PreTrainedTokenizerFast, **extra: object) -> dict[str, object]:
+    """The language model both probe models share: 6 layers, 256 wide, 4 heads, the tokenizer's special ids."""
+    return {
+        "vocab_size": len(tokenizer),
+        "hidden_size": WIDTH,
+        "intermediate_size": 4 * WIDTH,
+        "num_hidden_layers": DEPTH,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        **extra,
+    }
+
+
 def probe_llava() -> tuple[PreTrainedModel, ProcessorMixin]:
     """A fresh (untrained) probe-llava: 6-layer 256-wide CLIP ViT, projector, 6-layer 256-wide Llama."""
     tokenizer = llama_tokenizer(VOCABULARY)
     config = LlavaConfig(
-        text_config={
-            "model_type": "llama",
-            "vocab_size": len(tokenizer),
-            "hidden_size": WIDTH,
-            "intermediate_size": 4 * WIDTH,
-            "num_hidden_layers": DEPTH,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 4,
-            "max_position_embeddings": 1024,
-            "pad_token_id": tokenizer.pad_token_id,
-            "bos_token_id": tokenizer.bos_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
-        },
+        text_config=_language_model(tokenizer, model_type="llama", max_position_embeddings=1024),
         vision_config={
             "model_type": "clip_vision_model",
             "image_size": IMAGE_SIZE,
@@ -79,24 +84,16 @@ def probe_qwen2vl() -> tuple[PreTrainedModel, ProcessorMixin]:
     tokenizer = qwen_tokenizer(VOCABULARY, "<|image_pad|>", "<|video_pad|>", extra=vision_marks)
     head_dim = WIDTH // 4
     config = Qwen2VLConfig(
-        text_config={
-            "vocab_size": len(tokenizer),
-            "hidden_size": WIDTH,
-            "intermediate_size": 4 * WIDTH,
-            "num_hidden_layers": DEPTH,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 4,
-            "max_position_embeddings": 2048,
+        text_config=_language_model(
+            tokenizer,
+            max_position_embeddings=2048,
             # Qwen2-VL's split of the rotary frequencies between time, height and width (16/24/24 of 64)
-            "rope_parameters": {
+            rope_parameters={
                 "rope_type": "default",
                 "mrope_section": [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16],
                 "rope_theta": 1_000_000.0,
             },
-            "pad_token_id": tokenizer.pad_token_id,
-            "bos_token_id": tokenizer.bos_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
-        },
+        ),
         vision_config={
             "depth": DEPTH,
             "embed_dim": WIDTH,
