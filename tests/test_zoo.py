@@ -134,8 +134,8 @@ def test_model_card_blanks_every_frame_and_names_the_tasks_below_the_floor():
     grey = card.blanked(video)
     assert grey.images is None and len(grey.video) == len(video.video)
     assert all(frame.getextrema() == ((128, 128),) * 3 for frame in grey.video)
-    rows = {"unpatched": {"order": 0.9, "events": 0.8, "needle": 1.0}, "video blanked": {"order": 0.5, "events": 0.2,
-                                                                                          "needle": 0.1}}  # fmt: skip
+    rows = {"unpatched": {"order": 90, "events": 80, "needle": 100}, "video blanked": {"order": 50, "events": 20,
+                                                                                       "needle": 10}}  # fmt: skip
     table = "\n".join(card.accuracy_table(rows))
     assert "| video blanked | 50 | 20 | 10 |" in table
     assert "Below the 85% floor unpatched: events;" in table

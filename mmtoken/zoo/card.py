@@ -5,13 +5,13 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-from collections import defaultdict
 from dataclasses import replace
 
 from PIL import Image
 from rich.progress import track
 
 import mmtoken
+from mmtoken.compare import accuracy as tally
 from mmtoken.zoo import probe
 from mmtoken.zoo.embedded import answers, load, path, prompts
 from mmtoken.zoo.probe import Sample
@@ -48,13 +48,14 @@ def blanked(sample: Sample) -> Sample:
 
 
 def accuracy(model, processor, samples: list[Sample], label: str, batch_size: int = 16) -> dict[str, float]:
-    hits: dict[str, list[bool]] = defaultdict(list)
+    """Accuracy % per task of the model's greedy answers, asked in batches."""
+    given = []
     for start in track(range(0, len(samples), batch_size), description=label):
         batch = samples[start : start + batch_size]
-        inputs = prompts(processor, batch).to(model.device)
-        for sample, answer in zip(batch, answers(model, processor, inputs), strict=True):
-            hits[sample.task].append(answer == sample.answer)
-    return {task: sum(results) / len(results) for task, results in hits.items()}
+        given += answers(model, processor, prompts(processor, batch).to(model.device))
+    scores = tally(samples, given)
+    del scores["average"]
+    return scores
 
 
 def evaluate(name: str, kind: str, per_task: int, seed: int = CARD_SEED) -> dict[str, dict[str, float]]:
@@ -105,9 +106,9 @@ def accuracy_table(rows: dict[str, dict[str, float]]) -> list[str]:
     tasks = list(rows["unpatched"])
     table = ["| setting | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
     for setting, scores in rows.items():
-        table.append(f"| {setting} | " + " | ".join(f"{100 * scores[task]:.0f}" for task in tasks) + " |")
+        table.append(f"| {setting} | " + " | ".join(f"{scores[task]:.0f}" for task in tasks) + " |")
     floor = 90 if tasks[0] in probe.tasks("image") else 85
-    below = [task for task in tasks if 100 * rows["unpatched"][task] < floor]
+    below = [task for task in tasks if rows["unpatched"][task] < floor]
     notes = ["", "Chance: " + ", ".join(f"{task} {CHANCE[task]}" for task in tasks) + ".", ""]
     if below:
         group = "`mmtoken.zoo.embedded.RELIABLE_TASKS`"
