@@ -26,6 +26,7 @@ class LlavaFormat:
     """LLaVA-1.5: one normalised 336-px image per sample, CLS + 576 patches in the tower, 576 visual tokens."""
 
     kinds = ("image",)
+    takes_position_ids = True  # 1-D positions, counted from the first unpadded token
 
     def __init__(self, model: PreTrainedModel, processor: ProcessorMixin) -> None:
         self.model, self.processor = model, processor
@@ -52,6 +53,7 @@ class QwenFormat:
     its own pair); a 336-px image gives 576 patches and 144 visual tokens, 8 frames of 224 px 1024 and 256."""
 
     kinds = ("image", "video")
+    takes_position_ids = False  # M-RoPE: the model derives positions from the mask and the visual grids
 
     def __init__(self, model: PreTrainedModel, processor: ProcessorMixin) -> None:
         self.model, self.processor = model, processor

@@ -1,10 +1,10 @@
 """Training a probe model on probe batches rendered on the fly on the training device; resumable.
 
-Each step renders a fresh batch (so the data never repeats), trains on the answer tokens, and adds an auxiliary
-loss that asks the vision tower's penultimate layer (the one LLaVA feeds the language model) to name the
-colour under each patch, which makes the tower look at every patch early. Checkpoints are plain
-`save_pretrained` folders (bf16 weights in shards under 16 MB) plus `state.json`; resuming restarts the
-optimiser with a short warm-up.
+Each step renders a fresh batch (so the data never repeats; a model that reads videos alternates image and video
+batches), trains on the answer tokens, and on image batches adds an auxiliary loss that asks the vision tower's
+penultimate layer to name the colour under each patch, which makes the tower look at every patch early.
+Checkpoints are plain `save_pretrained` folders (bf16 weights in shards under 16 MB) plus `state.json`; resuming
+restarts the optimiser with a short warm-up.
 """
 
 from __future__ import annotations
@@ -94,8 +94,8 @@ class PromptEncoder:
         return [*self.tokenizer(answer, add_special_tokens=False)["input_ids"], self.tokenizer.eos_token_id]
 
     def encode(self, batch: Batch, kind: str, device: torch.device) -> dict[str, torch.Tensor]:
-        """Left-padded input ids, attention mask and labels (answer tokens only); 1-D position ids where the
-        model takes them (M-RoPE models derive theirs from the mask and the visual grids)."""
+        """Left-padded input ids, attention mask and labels (answer tokens only), and position ids where the
+        model's format takes them."""
         rows = [(list(self.prompt_ids(q, kind)), self.answer_ids(a)) for q, a in zip(batch.questions, batch.answers,
                                                                                       strict=True)]  # fmt: skip
         length = max(len(prompt) + len(answer) for prompt, answer in rows)
@@ -107,7 +107,7 @@ class PromptEncoder:
             labels[row, length - len(answer) :] = torch.tensor(answer)
         mask = (torch.arange(length) >= length - torch.tensor([len(p) + len(a) for p, a in rows])[:, None]).long()
         inputs = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-        if isinstance(self.format, LlavaFormat):
+        if self.format.takes_position_ids:
             inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
         if "mm_token_type_ids" in self.processor.model_input_names:  # M-RoPE needs to know image from video
             inputs["mm_token_type_ids"] = (ids == self.tokenizer.image_token_id) + 2 * (
