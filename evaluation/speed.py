@@ -3,8 +3,9 @@
 Shapes: LLaVA-1.5-7B with one image, LLaVA-OneVision-7B with a 32-frame video, Qwen2.5-VL-7B with one 1344 x 1344
 image and with a 32-frame video. Inputs come from the families' real processor classes at the checkpoints' input
 sizes (with a word-level tokenizer: token ids are all the speed depends on). For each shape, batch size and
-setting (unpatched, keep-all, method x budget) it measures: the vision encoder, the language-model prefill on
-encoded features (`mm_encoder_outputs`), and a `generate()` of 32 new tokens from pixels, which gives time to
+setting (unpatched, keep-all, method x budget) it measures: the vision encoder (unpatched, or under the patch for
+methods that read its attention, VisionZip and HoliTom), the language-model prefill on encoded features
+(`mm_encoder_outputs`), and a `generate()` of 32 new tokens from pixels, which gives time to
 first token (TTFT), time per output token (TPOT), peak memory and the KV cache's bytes. Times are medians of
 repeated runs after warm-up (CUDA events for encoder and prefill); settings are timed in turn, round after round,
 so drift hits them all alike. Every number is also a ratio against the unpatched model of the same run, next to
@@ -211,18 +212,18 @@ def encode(model: torch.nn.Module, inputs: dict) -> dict:
     return features
 
 
-def elapsed_ms(run: Callable[[], object], device: str) -> float:
-    """One run's wall time: CUDA events on a GPU, the CPU clock elsewhere."""
+def timed(run: Callable[[], object], device: str) -> tuple[float, object]:
+    """One run's wall time in ms (CUDA events on a GPU, the CPU clock elsewhere) and its result."""
     if device.startswith("cuda"):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        run()
+        result = run()
         end.record()
         torch.cuda.synchronize()
-        return start.elapsed_time(end)
+        return start.elapsed_time(end), result
     started = time.perf_counter()
-    run()
-    return 1000 * (time.perf_counter() - started)
+    result = run()
+    return 1000 * (time.perf_counter() - started), result
 
 
 class _TokenClock(BaseStreamer):
@@ -266,6 +267,16 @@ def _prefill(model: torch.nn.Module, inputs: dict, features: dict) -> None:
           use_cache=True, logits_to_keep=1)  # fmt: skip
 
 
+def _encoded_prefill(model: torch.nn.Module, inputs: dict, features: dict | None, device: str) -> tuple:
+    """(vision ms, prefill ms): the prefill on `features`, or, where they are None, on the features the vision
+    encoder gives under the running patch (methods that read its attention need it in the same patch), timed too."""
+    vision_ms = None
+    if features is None:
+        vision_ms, features = timed(partial(encode, model, inputs), device)
+    prefill_ms, _ = timed(partial(_prefill, model, inputs, features), device)
+    return vision_ms, prefill_ms
+
+
 def _under(model: torch.nn.Module, setting: Setting, run: Callable[[], object]) -> tuple[object, object]:
     """`run()` under `setting`; returns its result and the handle's stats (None unpatched)."""
     if setting.method is None:
@@ -292,35 +303,45 @@ def measure(
     for batch in batches:
         inputs = prompt_inputs(shape, batch, device, dtype)
         features = encode(model, inputs)
-        vision_ms = statistics.median(elapsed_ms(partial(encode, model, inputs), device) for _ in range(repeats))
+        vision_ms = statistics.median(timed(partial(encode, model, inputs), device)[0] for _ in range(repeats))
         with mmtoken.patched(model, "fastv", k=1, ratio=1.0) as handle:  # counts the visual tokens
             _prefill(model, inputs, features)
             visual = round(handle.stats.original_visual_tokens)
         depth = len(model.get_decoder().layers)
-        grid, skipped = [], []
+        grid, skipped, watching = [], [], set()
         for setting in settings(depth, visual, methods, fractions):
             try:
-                mmtoken.methods.build(setting.method, **setting.params).cuts(depth, visual) if setting.method else None
+                method = mmtoken.methods.build(setting.method, **setting.params) if setting.method else None
+                if method is not None:
+                    method.check_depth(depth)
+                    method.cuts(depth, visual)
+                    if any(step.needs_vision for step in method.steps):
+                        watching.add(setting.label)
                 grid.append(setting)
             except ValueError as unreachable:
                 skipped.append(
                     {"shape": shape.name, "batch": batch, "setting": setting.label, "skipped": str(unreachable)}
                 )
-        prefill = partial(_prefill, model, inputs, features)
         times: dict[str, list[float]] = {setting.label: [] for setting in grid}
+        vision_times: dict[str, list[float]] = {label: [] for label in watching}
         stats: dict[str, object] = {}
         for round_index in track(range(warmup + repeats), description=f"{shape.name}, batch {batch}: prefill"):
             for setting in grid:
-                milliseconds, stats[setting.label] = _under(model, setting, partial(elapsed_ms, prefill, device))
+                given = None if setting.label in watching else features
+                run = partial(_encoded_prefill, model, inputs, given, device)
+                (encoder_ms, prefill_ms), stats[setting.label] = _under(model, setting, run)
                 if round_index >= warmup:
-                    times[setting.label].append(milliseconds)
+                    times[setting.label].append(prefill_ms)
+                    if encoder_ms is not None:
+                        vision_times[setting.label].append(encoder_ms)
         generated: dict[str, list[dict]] = {setting.label: [] for setting in grid}
         for round_index in track(range(1 + generate_repeats), description=f"{shape.name}, batch {batch}: generate"):
             for setting in grid:
                 result, _ = _under(model, setting, partial(_generate, model, inputs, device))
                 if round_index >= 1:
                     generated[setting.label].append(result)
-        rows += _rows(shape, batch, grid, times, stats, generated, vision_ms, visual) + skipped
+        vision = {setting.label: statistics.median(vision_times.get(setting.label) or [vision_ms]) for setting in grid}
+        rows += _rows(shape, batch, grid, times, stats, generated, vision, visual) + skipped
     return rows
 
 
@@ -340,7 +361,7 @@ def _rows(shape, batch, grid, times, stats, generated, vision_ms, visual) -> lis
             "setting": label,
             "visual_tokens": visual,
             "avg_visual_tokens": float(visual) if measured is None else measured.avg_visual_tokens,
-            "vision_ms": vision_ms,
+            "vision_ms": vision_ms[label],
             "prefill_ms": statistics.median(times[label]),
             "ttft_ms": median(label, "ttft_ms"),
             "tpot_ms": median(label, "tpot_ms"),

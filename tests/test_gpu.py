@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CASE_IDS, CASES, PRUNING, greedy, inputs, method_cases
+from conftest import PRUNING, greedy, inputs, method_cases
 from transformers.utils import import_utils
 
 import mmtoken
@@ -49,10 +49,15 @@ def test_gpu_batch_equals_rows_and_sdpa_equals_eager(case, method):
     assert torch.equal(results["sdpa"], results["eager"])
 
 
+# one of each way a method changes the prompt: a cut inside the language model (fastv, pdrop, feather, atp), before
+# it (pooling, visionzip with the vision encoder's attention), merges (tome, holitom) and a merge across frames
+FLASH_METHODS = ["fastv", "pdrop", "feather", "atp", "pooling", "visionzip", "tome", "holitom", "temporal"]
+
+
 @pytest.mark.skipif(not FLASH, reason="no flash-attention package is installed")
-@pytest.mark.parametrize(("family", "video"), CASES, ids=CASE_IDS)
-@pytest.mark.parametrize("method", ["fastv", "pdrop", "pooling"])
-def test_flash_attention_matches_sdpa_when_pruned(family, video, method):
+@pytest.mark.parametrize(("case", "method"), method_cases({name: PRUNING[name] for name in FLASH_METHODS}))
+def test_flash_attention_matches_sdpa_when_pruned(case, method):
+    family, video = case
     batch = to_gpu(inputs(family, video, batch=2), torch.bfloat16)
     outputs, logits = [], []
     for attention in ("sdpa", FLASH[0]):

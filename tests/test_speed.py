@@ -34,7 +34,8 @@ def test_harness_end_to_end_on_tiny_models(tmp_path):
         frames = speed._frames(1 if media == "image" else 4, size)
         shapes[family] = speed.Shape(f"tiny {family} {media}", model.config, processor, media, frames)
         models[shapes[family].name] = model
-    options = "--device cpu --dtype float32 --batch 2 --methods fastv pdrop --repeats 1 --generate-repeats 1"
+    # visionzip reads the vision encoder's attention, so the harness encodes under its patch
+    options = "--device cpu --dtype float32 --batch 2 --methods fastv pdrop visionzip --repeats 1 --generate-repeats 1"
     args = speed.parser().parse_args([*options.split(), "--fractions", "0.5", "--out", str(tmp_path)])
     rows = speed.run(shapes, args, lambda shape: models[shape.name])
     table = speed.write(rows, args, tmp_path)
