@@ -4,8 +4,8 @@ Shapes: LLaVA-1.5-7B with one image, LLaVA-OneVision-7B with a 32-frame video, Q
 image and with a 32-frame video. Inputs come from the families' real processor classes at the checkpoints' input
 sizes (with a word-level tokenizer: token ids are all the speed depends on). For each shape, batch size and
 setting (unpatched, keep-all, method x budget) it measures: the vision encoder (unpatched, or under the patch for
-methods that read its attention, VisionZip and HoliTom), the language-model prefill on encoded features
-(`mm_encoder_outputs`), and a `generate()` of 32 new tokens from pixels, which gives time to
+methods that read its attention, VisionZip and HoliTom), the prefill on encoded features (the model's forward with
+its vision encoder answering from a cache), and a `generate()` of 32 new tokens from pixels, which gives time to
 first token (TTFT), time per output token (TPOT), peak memory and the KV cache's bytes. Times are medians of
 repeated runs after warm-up (CUDA events for encoder and prefill); settings are timed in turn, round after round,
 so drift hits them all alike. Every number is also a ratio against the unpatched model of the same run, next to
@@ -19,7 +19,8 @@ import inspect
 import json
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -200,7 +201,7 @@ _PIXELS = ("pixel_values", "pixel_values_videos")
 
 
 def encode(model: torch.nn.Module, inputs: dict) -> dict:
-    """Vision features as `generate()` computes them before prefill, by modality, for `mm_encoder_outputs`."""
+    """Vision features as `generate()` computes them before prefill, by modality (`_prefill` takes them)."""
     features = {}
     for modality, pixels in zip(("image", "video"), _PIXELS, strict=True):
         if pixels in inputs:
@@ -261,10 +262,33 @@ def _generate(model: torch.nn.Module, inputs: dict, device: str) -> dict:
     }
 
 
-def _prefill(model: torch.nn.Module, inputs: dict, features: dict) -> None:
-    text_inputs = {key: value for key, value in inputs.items() if key not in _PIXELS}
-    model(**text_inputs, mm_encoder_outputs=features, past_key_values=DynamicCache(config=model.config),
-          use_cache=True, logits_to_keep=1)  # fmt: skip
+@contextmanager
+def _encoded(model: torch.nn.Module, features: dict) -> Iterator[None]:
+    """While open, the model's `get_image_features` / `get_video_features` return `features` instead of running the
+    vision tower, so that a forward on pixels times the prefill alone, through the model's own code on every
+    transformers 5 version (`mm_encoder_outputs` is newer than some)."""
+    base = model.model
+    saved = {}
+    for modality, output in features.items():
+        name = f"get_{modality}_features"
+        saved[name] = base.__dict__.get(name)  # a method wrapper a patch put there, or None
+        setattr(base, name, lambda *args, output=output, **kwargs: output)
+    try:
+        yield
+    finally:
+        for name, previous in saved.items():
+            if previous is None:
+                delattr(base, name)
+            else:
+                setattr(base, name, previous)
+
+
+def _prefill(model: torch.nn.Module, inputs: dict, features: dict) -> torch.Tensor:
+    """The last position's logits of a prefill on already encoded `features`, with a fresh cache, as `generate`
+    runs it."""
+    with _encoded(model, features):
+        cache = DynamicCache(config=model.config)
+        return model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
 
 
 def _encoded_prefill(model: torch.nn.Module, inputs: dict, features: dict | None, device: str) -> tuple:

@@ -68,7 +68,7 @@ class LlavaNextAdapter(TowerAttention, Adapter):
         signal = select_tower_tokens(base.vision_tower, raw, self.config.vision_feature_select_strategy)[..., None]
         newline = signal.new_zeros(1)
         if kind != IMAGE:
-            videos = arguments["pixel_values_videos"].shape[0]
+            videos = next(iter(arguments.values())).shape[0]  # the pixels, whose parameter's name varies by version
             pooled = base.apply_pooling(signal).reshape(videos, -1)
             return torch.cat([pooled, pooled.new_zeros(videos, 1)], dim=1).flatten()
         sizes = arguments["image_sizes"]
