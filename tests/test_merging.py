@@ -19,7 +19,7 @@ from mmtoken.scorers.density import density_peak_targets
 from mmtoken.scorers.diversity import max_min_order
 from mmtoken.scorers.groups import GroupHeads
 from mmtoken.scorers.holitom import holitom_targets
-from mmtoken.scorers.temporal import segments, temporal_targets
+from mmtoken.scorers.temporal import removable, segments, temporal_targets
 
 
 def _score_input(hidden: torch.Tensor, weight: torch.Tensor, keep: list[int]) -> ScoreInput:
@@ -89,6 +89,16 @@ def test_density_peaks_put_one_center_in_each_blob():
     target = density_peak_targets(blobs, 2)
     assert len(target.unique()) == 2
     assert (target[:10] < 10).all() and (target[10:] >= 10).all()
+
+
+def test_removable_counts_the_places_similar_across_each_segment():
+    torch.manual_seed(0)
+    similar = torch.rand(6, 5) > 0.3
+    counts = removable(similar)
+    for start in range(7):
+        for end in range(7):
+            lasting = int(similar[start:end].all(0).sum()) if end > start else 0
+            assert counts[start, end] == lasting * (end - start)
 
 
 def test_segmentation_merges_a_repeated_frame_into_its_first_showing():

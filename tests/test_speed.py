@@ -58,7 +58,9 @@ def test_harness_end_to_end_on_tiny_models(tmp_path):
                     assert row["kv_bytes"] < base["kv_bytes"] and row["flops_ceiling"] > 1.2
 
 
-@pytest.mark.parametrize(("family", "media"), [("llava", "image"), ("llava_onevision", "video"), ("qwen2_5_vl", "video")])
+@pytest.mark.parametrize(
+    ("family", "media"), [("llava", "image"), ("llava_onevision", "video"), ("qwen2_5_vl", "video")]
+)
 def test_prefill_on_encoded_features_equals_the_forward_on_pixels(family, media):
     model, processor = model_and_processor(family)
     frames = speed._frames(1 if media == "image" else 4, (112, 112))
@@ -70,4 +72,3 @@ def test_prefill_on_encoded_features_equals_the_forward_on_pixels(family, media)
         # features of other pixels change the answer: the prefill reads the cache, not the pixels
         negated = {key: -value if key in speed._PIXELS else value for key, value in inputs.items()}
         assert not torch.allclose(speed._prefill(model, inputs, speed.encode(model, negated)), expected, atol=1e-3)
-

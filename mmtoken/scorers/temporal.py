@@ -35,29 +35,22 @@ def adjacent_similarity(frames: torch.Tensor) -> torch.Tensor:
 def removable(similar: torch.Tensor) -> torch.Tensor:
     """(frames, frames): how many tokens merging frames s..e removes, for every segment [s, e]: the places whose
     token stays similar across all of them, times e - s. `similar` (frames - 1, tokens) compares adjacent frames."""
-    frames = similar.shape[0] + 1
-    counts = torch.zeros(frames, frames, device=similar.device)
-    for start in range(frames - 1):
-        lasting = similar[start:].int().cumprod(0).sum(1)
-        counts[start, start + 1 :] = lasting * torch.arange(1, len(lasting) + 1, device=similar.device)
-    return counts
+    breaks = F.pad((~similar).int().cumsum(0), (0, 0, 1, 0))  # (frames, tokens): dissimilar steps before frame k
+    lasting = (breaks[None] == breaks[:, None]).sum(-1)  # [s, e]: places with no dissimilar step from s to e
+    frame = torch.arange(len(breaks), device=similar.device)
+    return (lasting * (frame[None] - frame[:, None])).triu(diagonal=1)
 
 
 def segments(similar: torch.Tensor) -> list[tuple[int, int]]:
     """The split of the frames into segments [start, end] that removes the most tokens (dynamic programming over
     the whole video, HoliTom's global redundancy-aware segmentation); on ties the shorter segment wins."""
-    counts = removable(similar)
-    frames = counts.shape[0]
-    best, begin = [0.0], []
-    for end in range(frames):
-        values = torch.tensor(best[:end], device=counts.device) + counts[:end, end]
-        start, value = end, best[end]
-        if end and float(values.max()) > value:
-            value = float(values.max())
-            start = int((values == values.max()).nonzero().max())
+    counts = removable(similar).tolist()
+    best, begin = [0], []
+    for end in range(len(counts)):
+        value, start = max((best[start] + counts[start][end], start) for start in range(end + 1))
         best.append(value)
         begin.append(start)
-    spans, end = [], frames - 1
+    spans, end = [], len(counts) - 1
     while end >= 0:
         spans.append((begin[end], end))
         end = begin[end] - 1
@@ -89,23 +82,25 @@ class TemporalMerge(Grouping):
 
     def group(self, inputs: ScoreInput) -> torch.Tensor:
         def assign(row: int, index: torch.Tensor) -> torch.Tensor:
-            grids = video_grids(inputs.geometry[row, index], inputs.kinds[row, index])
+            # the decisions run on the CPU: they are many small steps, each a kernel launch and a sync on a GPU
+            grids = video_grids(inputs.geometry[row, index].cpu(), inputs.kinds[row, index].cpu())
             if not grids:
                 raise ValueError(f"temporal: row {row} holds no video; it merges tokens across video frames")
-            similarity = [adjacent_similarity(inputs.hidden[row, index][grid]) for grid in grids]
+            hidden = inputs.hidden[row, index]
+            similarity = [adjacent_similarity(hidden[grid.to(hidden.device)]).cpu() for grid in grids]
 
             def merged(threshold: float) -> tuple[torch.Tensor, int]:
-                target = torch.arange(len(index), device=index.device)
+                target = torch.arange(len(index))
                 pairs = zip(grids, similarity, strict=True)
                 removed = sum(temporal_targets(grid, similar > threshold, target) for grid, similar in pairs)
                 return target, len(index) - removed
 
             if self.count is None:
-                return compress(merged(self.threshold)[0])
+                return compress(merged(self.threshold)[0]).to(index.device)
             low, high = -1.0, 1.0
             for _ in range(_BISECTION_STEPS):
                 middle = (low + high) / 2
                 low, high = (middle, high) if merged(middle)[1] <= self.count else (low, middle)
-            return compress(merged(low)[0])
+            return compress(merged(low)[0]).to(index.device)
 
         return row_targets(inputs, assign)
