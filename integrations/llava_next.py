@@ -7,7 +7,7 @@ import math
 import torch
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
-from mmtoken.engine.state import IMAGE, VIDEO
+from mmtoken.engine.state import IMAGE
 from mmtoken.integrations.base import Adapter, raster
 from mmtoken.integrations.vision import TowerAttention, select_tower_tokens
 
@@ -23,15 +23,6 @@ class LlavaNextAdapter(TowerAttention, Adapter):
     def _side(self) -> int:
         vision = self.config.vision_config
         return vision.image_size // vision.patch_size
-
-    def expected_tokens(self, kind: int, inputs: dict) -> int | None:
-        expected = super().expected_tokens(kind, inputs)
-        if kind == VIDEO and expected is not None:
-            # transformers before 5.2x appends each video's image_newline after get_video_features, not inside it
-            newline = self.model.model.image_newline
-            videos = inputs["mm_encoder_outputs"]["video"].pooler_output
-            expected += sum(not torch.equal(video[-1], newline.to(video.dtype)) for video in videos)
-        return expected
 
     def split_run(self, kind: int, embeddings: torch.Tensor, positions: torch.Tensor | None) -> list[torch.Tensor]:
         newline = (embeddings == self.model.model.image_newline.to(embeddings.dtype)).all(-1).cpu()
