@@ -95,12 +95,13 @@ class TemporalMerge(Grouping):
                 removed = sum(temporal_targets(grid, similar > threshold, target) for grid, similar in pairs)
                 return target, len(index) - removed
 
-            if self.count is None:
-                return compress(merged(self.threshold)[0]).to(index.device)
-            low, high = -1.0, 1.0
-            for _ in range(_BISECTION_STEPS):
-                middle = (low + high) / 2
-                low, high = (middle, high) if merged(middle)[1] <= self.count else (low, middle)
-            return compress(merged(low)[0]).to(index.device)
+            threshold = self.threshold
+            if self.count is not None:
+                low, high = -1.0, 1.0
+                for _ in range(_BISECTION_STEPS):
+                    middle = (low + high) / 2
+                    low, high = (middle, high) if merged(middle)[1] <= self.count else (low, middle)
+                threshold = low
+            return compress(merged(threshold)[0]).to(index.device)
 
         return row_targets(inputs, assign)
