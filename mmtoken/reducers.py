@@ -1,6 +1,7 @@
 """Reducers: how the tokens that lose their place leave. Each maps the hidden states of a token set to those of
-the kept subset, given as indices `local` (batch, kept) into the set, and returns the kept tokens' merge weights
-(how many original tokens each one stands for)."""
+the kept subset, given as indices `local` (batch, width) into the set with `valid` marking the tokens truly kept
+(the others only fill a row up to the batch's width), and returns the kept tokens' merge weights (how many
+original tokens each one stands for)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ Reduced = tuple[torch.Tensor, torch.Tensor]  # the kept tokens' states and merge
 
 
 class Reducer(Protocol):
-    def reduce(self, hidden: torch.Tensor, local: torch.Tensor, inputs: ScoreInput) -> Reduced: ...
+    def reduce(self, hidden: torch.Tensor, local: torch.Tensor, valid: torch.Tensor, inputs: ScoreInput) -> Reduced: ...
 
 
 def gather_tokens(hidden: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
@@ -49,7 +50,7 @@ def merge_into(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor)
 class Drop:
     """Cut tokens are simply removed."""
 
-    def reduce(self, hidden: torch.Tensor, local: torch.Tensor, inputs: ScoreInput) -> Reduced:
+    def reduce(self, hidden: torch.Tensor, local: torch.Tensor, valid: torch.Tensor, inputs: ScoreInput) -> Reduced:
         return gather_tokens(hidden, local), inputs.weight.gather(1, local)
 
 
@@ -65,7 +66,7 @@ class GroupMean:
 
     grouping: Grouping
 
-    def reduce(self, hidden: torch.Tensor, local: torch.Tensor, inputs: ScoreInput) -> Reduced:
+    def reduce(self, hidden: torch.Tensor, local: torch.Tensor, valid: torch.Tensor, inputs: ScoreInput) -> Reduced:
         return _merge_and_gather(hidden, local, inputs, self.grouping.targets(inputs))
 
 
@@ -74,8 +75,8 @@ class NearestMerge:
     """Each visual token that loses its place merges into the kept visual token of its row whose state is most
     cosine-similar, weighted by merge weights (HoliTom's inner-LLM merge, arXiv 2505.21334)."""
 
-    def reduce(self, hidden: torch.Tensor, local: torch.Tensor, inputs: ScoreInput) -> Reduced:
-        kept = torch.zeros_like(inputs.candidates).scatter_(1, local, True) & inputs.candidates
+    def reduce(self, hidden: torch.Tensor, local: torch.Tensor, valid: torch.Tensor, inputs: ScoreInput) -> Reduced:
+        kept = torch.zeros_like(inputs.candidates).scatter_(1, local, valid) & inputs.candidates
         gone = inputs.candidates & ~kept
         unit = F.normalize(hidden.float(), dim=-1)
         similarity = (unit @ unit.transpose(1, 2)).masked_fill(~kept[:, None, :], float("-inf"))
@@ -126,5 +127,5 @@ class CellMean:
 
     cells: GridCells
 
-    def reduce(self, hidden: torch.Tensor, local: torch.Tensor, inputs: ScoreInput) -> Reduced:
+    def reduce(self, hidden: torch.Tensor, local: torch.Tensor, valid: torch.Tensor, inputs: ScoreInput) -> Reduced:
         return _merge_and_gather(hidden, local, inputs, self.cells.firsts(inputs))

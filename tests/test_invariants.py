@@ -19,6 +19,7 @@ from conftest import (
 )
 
 import mmtoken
+from mmtoken.engine.state import TEXT
 
 
 @pytest.mark.parametrize(("case", "method"), method_cases(KEEP_ALL))
@@ -125,6 +126,24 @@ def test_rows_without_padding_that_keep_different_counts(attention, method):
     with mmtoken.patched(model, method, **PRUNING[method]) as handle:
         together = greedy_logits(model, batch)
         assert not handle.engine.call.set_at(5).complete
+        alone = torch.cat([greedy_logits(model, row) for row in rows])
+    assert (together - alone).abs().max() < 1e-4
+
+
+def test_visual_fillers_stay_out_of_an_inner_merge():
+    """HoliTom's outer merge leaves row 0 more visual tokens than row 1 and no padding; at the inner merge both rows
+    keep 10, so row 0 is filled up with dropped visual tokens, which must merge away like the rest, not absorb."""
+    model, _ = model_and_processor("llava_onevision")
+    lengths = [5, 8]
+    batch = inputs("llava_onevision", True, batch=2, question_lengths=lengths)
+    rows = [inputs("llava_onevision", True, rows=[row], question_lengths=[lengths[row]]) for row in (0, 1)]
+    with mmtoken.patched(model, "holitom", ratio=0.3, threshold=0.9, layer=3) as handle:
+        together = greedy_logits(model, batch)
+        call = handle.engine.call
+        outer_counts = call.visual(call.sets[0]).sum(1).tolist()
+        assert outer_counts[0] > outer_counts[1]
+        fillers = (call.kinds.gather(1, call.sets[3].position) != TEXT) & ~call.sets[3].valid
+        assert fillers[0].any()
         alone = torch.cat([greedy_logits(model, row) for row in rows])
     assert (together - alone).abs().max() < 1e-4
 

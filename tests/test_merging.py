@@ -59,7 +59,7 @@ def test_bipartite_matching_merges_the_most_similar_pairs_weighted_by_size():
     inputs = _score_input(features[None], sizes[None], [3])
     grouping = BipartiteMerge()
     kept = (GroupHeads(grouping).score(inputs)[0] == 0).nonzero().flatten()
-    merged, weight = GroupMean(grouping).reduce(features[None], kept[None], inputs)
+    merged, weight = GroupMean(grouping).reduce(features[None], kept[None], torch.ones(1, 3, dtype=torch.bool), inputs)
     assert torch.allclose(merged[0, 0], (3 * features[0] + features[1]) / 4)
     assert weight[0].tolist() == [4.0, 2.0, 1.0]
 
@@ -142,10 +142,12 @@ def test_nearest_merge_folds_each_dropped_token_into_its_most_similar_kept_one()
     hidden = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.9, 0.1], [0.1, 0.9], [5.0, 5.0]]])
     inputs = _score_input(hidden, torch.ones(1, 5), [2])
     inputs.candidates[0, 4] = False  # a text token: never merges
-    merged, weight = NearestMerge().reduce(hidden, torch.tensor([[0, 1, 4]]), inputs)
+    # token 3 only fills the row (invalid): it merges away like token 2, it does not absorb
+    local, valid = torch.tensor([[0, 1, 3, 4]]), torch.tensor([[True, True, False, True]])
+    merged, weight = NearestMerge().reduce(hidden, local, valid, inputs)
     assert torch.allclose(merged[0, 0], (hidden[0, 0] + hidden[0, 2]) / 2)
     assert torch.allclose(merged[0, 1], (hidden[0, 1] + hidden[0, 3]) / 2)
-    assert torch.equal(merged[0, 2], hidden[0, 4]) and weight[0].tolist() == [2.0, 2.0, 1.0]
+    assert torch.equal(merged[0, 3], hidden[0, 4]) and weight[0, [0, 1, 3]].tolist() == [2.0, 2.0, 1.0]
 
 
 @pytest.mark.parametrize("budget", [192, 128, 64])

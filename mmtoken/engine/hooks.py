@@ -315,5 +315,5 @@ class Engine:
             sizes = [text + visual for text, visual in zip(call.text_counts, survivors.visual_counts, strict=True)]
         survivors.complete = min(sizes) == len(survivors)
         inputs.hidden = hidden
-        hidden, survivors.weight = planned.reducer.reduce(hidden, local, inputs)
+        hidden, survivors.weight = planned.reducer.reduce(hidden, local, valid, inputs)
         return survivors, hidden
