@@ -114,10 +114,11 @@ def test_calls_leave_no_state_behind(case):
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
-@pytest.mark.parametrize("method", ["fastv", "pdrop", "pooling"])
+@pytest.mark.parametrize("method", ["fastv", "pdrop", "pooling", "tome", "aim", "holitom", "pipeline", "divprune"])
 def test_rows_without_padding_that_keep_different_counts(attention, method):
     """Two unpadded rows of 16 and 24 visual tokens: the model passes no mask under sdpa, so the engine builds
-    one to hide the fillers that even out the rows."""
+    one to hide the fillers that even out the rows. Those fillers are dropped visual tokens, which merges must
+    treat as dropped."""
     model, _ = model_and_processor("qwen2_vl", attention)
     lengths = [13, 5]
     batch = inputs("qwen2_vl", False, batch=2, question_lengths=lengths)
