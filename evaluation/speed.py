@@ -50,6 +50,7 @@ from transformers.generation.streamers import BaseStreamer
 
 import mmtoken
 from mmtoken.accounting.stats import cache_bytes
+from mmtoken.compat import cache_of, with_cache
 from mmtoken.zoo.text import LLAVA_TEMPLATE, chatml_template, llama_tokenizer, qwen_tokenizer
 
 SENTENCE = "describe what happens in this picture and name every object you can see with its color and place"
@@ -258,7 +259,7 @@ def _generate(model: torch.nn.Module, inputs: dict, device: str) -> dict:
         "ttft_ms": 1000 * (clock.times[0] - started),
         "tpot_ms": 1000 * (clock.times[-1] - clock.times[0]) / (len(clock.times) - 1),
         "peak_memory_bytes": torch.cuda.max_memory_allocated() if device.startswith("cuda") else None,
-        "kv_bytes": cache_bytes(out.past_key_values),
+        "kv_bytes": cache_bytes(cache_of(out)),
     }
 
 
@@ -288,7 +289,7 @@ def _prefill(model: torch.nn.Module, inputs: dict, features: dict) -> torch.Tens
     runs it."""
     with _encoded(model, features):
         cache = DynamicCache(config=model.config)
-        return model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        return model(**inputs, **with_cache(cache), use_cache=True, logits_to_keep=1).logits
 
 
 def _encoded_prefill(model: torch.nn.Module, inputs: dict, features: dict | None, device: str) -> tuple:

@@ -19,6 +19,7 @@ from conftest import (
 )
 
 import mmtoken
+from mmtoken.compat import cache_of
 from mmtoken.engine.state import TEXT
 
 
@@ -89,7 +90,7 @@ def test_each_layer_caches_exactly_its_tokens(case, method):
             **batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, return_dict_in_generate=True
         )
         call = handle.engine.call
-    cache = out.past_key_values
+    cache = cache_of(out)
     for index, layer in enumerate(cache.layers):
         tokens = call.set_at(index)
         assert layer.keys.shape[-2] == len(tokens) + new_tokens - 1

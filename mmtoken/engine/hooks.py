@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from mmtoken.accounting.stats import Stats, cache_bytes, measure_stats
+from mmtoken.compat import cache_in, cache_of
 from mmtoken.engine.masks import decode_mask, prefill_mask
 from mmtoken.engine.select import select
 from mmtoken.engine.state import CallState, TokenSet
@@ -131,7 +132,7 @@ class Engine:
 
     def _on_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        cache = kwargs.get("past_key_values")
+        cache = cache_in(kwargs)
         self._prefill = cache is None or cache.get_seq_length() == 0
         if not self._prefill:
             if self.call is None or input_ids is None or input_ids.shape[0] != self.call.batch_size:
@@ -176,7 +177,7 @@ class Engine:
         if self._prefill:
             _synchronize(self.call.kinds.device)
             self._measured, self._stats = (self.call, time.perf_counter() - self._started), None
-        cache = getattr(output, "past_key_values", None)
+        cache = cache_of(output)
         if cache is not None:
             self._kv_bytes = cache_bytes(cache)
 
@@ -208,7 +209,7 @@ class Engine:
     def _shortened_padding_mask(self, kwargs: dict) -> torch.Tensor:
         """At decode, the 2-D padding mask over the shortened prompt plus the tokens generated since."""
         call, prompt = self.call, self.call.sets[0]
-        generated = kwargs["past_key_values"].get_seq_length() - len(prompt) + kwargs["inputs_embeds"].shape[1]
+        generated = cache_in(kwargs).get_seq_length() - len(prompt) + kwargs["inputs_embeds"].shape[1]
         mask = torch.cat([prompt.valid, prompt.valid.new_ones(call.batch_size, generated)], dim=1)
         given = kwargs.get("attention_mask")
         if given is None:
@@ -255,7 +256,7 @@ class Engine:
             return
         tokens = self.call.sets[start]
         mask = kwargs.get("attention_mask")
-        generated = kwargs["past_key_values"].layers[index].get_seq_length() - len(tokens) + hidden.shape[1]
+        generated = cache_in(kwargs).layers[index].get_seq_length() - len(tokens) + hidden.shape[1]
         cached = self._decode_masks.get(start)
         if cached is None or cached[0] is not mask or cached[2] != generated:
             sliced = decode_mask(
