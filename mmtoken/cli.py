@@ -45,9 +45,13 @@ def main(argv: list[str] | None = None) -> None:
     train.add_argument("--seed", type=int, default=0)
     args, rest = parser.parse_known_args(argv)
     if args.command == "compare":
+        from mmtoken.compare import BrokenMeasurement
         from mmtoken.compare import compare as run_compare
 
-        run_compare(per_task=args.per_task, out=args.out)
+        try:
+            run_compare(per_task=args.per_task, out=args.out)
+        except BrokenMeasurement as broken:
+            parser.exit(1, f"mmtoken compare: {broken}\n")
     elif args.command == "search":
         _search(args)
     elif args.command == "zoo":

@@ -6,6 +6,7 @@ import statistics
 from pathlib import Path
 
 import torch
+import transformers
 from rich.console import Console
 from rich.progress import track
 from rich.table import Table
@@ -13,11 +14,17 @@ from rich.table import Table
 import mmtoken
 from mmtoken.evaluation.report import pareto_plot
 from mmtoken.zoo import probe
-from mmtoken.zoo.embedded import METHOD_DEFAULTS, RELIABLE_TASKS, ask, load
+from mmtoken.zoo.embedded import ACCURACY_FLOOR, METHOD_DEFAULTS, RELIABLE_TASKS, ask, load
 
 BUDGETS = (192, 128, 64)
 METHODS = ("fastv", "pdrop", "random", "uniform", "pooling")
 MODEL = "probe-llava"
+# an unpatched score this many points under the model card's floor is no measurement but a broken environment
+FAR_BELOW_FLOOR = 20
+
+
+class BrokenMeasurement(RuntimeError):
+    """The unpatched model scores far below its model card: the table would be garbage, so none is written."""
 
 
 def probe_samples(model_name: str, per_task: int, seed: int) -> list[probe.Sample]:
@@ -63,6 +70,7 @@ def compare(per_task: int = 16, seed: int = 7, out: Path = Path("results")) -> l
     samples = probe_samples(MODEL, per_task, seed)
     with mmtoken.patched(model, "random", ratio=1.0) as handle:
         rows = [{"method": "unpatched", "budget": 576, **_run(model, processor, samples, handle)}]
+    check_unpatched(rows[0], MODEL)
     cells = [(name, budget) for name in METHODS for budget in BUDGETS]
     for name, budget in track(cells, description="methods x budgets"):
         with mmtoken.patched(model, name, budget=budget, **METHOD_DEFAULTS[MODEL].get(name, {})) as handle:
@@ -72,6 +80,20 @@ def compare(per_task: int = 16, seed: int = 7, out: Path = Path("results")) -> l
                 rows.append({"method": name, "budget": budget, "skipped": str(unreachable)})
     _report(rows, tasks, per_task, out)
     return rows
+
+
+def check_unpatched(row: dict[str, float], model_name: str) -> None:
+    """Raise `BrokenMeasurement` when the unpatched model answers a reliable task far below its model card's floor."""
+    floor = ACCURACY_FLOOR["image"]
+    failing = {task: row[task] for task in RELIABLE_TASKS[model_name] if row[task] < floor - FAR_BELOW_FLOOR}
+    if failing:
+        scores = ", ".join(f"{task} {score:.0f}%" for task, score in failing.items())
+        raise BrokenMeasurement(
+            f"unpatched {model_name} answered {scores} of fresh probe questions, far below its model card's "
+            f"{floor}% floor, so no table was written. Likely cause: a transformers release mmtoken was not tested "
+            f"with (installed: {transformers.__version__}; README, 'Tested versions'). Reinstall the tested "
+            "releases with `rm -rf .venv && ./run.sh`."
+        )
 
 
 def _report(rows: list[dict], tasks: tuple[str, ...], per_task: int, out: Path) -> None:

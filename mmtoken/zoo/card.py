@@ -13,7 +13,7 @@ from rich.progress import track
 import mmtoken
 from mmtoken.compare import accuracy as tally
 from mmtoken.zoo import probe
-from mmtoken.zoo.embedded import answers, load, path, prompts
+from mmtoken.zoo.embedded import ACCURACY_FLOOR, answers, load, path, prompts
 from mmtoken.zoo.probe import Sample
 
 CARD_SEED = 20_261_122
@@ -107,7 +107,7 @@ def accuracy_table(rows: dict[str, dict[str, float]]) -> list[str]:
     table = ["| setting | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
     for setting, scores in rows.items():
         table.append(f"| {setting} | " + " | ".join(f"{scores[task]:.0f}" for task in tasks) + " |")
-    floor = 90 if tasks[0] in probe.tasks("image") else 85
+    floor = ACCURACY_FLOOR["image" if tasks[0] in probe.tasks("image") else "video"]
     below = [task for task in tasks if rows["unpatched"][task] < floor]
     notes = ["", "Chance: " + ", ".join(f"{task} {CHANCE[task]}" for task in tasks) + ".", ""]
     if below:
