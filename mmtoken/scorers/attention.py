@@ -5,12 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers.models.llama.modeling_llama import rotate_half
 
 from mmtoken.scorers.base import ScoreInput
 
 
 def rotate(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of (batch, heads, n, head_dim) `states`, as the language model applies it."""
+    from transformers.models.llama.modeling_llama import rotate_half  # imported on use: `mmtoken methods` stays light
+
     return states * cos.unsqueeze(1) + rotate_half(states) * sin.unsqueeze(1)
 
 
