@@ -140,3 +140,17 @@ def test_mmtoken_imports_lmms_eval_only_where_it_evaluates():
     code = ("import sys, mmtoken, mmtoken.cli, mmtoken.compare, mmtoken.evaluation.report, mmtoken.evaluation.speed, "
             "mmtoken.evaluation.probe_tasks, mmtoken.evaluation.sweep; print('lmms_eval' in sys.modules)")  # fmt: skip
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
+
+
+def test_the_readmes_stock_cli_command_writes_its_results_file(tmp_path):
+    """lmms-eval exits 0 even when it fails, so the proof is the results file it writes."""
+    command = [sys.executable, "-m", "lmms_eval", "--model", "mmtoken",
+               "--model_args", "pretrained=probe-llava,method=pdrop,ratio=0.25,device=cpu",
+               "--tasks", "mmtoken_probe_count", "--include_path", str(probe_tasks.tasks_path()), "--limit", "2",
+               "--output_path", str(tmp_path), "--log_samples"]  # fmt: skip
+    subprocess.run(command, capture_output=True, text=True, check=True, timeout=600)
+    written = list(tmp_path.rglob("*_results.json"))
+    assert len(written) == 1, sorted(path.name for path in tmp_path.rglob("*"))
+    results = json.loads(written[0].read_text())["results"]["mmtoken_probe_count"]
+    assert 0 <= results["exact_match,none"] <= 1
+    assert list(tmp_path.rglob("*_samples_mmtoken_probe_count.jsonl"))
