@@ -13,8 +13,8 @@ from rich.table import Table
 
 import mmtoken
 from mmtoken.evaluation.report import pareto_plot
-from mmtoken.zoo import probe
-from mmtoken.zoo.embedded import ACCURACY_FLOOR, METHOD_DEFAULTS, RELIABLE_TASKS, ask, load
+from mmtoken.zoo.embedded import ACCURACY_FLOOR, METHOD_DEFAULTS, RELIABLE_TASKS, accuracy, ask, load, probe_samples
+from mmtoken.zoo.probe import Sample
 
 BUDGETS = (192, 128, 64)
 METHODS = ("fastv", "pdrop", "random", "uniform", "pooling")
@@ -27,23 +27,7 @@ class BrokenMeasurement(RuntimeError):
     """The unpatched model scores far below its model card: the table would be garbage, so none is written."""
 
 
-def probe_samples(model_name: str, per_task: int, seed: int) -> list[probe.Sample]:
-    """`per_task` fresh image samples of each task the model answers reliably, drawn from `seed`."""
-    tasks = RELIABLE_TASKS[model_name]
-    return [sample for task in tasks for sample in probe.generate("image", n=per_task, seed=seed, task=task)]
-
-
-def accuracy(samples: list[probe.Sample], answers: list[str]) -> dict[str, float]:
-    """Accuracy % on each task and the average over tasks."""
-    hits: dict[str, list[bool]] = {}
-    for sample, answer in zip(samples, answers, strict=True):
-        hits.setdefault(sample.task, []).append(answer == sample.answer)
-    row = {task: 100 * sum(results) / len(results) for task, results in hits.items()}
-    row["average"] = sum(row.values()) / len(row)
-    return row
-
-
-def _run(model, processor, samples: list[probe.Sample], handle=None) -> dict:
+def _run(model, processor, samples: list[Sample], handle=None) -> dict:
     answers, prefill, visual, flops_paper, flops_exact = [], [], [], [], []
     for sample in samples:
         answers.append(ask(model, processor, sample))

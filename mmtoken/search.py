@@ -17,10 +17,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from transformers import PreTrainedModel, ProcessorMixin
 
 import mmtoken
-from mmtoken.compare import accuracy, probe_samples
 from mmtoken.methods import GSearch, Method, PSigmoid
 from mmtoken.zoo import probe
-from mmtoken.zoo.embedded import answers, encode, load
+from mmtoken.zoo.embedded import accuracy, answers, encode, load, probe_samples
 
 
 @dataclass

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from conftest import probe_llava
 
-from mmtoken.compare import BrokenMeasurement, accuracy, check_unpatched, probe_samples
+from mmtoken.compare import BrokenMeasurement, check_unpatched
 from mmtoken.zoo.card import blanked
-from mmtoken.zoo.embedded import answers, prompts
+from mmtoken.zoo.embedded import accuracy, answers, probe_samples, prompts
 
 
 def _unpatched_row(samples) -> dict[str, float]:

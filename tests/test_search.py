@@ -8,8 +8,8 @@ from conftest import probe_llava
 
 import mmtoken
 from mmtoken.cli import main
-from mmtoken.compare import probe_samples
 from mmtoken.search import Calibration
+from mmtoken.zoo.embedded import probe_samples
 
 TOLERANCE = 10.0  # accuracy points, on the calibration set and again on the fresh one
 

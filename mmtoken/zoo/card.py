@@ -11,9 +11,9 @@ from PIL import Image
 from rich.progress import track
 
 import mmtoken
-from mmtoken.compare import accuracy as tally
 from mmtoken.zoo import probe
 from mmtoken.zoo.embedded import ACCURACY_FLOOR, answers, load, path, prompts
+from mmtoken.zoo.embedded import accuracy as tally
 from mmtoken.zoo.probe import Sample
 
 CARD_SEED = 20_261_122

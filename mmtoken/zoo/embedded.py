@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, BatchFeature, PreTrainedModel, ProcessorMixin
 
+from mmtoken.zoo import probe
 from mmtoken.zoo.probe import Sample
 
 MODELS = Path(__file__).parent / "models"
@@ -90,3 +91,19 @@ def answers(model: PreTrainedModel, processor: ProcessorMixin, inputs: dict, max
 def ask(model: PreTrainedModel, processor: ProcessorMixin, sample: Sample, max_new_tokens: int = 6) -> str:
     """The model's greedy answer to a probe sample, as a string of words."""
     return answers(model, processor, prompts(processor, [sample]).to(model.device), max_new_tokens)[0]
+
+
+def probe_samples(model_name: str, per_task: int, seed: int) -> list[Sample]:
+    """`per_task` fresh image samples of each task the model answers reliably, drawn from `seed`."""
+    tasks = RELIABLE_TASKS[model_name]
+    return [sample for task in tasks for sample in probe.generate("image", n=per_task, seed=seed, task=task)]
+
+
+def accuracy(samples: list[Sample], given: list[str]) -> dict[str, float]:
+    """Accuracy % of the answers `given` to `samples` on each task, and the average over tasks."""
+    hits: dict[str, list[bool]] = {}
+    for sample, answer in zip(samples, given, strict=True):
+        hits.setdefault(sample.task, []).append(answer == sample.answer)
+    row = {task: 100 * sum(results) / len(results) for task, results in hits.items()}
+    row["average"] = sum(row.values()) / len(row)
+    return row
