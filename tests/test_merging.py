@@ -10,7 +10,8 @@ import torch
 
 from mmtoken.engine.state import VIDEO
 from mmtoken.methods import AIM, HoliTom, ToMe, VisionZip
-from mmtoken.reducers import GroupMean, NearestMerge, merge_into
+from mmtoken.ops import merge_into
+from mmtoken.reducers import GroupMean, NearestMerge
 from mmtoken.schedules import average_visual_tokens
 from mmtoken.scorers.base import ScoreInput
 from mmtoken.scorers.bipartite import BipartiteMerge, bipartite_targets

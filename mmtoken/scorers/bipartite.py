@@ -7,8 +7,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from mmtoken.ops import compress
 from mmtoken.scorers.base import ScoreInput
-from mmtoken.scorers.groups import Grouping, compress, row_targets
+from mmtoken.scorers.groups import Grouping, row_targets
 
 
 def bipartite_targets(features: torch.Tensor, sizes: torch.Tensor, keep: int) -> torch.Tensor:

@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import torch
 
-from mmtoken.reducers import GridCells
+from mmtoken.ops import GridCells
 from mmtoken.scorers.base import ScoreInput
 
 
@@ -20,6 +20,6 @@ class CellCorners:
     discards: ClassVar[bool] = True
 
     def score(self, inputs: ScoreInput) -> torch.Tensor:
-        first = self.cells.firsts(inputs)
+        first = self.cells.firsts(inputs.geometry, inputs.candidates)
         own = torch.arange(first.shape[1], device=first.device)
         return torch.where(first == own, 0.0, float("-inf"))

@@ -16,16 +16,6 @@ import torch
 from mmtoken.scorers.base import ScoreInput
 
 
-def compress(target: torch.Tensor) -> torch.Tensor:
-    """Follow chains of merges (a merges into b, b into c) until every token names a head."""
-    while True:
-        valid = target >= 0
-        onward = torch.where(valid, target[target.clamp(min=0)], target)
-        if torch.equal(onward, target):
-            return target
-        target = onward
-
-
 def row_targets(inputs: ScoreInput, assign: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """(batch, n) targets built one row at a time: `assign(row, index)` gets the set indices `index` of the row's
     candidates and returns each one's target as a position in `index` (or -1); every other token stays."""

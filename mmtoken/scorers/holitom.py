@@ -7,10 +7,10 @@ from dataclasses import dataclass
 
 import torch
 
-from mmtoken.reducers import merge_into
+from mmtoken.ops import compress, merge_into
 from mmtoken.scorers.base import ScoreInput
 from mmtoken.scorers.density import density_peak_targets
-from mmtoken.scorers.groups import Grouping, compress, row_targets
+from mmtoken.scorers.groups import Grouping, row_targets
 from mmtoken.scorers.temporal import adjacent_similarity, temporal_targets, video_grids
 
 

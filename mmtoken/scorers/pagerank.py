@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mmtoken.reducers import gather_tokens
+from mmtoken.ops import gather_tokens
 from mmtoken.scorers.attention import rotate
 from mmtoken.scorers.base import ScoreInput
 

@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from mmtoken.engine.state import VIDEO
+from mmtoken.ops import compress
 from mmtoken.scorers.base import ScoreInput
-from mmtoken.scorers.groups import Grouping, compress, row_targets
+from mmtoken.scorers.groups import Grouping, row_targets
 
 _BISECTION_STEPS = 30
 

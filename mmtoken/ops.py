@@ -1,0 +1,81 @@
+"""Pure tensor operations that the scorers, reducers and the engine share: gathering tokens, merging them into
+targets, following merge chains and grouping patches into grid cells. They know nothing of methods or models."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+Reduced = tuple[torch.Tensor, torch.Tensor]  # the kept tokens' states and merge weights
+
+
+def gather_tokens(hidden: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    return hidden.gather(1, local[..., None].expand(-1, -1, hidden.shape[-1]))
+
+
+def merge_into(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor) -> Reduced:
+    """Every token whose `target` (batch, n) is itself becomes the weighted mean of the tokens that name it,
+    weighted by `weight` (batch, n; 0 for tokens that count for nothing); a target of -1 merges nowhere.
+
+    Returns the new states and weights of all n tokens (those of tokens that merged away are left as they were).
+    A token that absorbs nothing keeps its state bit for bit.
+    """
+    own = torch.arange(target.shape[1], device=target.device).expand_as(target)
+    target = torch.where(target < 0, own, target)
+    weight = weight.to(torch.float32)
+    sums = torch.zeros_like(hidden, dtype=torch.float32).scatter_add_(
+        1, target[..., None].expand(-1, -1, hidden.shape[-1]), hidden.float() * weight[..., None]
+    )
+    totals = torch.zeros_like(weight).scatter_add_(1, target, weight)
+    members = torch.zeros_like(weight).scatter_add_(1, target, torch.ones_like(weight))
+    merged = (sums / totals.clamp(min=torch.finfo(torch.float32).tiny)[..., None]).to(hidden.dtype)
+    absorbed = (members > 1) & (totals > 0)
+    return torch.where(absorbed[..., None], merged, hidden), torch.where(members > 0, totals, weight)
+
+
+def compress(target: torch.Tensor) -> torch.Tensor:
+    """Follow chains of merges (a merges into b, b into c) until every token names a head."""
+    while True:
+        valid = target >= 0
+        onward = torch.where(valid, target[target.clamp(min=0)], target)
+        if torch.equal(onward, target):
+            return target
+        target = onward
+
+
+@dataclass
+class GridCells:
+    """Square cells of `stride` x `stride` patches within each frame; with `budget` instead, the stride whose
+    cell count is nearest to it. Tokens off the grid (text, row separators) are cells of their own."""
+
+    stride: int | None = None
+    budget: float | None = None
+
+    def stride_for(self, visual: int) -> int:
+        if self.budget is None:
+            return self.stride or 2
+        if self.budget > visual:
+            raise ValueError(f"pooling: budget {self.budget} exceeds the {visual} visual tokens of this input")
+        return max(1, round(math.sqrt(visual / self.budget)))
+
+    def of_row(self, geometry: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """Cell id of every token of one row; `geometry` is (n, 4): media, frame, row and column, -1 off the grid."""
+        stride = self.stride_for(int(candidates.sum()))
+        media, frame, row, column = geometry.clamp(min=0).unbind(-1)
+        row, column = row // stride, column // stride
+        cell = ((media * (frame.max() + 1) + frame) * (row.max() + 1) + row) * (column.max() + 1) + column
+        own = torch.arange(len(cell), device=cell.device) + cell.max() + 1
+        return torch.where(candidates & (geometry[:, 3] >= 0), cell, own)
+
+    def firsts(self, geometry: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """(batch, n): the index of the first token of each token's cell, for (batch, n, 4) `geometry` and the
+        (batch, n) visual `candidates` that cells group."""
+        first = torch.empty(candidates.shape, dtype=torch.long, device=candidates.device)
+        for row in range(first.shape[0]):
+            _, members = self.of_row(geometry[row], candidates[row]).unique(return_inverse=True)
+            index = torch.arange(len(members), device=members.device)
+            heads = torch.full_like(index, len(members)).scatter_reduce(0, members, index, reduce="amin")
+            first[row] = heads[members]
+        return first
