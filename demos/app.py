@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import gradio as gr
 
 from mmtoken import list_methods
 from mmtoken.demos.comparison import MAX_METHODS, Comparer, embedded_models
-from mmtoken.demos.media import probe_examples, read_media, write_probe_example
+from mmtoken.demos.media import MAX_BYTES, probe_examples, read_media, write_probe_example
 from mmtoken.demos.overlay import survival_overlay, tokens_chart
 from mmtoken.zoo.embedded import METHOD_DEFAULTS
 
@@ -74,10 +75,10 @@ def build_app(comparer: Comparer) -> gr.Blocks:
         )
         with gr.Row():
             with gr.Column():
-                models = embedded_models()
-                model = gr.Dropdown(models, value=models[0] if models else None, allow_custom_value=True,
-                                    label="model: an embedded probe model, a local folder or a hub id")  # fmt: skip
-                media = gr.File(label="image or video (at most 20 MiB)", elem_id="media")
+                models = comparer.models
+                model = gr.Dropdown(models, value=models[0] if models else None,
+                                    label="model: the embedded probe models and those named by --models")  # fmt: skip
+                media = gr.File(label=f"image or video (at most {MAX_BYTES // 2**20} MiB)", elem_id="media")
                 preview = gr.Image(label="input", interactive=False, height=240)
                 with gr.Row():
                     example = gr.Dropdown(probe_examples(), value="image: count", label="probe example")
@@ -172,8 +173,8 @@ def build_app(comparer: Comparer) -> gr.Blocks:
     return app
 
 
-def launch(host: str = "127.0.0.1", port: int = 7860) -> None:
-    """Load the first embedded probe model, then serve the page (requests queue) until interrupted."""
-    models = embedded_models()
-    app = build_app(Comparer(preload=models[0] if models else None))
-    app.queue().launch(server_name=host, server_port=port, show_error=True)
+def launch(host: str = "127.0.0.1", port: int = 7860, models: Sequence[str] = ()) -> None:
+    """Load the first of the embedded probe models and `models` (local folders or hub ids, the only others the
+    page offers), then serve the page (requests queue) until interrupted."""
+    comparer = Comparer(list(dict.fromkeys([*embedded_models(), *models])))
+    build_app(comparer).queue().launch(server_name=host, server_port=port, show_error=True, max_file_size=MAX_BYTES)

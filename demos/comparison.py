@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import torch
+from huggingface_hub import is_offline_mode
 from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin
 from transformers.generation.streamers import BaseStreamer
 
@@ -22,6 +23,7 @@ MAX_QUESTION_CHARS = 1000
 # The unpatched column runs through a patch that keeps every token: the same tokens and answers (tested in
 # tests/test_invariants.py), and it reports the same stats as the methods, hooks' own cost included.
 KEEP_ALL = {"method": "random", "ratio": 1.0}
+OFFLINE = "(offline: a hub id loads from the local cache only; `mmtoken demo --online` downloads it)"
 
 
 def embedded_models() -> list[str]:
@@ -39,7 +41,8 @@ def load_model(name: str) -> tuple[PreTrainedModel, ProcessorMixin]:
             model = AutoModelForImageTextToText.from_pretrained(name, dtype="auto").eval()
             processor = AutoProcessor.from_pretrained(name)
         except Exception as error:  # whatever from_pretrained raises, the page shows it as a message
-            raise ValueError(f"could not load model {name!r}: {error}") from error
+            offline = f" {OFFLINE}" if is_offline_mode() else ""
+            raise ValueError(f"could not load model {name!r}{offline}: {error}") from error
     adapter_for(model)
     return model.to("cuda" if torch.cuda.is_available() else "cpu"), processor
 
@@ -117,15 +120,17 @@ def run_column(model: PreTrainedModel, processor: ProcessorMixin, inputs: dict, 
 
 
 class Comparer:
-    """Serves comparisons on one loaded model at a time (loading another replaces it). A lock makes loading and
-    each request's patch, generate and unpatch one step, so no request ever runs under another's patch."""
+    """Serves comparisons on `models` (loading one replaces the one loaded), the first loaded now. A lock makes
+    loading and each request's patch, generate and unpatch one step, so no request runs under another's patch
+    and no model changes under a running request."""
 
-    def __init__(self, preload: str | None = None) -> None:
+    def __init__(self, models: list[str]) -> None:
+        self.models = models
         self._lock = threading.Lock()
         self._name: str | None = None
         self._loaded: tuple[PreTrainedModel, ProcessorMixin] | None = None
-        if preload is not None:
-            self._load(preload)
+        if models:
+            self._load(models[0])
 
     def _load(self, name: str) -> tuple[PreTrainedModel, ProcessorMixin]:
         if name != self._name:
@@ -137,18 +142,19 @@ class Comparer:
         self, model: str, media: str | Path | None, question: str | None, methods: list[dict], new_tokens: int = 8
     ) -> dict:
         """The unpatched model and each of `methods` on one input; every input is checked before any work."""
-        if not model or not model.strip():
-            raise ValueError("name a model: an embedded probe model, a local folder or a hub id")
+        if model not in self.models:
+            raise ValueError(f"{model!r} is not a model this demo serves: {', '.join(self.models)} "
+                             "(`mmtoken demo --models FOLDER_OR_HUB_ID ...` adds others)")  # fmt: skip
         question, methods = check_question(question), check_methods(methods)
         if not 1 <= new_tokens <= 256:
             raise ValueError(f"new tokens must be between 1 and 256, got {new_tokens}")
         loaded_media = read_media(media)
         with self._lock:
-            network, processor = self._load(model.strip())
+            network, processor = self._load(model)
             inputs = _prompt(network, processor, loaded_media, question)
             _check_schedules(network, inputs, methods)
             columns = [run_column(network, processor, inputs, spec, new_tokens) for spec in [KEEP_ALL, *methods]]
         columns[0]["method"] = {"method": "unpatched"}
         center_crop = bool(getattr(getattr(processor, "image_processor", None), "do_center_crop", False))
-        return {"model": model.strip(), "kind": loaded_media.kind, "center_crop": center_crop, "question": question,
+        return {"model": model, "kind": loaded_media.kind, "center_crop": center_crop, "question": question,
                 "columns": columns}  # fmt: skip

@@ -16,6 +16,9 @@ def main(argv: list[str] | None = None) -> None:
     demo = commands.add_parser("demo", help="the Gradio comparison app on this machine (needs the demo extra)")
     demo.add_argument("--port", type=int, default=7860)
     demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--models", nargs="+", default=[], metavar="MODEL",
+                      help="local folders or hub ids the page offers besides the embedded probe models")  # fmt: skip
+    demo.add_argument("--online", action="store_true", help="let hub ids of --models download (default: offline)")
     commands.add_parser("sweep", help="models x methods x budgets x tasks through lmms-eval, resumable", add_help=False)
     commands.add_parser("report", help="markdown tables and Pareto plots from sweep results", add_help=False)
     commands.add_parser("tasks-path", help="the lmms-eval task folder of the probe set (for --include_path)")
@@ -61,11 +64,15 @@ def main(argv: list[str] | None = None) -> None:
                              seed=args.seed)  # fmt: skip
         train(args.name, args.out, config, resume=args.resume)
     elif args.command == "demo":
+        if not args.online:
+            import os
+
+            os.environ["HF_HUB_OFFLINE"] = "1"  # huggingface_hub reads it once, when the app below imports it
         try:
             from mmtoken.demos.app import launch
         except ModuleNotFoundError as missing:
             parser.exit(1, f"mmtoken demo needs {missing.name}: pip install 'mmtoken[demo]'\n")
-        launch(args.host, args.port)
+        launch(args.host, args.port, args.models)
     elif args.command == "bench":
         from mmtoken.evaluation.speed import main as bench
 
