@@ -7,7 +7,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from mmtoken.engine.state import IMAGE, TEXT, VIDEO, CallState
+from mmtoken.state import IMAGE, TEXT, VIDEO, CallState
 
 _KIND_NAMES = {IMAGE: "image", VIDEO: "video"}
 

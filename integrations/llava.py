@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from mmtoken.engine.state import IMAGE
 from mmtoken.integrations.base import Adapter, raster
 from mmtoken.integrations.vision import TowerAttention, select_tower_tokens
+from mmtoken.state import IMAGE
 
 
 class LlavaAdapter(TowerAttention, Adapter):

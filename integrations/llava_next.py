@@ -7,9 +7,9 @@ import math
 import torch
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
-from mmtoken.engine.state import IMAGE
 from mmtoken.integrations.base import Adapter, raster
 from mmtoken.integrations.vision import TowerAttention, select_tower_tokens
+from mmtoken.state import IMAGE
 
 
 class LlavaNextAdapter(TowerAttention, Adapter):

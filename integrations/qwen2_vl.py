@@ -9,9 +9,9 @@ from torch import nn
 from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
 from transformers.vision_utils import get_vision_window_index
 
-from mmtoken.engine.state import IMAGE
 from mmtoken.integrations.base import Adapter
 from mmtoken.integrations.vision import module_input, received_attention
+from mmtoken.state import IMAGE
 
 
 class Qwen2VLAdapter(Adapter):

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from mmtoken.engine.state import IMAGE, VIDEO, CallState
+from mmtoken.state import IMAGE, VIDEO, CallState
 
 if TYPE_CHECKING:
     from mmtoken.integrations.base import Adapter

@@ -20,7 +20,7 @@ from conftest import (
 
 import mmtoken
 from mmtoken.compat import cache_of
-from mmtoken.engine.state import TEXT
+from mmtoken.state import TEXT
 
 
 @pytest.mark.parametrize(("case", "method"), method_cases(KEEP_ALL))

@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 
-from mmtoken.engine.state import VIDEO
 from mmtoken.methods import AIM, HoliTom, ToMe, VisionZip
 from mmtoken.ops import merge_into
 from mmtoken.reducers import GroupMean, NearestMerge
@@ -21,6 +20,7 @@ from mmtoken.scorers.diversity import max_min_order
 from mmtoken.scorers.groups import GroupHeads
 from mmtoken.scorers.holitom import holitom_targets
 from mmtoken.scorers.temporal import removable, segments, temporal_targets
+from mmtoken.state import VIDEO
 
 
 def _score_input(hidden: torch.Tensor, weight: torch.Tensor, keep: list[int]) -> ScoreInput:

@@ -10,11 +10,11 @@ from conftest import greedy, inputs, model_and_processor
 from transformers.models.llama.modeling_llama import rotate_half
 
 import mmtoken
-from mmtoken.engine.state import IMAGE, TEXT
 from mmtoken.integrations import adapter_for
 from mmtoken.integrations.vision import VisionWatch, module_input
 from mmtoken.scorers.base import ScoreInput
 from mmtoken.scorers.pagerank import TextRank
+from mmtoken.state import IMAGE, TEXT
 
 
 @pytest.mark.parametrize("family", ["llava", "llava_onevision"])

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from transformers import PretrainedConfig
 
 from mmtoken.accounting.flops import exact_flops, paper_flops
-from mmtoken.engine.state import CallState
+from mmtoken.state import CallState
 
 
 @dataclass

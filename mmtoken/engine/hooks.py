@@ -26,7 +26,7 @@ from mmtoken.accounting.stats import Stats, cache_bytes, measure_stats
 from mmtoken.compat import cache_in, cache_of
 from mmtoken.engine.masks import decode_mask, prefill_mask
 from mmtoken.engine.select import select
-from mmtoken.engine.state import CallState, TokenSet
+from mmtoken.state import CallState, TokenSet
 from mmtoken.integrations.vision import VisionWatch
 from mmtoken.methods.base import Method
 from mmtoken.reducers import Reducer

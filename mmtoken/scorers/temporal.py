@@ -8,10 +8,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from mmtoken.engine.state import VIDEO
 from mmtoken.ops import compress
 from mmtoken.scorers.base import ScoreInput
 from mmtoken.scorers.groups import Grouping, row_targets
+from mmtoken.state import VIDEO
 
 _BISECTION_STEPS = 30
 

@@ -1,4 +1,4 @@
-"""Which tokens are alive where: the per-call bookkeeping that every hook reads."""
+"""Token state: which tokens are alive where, per call and batch row; the bookkeeping every hook and adapter reads."""
 
 from __future__ import annotations
 
