@@ -10,6 +10,12 @@ from torch import nn
 from mmtoken.state import IMAGE, TEXT, VIDEO, CallState
 
 _KIND_NAMES = {IMAGE: "image", VIDEO: "video"}
+_PIXELS = {IMAGE: "pixel_values", VIDEO: "pixel_values_videos"}
+
+
+def _encoded(kind: int, inputs: dict) -> object | None:
+    """The features of `kind` that `generate` encoded ahead of the call, if any."""
+    return (inputs.get("mm_encoder_outputs") or {}).get(_KIND_NAMES[kind])
 
 
 def raster(frames: int, rows: int, columns: int) -> torch.Tensor:
@@ -68,7 +74,13 @@ class Adapter:
             if token_id is not None:
                 kinds[ids == token_id] = kind
         for kind, name in _KIND_NAMES.items():
-            expected, tokens = self.expected_tokens(kind, inputs), int((kinds == kind).sum())
+            tokens = int((kinds == kind).sum())
+            if tokens and not self.has_media(kind, inputs):
+                raise ValueError(
+                    f"the prompt holds {tokens} {name} tokens but the call has no {name}s ({_PIXELS[kind]}); "
+                    "build the prompt with the model's processor from the same media"
+                )
+            expected = self.expected_tokens(kind, inputs)
             if expected is not None and expected != tokens:
                 raise ValueError(
                     f"the prompt holds {tokens} {name} tokens but its {name}s need {expected}; "
@@ -84,10 +96,15 @@ class Adapter:
             visual_counts=((kinds != TEXT) & ~padding).sum(1).tolist(),
         )
 
+    @staticmethod
+    def has_media(kind: int, inputs: dict) -> bool:
+        """Whether the call brings media of `kind`: their pixels, or features `generate` encoded ahead."""
+        return inputs.get(_PIXELS[kind]) is not None or _encoded(kind, inputs) is not None
+
     def expected_tokens(self, kind: int, inputs: dict) -> int | None:
         """How many tokens of `kind` the call's media fill, when cheap to know before the model runs: from
         features `generate` encoded ahead, else the family's own rule (None: the model checks it itself)."""
-        encoded = (inputs.get("mm_encoder_outputs") or {}).get(_KIND_NAMES[kind])
+        encoded = _encoded(kind, inputs)
         return None if encoded is None else sum(len(item) for item in encoded.pooler_output)
 
     def geometry(self, call: CallState, embeddings: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from os import PathLike
 
 import torch
 from torch import nn
@@ -45,7 +46,7 @@ class Handle:
         delattr(self.model, _ATTRIBUTE)
 
 
-def patch(model: nn.Module, method: str | dict | Method, **params: object) -> Handle:
+def patch(model: nn.Module, method: str | PathLike | dict | Method, **params: object) -> Handle:
     """Attach `method` (a name with parameters, a dict or YAML path, or a Method) to an already-loaded model.
 
     Everything is checked before anything is attached: the method and its parameters, the model family, and
@@ -68,7 +69,7 @@ def unpatch(model: nn.Module) -> None:
 
 
 @contextmanager
-def patched(model: nn.Module, method: str | dict | Method, **params: object) -> Iterator[Handle]:
+def patched(model: nn.Module, method: str | PathLike | dict | Method, **params: object) -> Iterator[Handle]:
     """`patch` for the length of a `with` block."""
     handle = patch(model, method, **params)
     try:

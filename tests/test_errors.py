@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import PRUNING, greedy, inputs, model_and_processor
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import GenerationMixin, LlamaConfig, LlamaForCausalLM
 
 import mmtoken
 
@@ -71,6 +71,38 @@ def layer_calls(llava):
         ("pipeline", {"stages": [{"method": "fastvv"}]}, KeyError, "unknown method 'fastvv'"),
         ("pipeline", {"stages": ["fastv", {"method": "pdrop", "layers": (3, 4)}], "budget": 20}, ValueError,
          "a budget needs every stage but the last to cut before the language model; fastv cut inside it"),
+        # integers must be integers and floats finite, for every parameter of every method
+        ("fastv", {"k": 2.5}, TypeError, "fastv: k must be a 64-bit integer, got 2.5"),
+        ("fastv", {"k": True}, TypeError, "fastv: k must be a 64-bit integer, got True"),
+        ("fastv", {"keep": 1.5}, TypeError, "fastv: keep must be a 64-bit integer or None, got 1.5"),
+        ("fastv", {"budget": float("nan")}, TypeError, "fastv: budget must be a finite number or None, got nan"),
+        ("fastv", {"ratio": "0.5"}, TypeError, "fastv: ratio must be a finite number or None, got '0.5'"),
+        ("pdrop", {"layers": (2.5, 4)}, TypeError, "pdrop: layers must be a list of 64-bit integers, got (2.5, 4)"),
+        ("pdrop", {"layers": 2}, TypeError, "pdrop: layers must be a list of 64-bit integers, got 2"),
+        ("pdrop", {"layers": (2, 4), "budget": float("nan")}, TypeError, "pdrop: budget must be a finite number"),
+        ("pdrop", {"layers": (2, 4), "budget": float("inf")}, TypeError, "pdrop: budget must be a finite number"),
+        ("random", {"seed": 1.5}, TypeError, "random: seed must be a 64-bit integer, got 1.5"),
+        ("random", {"seed": 2**64}, TypeError, "random: seed must be a 64-bit integer, got 18446744073709551616"),
+        ("random", {"layer": 1.5}, TypeError, "random: layer must be a 64-bit integer, got 1.5"),
+        ("random", {"budget": float("nan")}, TypeError, "random: budget must be a finite number or None, got nan"),
+        ("pooling", {"stride": float("nan")}, TypeError, "pooling: stride must be a 64-bit integer or None, got nan"),
+        ("pooling", {"stride": 2.5}, TypeError, "pooling: stride must be a 64-bit integer or None, got 2.5"),
+        ("pooling", {"stride": 10**30}, TypeError, "pooling: stride must be a 64-bit integer or None"),
+        ("pooling", {"budget": float("nan")}, TypeError, "pooling: budget must be a finite number or None, got nan"),
+        ("feather", {"layers": (2, 4), "stride": 1.5}, TypeError, "feather: stride must be a 64-bit integer"),
+        ("psigmoid", {"slope": float("nan")}, TypeError, "psigmoid: slope must be a finite number, got nan"),
+        ("psigmoid", {"center": float("nan")}, TypeError, "psigmoid: center must be a finite number, got nan"),
+        ("psigmoid", {"budget": float("nan")}, TypeError, "psigmoid: budget must be a finite number or None"),
+        ("pmod", {"shift": float("nan")}, TypeError, "pmod: shift must be a finite number, got nan"),
+        ("aim", {"layer": 2.5}, TypeError, "aim: layer must be a 64-bit integer or None, got 2.5"),
+        ("holitom", {"layer": 2.5}, TypeError, "holitom: layer must be a 64-bit integer, got 2.5"),
+        ("temporal", {"budget": float("nan")}, TypeError, "temporal: budget must be a finite number or None"),
+        ("gsearch", {"keep": []}, ValueError, "gsearch: keep must start at visual (576) and never grow with depth"),
+        ("gsearch", {"keep": [0] * 6, "visual": 0}, ValueError, "gsearch: visual must be >= 1, got 0"),
+        ("gsearch", {"keep": (576, 288.5, 100, 100, 100, 100)}, TypeError, "gsearch: keep must be a list of 64-bit"),
+        ("pipeline", {"stages": {"method": "fastv"}}, TypeError, "pipeline: stages must be a list, got {'method'"),
+        ("pipeline", {"stages": [{"method": "fastv", "k": 2.5}]}, TypeError, "fastv: k must be a 64-bit integer"),
+        ("pipeline", {"stages": ["pooling"], "budget": float("nan")}, TypeError, "pipeline: budget must be a finite"),
     ],
 )  # fmt: skip
 def test_bad_method_is_refused_before_patching(llava, method, params, error, message):
@@ -79,6 +111,16 @@ def test_bad_method_is_refused_before_patching(llava, method, params, error, mes
     assert message in str(raised.value)
     assert not hasattr(llava, "_mmtoken_handle")
     assert not llava.get_decoder().layers[0]._forward_pre_hooks
+
+
+def test_ready_method_object_is_checked_as_a_name_is(llava):
+    with pytest.raises(TypeError, match=r"fastv: k must be a 64-bit integer, got 2\.5"):
+        mmtoken.methods.FastV(k=2.5)
+    method = mmtoken.methods.FastV()
+    method.k = 2.5
+    with pytest.raises(TypeError, match=r"fastv: k must be a 64-bit integer, got 2\.5"):
+        mmtoken.patch(llava, method)
+    assert not hasattr(llava, "_mmtoken_handle")
 
 
 @pytest.mark.parametrize(
@@ -128,6 +170,10 @@ def test_temporal_merging_of_an_image_is_refused(llava, layer_calls):
     assert not layer_calls
 
 
+@pytest.mark.skipif(
+    not hasattr(GenerationMixin, "_supports_mm_encoder_outputs"),
+    reason="this transformers' generate() takes no features encoded ahead (mm_encoder_outputs)",
+)
 @pytest.mark.parametrize("method", ["visionzip", "holitom"])
 def test_vision_signal_without_the_tower_running_is_refused(llava, layer_calls, method):
     """Features encoded before patching carry no attention: methods that rank by it say so."""
@@ -223,12 +269,15 @@ def test_patching_twice_and_unpatching_twice_are_refused(llava):
 
 def test_method_from_name_dict_yaml_and_object_agree(llava, tmp_path):
     batch = inputs("llava", False)
-    path = tmp_path / "method.yaml"
-    path.write_text("method: pdrop\nlayers: [2, 4]\nratio: 0.5\n")
+    path, upper = tmp_path / "method.yaml", tmp_path / "method.YML"
+    for file in (path, upper):
+        file.write_text("method: pdrop\nlayers: [2, 4]\nratio: 0.5\n")
     forms = [
         ("pdrop", PRUNING["pdrop"]),
         ({"method": "pdrop", **PRUNING["pdrop"]}, {}),
         (str(path), {}),
+        (path, {}),
+        (str(upper), {}),
         (mmtoken.methods.PyramidDrop(**PRUNING["pdrop"]), {}),
     ]
     results = []
@@ -242,3 +291,92 @@ def test_method_from_name_dict_yaml_and_object_agree(llava, tmp_path):
 def test_object_with_extra_parameters_is_refused(llava):
     with pytest.raises(TypeError, match="given with a ready Method"):
         mmtoken.patch(llava, mmtoken.methods.FastV(), k=3)
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "error", "message"),
+    [
+        ("missing.yaml", None, ValueError, r"cannot read the method file '.*missing\.yaml': No such file or directory"),
+        ("malformed.yaml", "method: [pdrop\n", ValueError, r"the method file '.*malformed\.yaml' is not valid YAML"),
+        ("list.yml", "- method: pdrop\n", TypeError, r"the method file '.*list\.yml' must hold a mapping"),
+        ("empty.yaml", "", TypeError, r"the method file '.*empty\.yaml' must hold a mapping .*, not None"),
+        ("typo.yaml", "method: pdrop\nlayers: [2.5, 4]\n", TypeError, r"pdrop: layers must be a list of 64-bit"),
+    ],
+)  # fmt: skip
+def test_bad_method_file_is_refused_before_patching(llava, tmp_path, name, text, error, message):
+    path = tmp_path / name
+    if text is not None:
+        path.write_text(text)
+    for method in (str(path), path):
+        with pytest.raises(error, match=message):
+            mmtoken.patch(llava, method)
+    assert not hasattr(llava, "_mmtoken_handle")
+
+
+@pytest.mark.parametrize(("family", "video"), [("llava", False), ("llava_next", False), ("qwen2_vl", True)])
+def test_visual_tokens_without_their_pixels_are_refused(family, video):
+    model, _ = model_and_processor(family)
+    batch = {key: value for key, value in inputs(family, video).items() if not key.startswith("pixel_values")}
+    calls = []
+    hook = model.get_decoder().layers[0].register_forward_pre_hook(lambda *_: calls.append(1))
+    kind = "video" if video else "image"
+    try:
+        with mmtoken.patched(model, "fastv"), pytest.raises(ValueError, match=f"but the call has no {kind}s"):
+            greedy(model, batch)
+    finally:
+        hook.remove()
+    assert not calls
+
+
+@pytest.mark.parametrize(
+    ("method", "params"),
+    [("fastv", {"budget": 16}), ("pdrop", {"layers": (2, 4), "budget": 16}), ("pooling", {"budget": 16}),
+     ("pmod", {"budget": 16}), ("holitom", {"layer": 3, "budget": 16}), ("fastv", {"ratio": 0.5})],
+)  # fmt: skip
+def test_text_only_prompt_passes_through_unchanged(llava, method, params):
+    _, processor = model_and_processor("llava")
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "text", "text": "what color is the box"}]}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    batch = processor(text=[prompt], return_tensors="pt")
+    expected = greedy(llava, batch)
+    with mmtoken.patched(llava, method, **params) as handle:
+        assert torch.equal(greedy(llava, batch), expected)
+        assert handle.stats.visual_tokens_per_layer == [0.0] * 6
+
+
+def test_rows_whose_budgets_cut_at_different_layers():
+    """p-MoD's shift is solved per row for its budget, so rows of different visual counts cut at different layers:
+    a batch keeps what each row keeps alone."""
+    model, _ = model_and_processor("llava_next")
+    per_row = []
+    for row in (0, 1):
+        with mmtoken.patched(model, "pmod", budget=153) as handle:
+            greedy(model, inputs("llava_next", False, rows=[row]), 2)
+            per_row.append(handle.stats.visual_tokens_per_layer)
+    with mmtoken.patched(model, "pmod", budget=153) as handle:
+        greedy(model, inputs("llava_next", False, batch=2), 2)
+        assert handle.stats.visual_tokens_per_layer == [(a + b) / 2 for a, b in zip(*per_row, strict=True)]
+
+
+@pytest.mark.parametrize(
+    ("stages", "message"),
+    [
+        ([{"method": "atp", "layers": (1,)}, {"method": "aim", "layer": 1}],
+         r"pipeline: step 2 \(aim\) cuts at layer 0, not after the step before it \(its last cut is at layer 1\)"),
+        ([{"method": "atp", "layers": (1, 2)}, {"method": "pdrop", "layers": (3, 4), "budget": 10}],
+         r"pipeline: step 2 \(pdrop\) has a budget, but the visual tokens it starts from are only known at layer 2"),
+        ([{"method": "holitom", "layer": 2, "ratio": 0.1}, {"method": "pdrop", "layers": (3, 4), "budget": 60}],
+         r"pdrop: budget 60 exceeds the \d+ visual tokens of this input"),
+    ],
+)  # fmt: skip
+def test_pipeline_steps_after_a_deciding_cut_are_checked_before_the_language_model_runs(llava, layer_calls, stages,
+                                                                                       message):  # fmt: skip
+    """Steps after a cut whose scorer decides the count (ATP's inside the language model, HoliTom's merge before it)
+    are planned once it is made; what can be checked before the language model runs is."""
+    mmtoken.patch(llava, "pipeline", stages=stages)
+    with pytest.raises(ValueError, match=message):
+        greedy(llava, inputs("llava", False))
+    assert not layer_calls

@@ -26,11 +26,12 @@ from mmtoken.accounting.stats import Stats, cache_bytes, measure_stats
 from mmtoken.compat import cache_in, cache_of
 from mmtoken.engine.masks import decode_mask, prefill_mask
 from mmtoken.engine.select import select
-from mmtoken.state import CallState, TokenSet
 from mmtoken.integrations.vision import VisionWatch
 from mmtoken.methods.base import Method
 from mmtoken.reducers import Reducer
+from mmtoken.schedules import Cut
 from mmtoken.scorers.base import ScoreInput, Scorer
+from mmtoken.state import CallState, TokenSet
 
 if TYPE_CHECKING:
     from mmtoken.integrations.base import Adapter
@@ -54,16 +55,31 @@ def _gather_rows(table: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
+class Resume:
+    """Where planning goes on once a cut whose scorer decides the count is made: at step `step`, whose cuts come after
+    layer `after`, from that cut's survivors less what the later cuts of its own step keep (`later`, per row)."""
+
+    step: int
+    after: int
+    later: list[list[int]]
+
+    def counts(self, survivors: list[int]) -> list[int]:
+        for keep in self.later:
+            survivors = [min(count, kept) for count, kept in zip(survivors, keep, strict=True)]
+        return survivors
+
+
+@dataclass
 class PlannedCut:
     """One cut of one call: the visual tokens each row keeps (on the CPU and on the device), ranked by `scorer`
     and reduced by `reducer` (the cut's own, else its method's). `resume` is set on the last cut of a step whose
-    survivors only a scorer knows: the steps after it (from `resume` on) are planned once that cut is made."""
+    scorer decides the count: the steps after it are planned once that cut is made."""
 
     scorer: Scorer
     reducer: Reducer
     keep: list[int]
     keep_on_device: torch.Tensor
-    resume: int | None = None
+    resume: Resume | None = None
 
 
 def decides_count(scorer: Scorer) -> bool:
@@ -150,28 +166,65 @@ class Engine:
     def _plan(self, counts: list[int], first: int, after: int, device: torch.device) -> None:
         """Visual tokens each row keeps at each cut of steps `first` on, from each step's schedule for the row's
         visual count, on the CPU and (copied before the model queues any work) on the model's device. A step
-        whose scorer decides the count ends the planning; the steps after it are planned from its survivors."""
+        whose scorer decides the count ends the planning: the steps after it are planned from its survivors, once
+        its last cut that decides is made (and checked ahead where that cut is inside the language model)."""
+        for index in range(first, len(self.steps)):
+            step, planned, layers = self.steps[index], [], []
+            for cut, keep in self._step_cuts(index, counts, after):
+                scorer, reducer = cut.scorer or step.scorer, cut.reducer or step.reducer
+                planned.append(PlannedCut(scorer, reducer, keep, torch.tensor(keep, device=device)))
+                layers.append(cut.layer)
+                self._keep.setdefault(cut.layer, []).append(planned[-1])
+            after = layers[-1] if layers else after
+            deciding = [position for position, cut in enumerate(planned) if decides_count(cut.scorer)]
+            if deciding and index + 1 < len(self.steps):
+                last = deciding[-1]
+                planned[last].resume = Resume(index + 1, after, [cut.keep for cut in planned[last + 1 :]])
+                if layers[last] > 0:
+                    self._check_ahead(index + 1, counts, after, step.name, layers[last])
+                return
+            for cut in planned:
+                counts = [min(count, kept) for count, kept in zip(counts, cut.keep, strict=True)]
+
+    def _step_cuts(self, index: int, counts: list[int], after: int) -> list[tuple[Cut, list[int]]]:
+        """The cuts of step `index` in layer order, each with the visual tokens each row keeps there, for rows of
+        `counts` visual tokens; raises unless they come after layer `after`, the last cut of the step before.
+        Rows of different counts may cut at different layers (a budget solved per count moves a curve's cuts):
+        where a row makes no cut of its own it keeps all it has. A row without visual tokens has nothing to cut,
+        nor a budget to meet."""
+        step = self.steps[index]
+        schedules = {
+            count: {cut.layer: cut for cut in step.cuts(self.depth, count)} if count else {} for count in set(counts)
+        }
+        layers = sorted({layer for schedule in schedules.values() for layer in schedule})
+        if layers and (layers[0] < after or 0 < layers[0] == after):
+            raise ValueError(
+                f"pipeline: step {index + 1} ({step.name}) cuts at layer {layers[0]}, not after the step before it "
+                f"(its last cut is at layer {after})"
+            )
+        return [
+            (
+                next(schedule[layer] for schedule in schedules.values() if layer in schedule),
+                [schedules[count][layer].keep if layer in schedules[count] else count for count in counts],
+            )
+            for layer in layers
+        ]
+
+    def _check_ahead(self, first: int, counts: list[int], after: int, decider: str, layer: int) -> None:
+        """Raise now, before the language model runs, for the steps from `first` on: they are planned only at
+        decoder layer `layer`, where `decider` decides how many visual tokens stay. So none may have a budget (what
+        it starts from is unknown until then), and their cuts must come after the step before's, which is checked
+        for `counts`, the most they can start from."""
         for index in range(first, len(self.steps)):
             step = self.steps[index]
-            schedules = {count: step.cuts(self.depth, count) for count in set(counts)}
-            cuts = schedules[counts[0]]
-            if cuts and (cuts[0].layer < after or 0 < cuts[0].layer == after):
+            if getattr(step, "budget", None) is not None:
                 raise ValueError(
-                    f"pipeline: step {index + 1} ({step.name}) cuts at layer {cuts[0].layer}, not after the step "
-                    f"before it (its last cut is at layer {after})"
+                    f"pipeline: step {index + 1} ({step.name}) has a budget, but the visual tokens it starts from are "
+                    f"only known at layer {layer}, inside the language model, where {decider} decides how many stay: "
+                    "give it a ratio or a schedule instead"
                 )
-            alive, decided = counts, False
-            for position, cut in enumerate(cuts):
-                keep = [schedules[count][position].keep for count in counts]
-                scorer, reducer = cut.scorer or step.scorer, cut.reducer or step.reducer
-                planned = PlannedCut(scorer, reducer, keep, torch.tensor(keep, device=device))
-                self._keep.setdefault(cut.layer, []).append(planned)
-                alive, after = [min(count, kept) for count, kept in zip(alive, keep, strict=True)], cut.layer
-                decided |= decides_count(scorer)
-            if decided and index + 1 < len(self.steps):
-                planned.resume = index + 1
-                return
-            counts = alive
+            cuts = self._step_cuts(index, counts, after)
+            after = cuts[-1][0].layer if cuts else after
 
     def _after_call(self, module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
         if self._prefill:
@@ -277,8 +330,9 @@ class Engine:
         while done < len(self._keep[layer]):
             planned = self._keep[layer][done]
             tokens, hidden = self._cut(planned, layer, tokens, hidden, kwargs)
-            if planned.resume is not None:
-                self._plan(tokens.visual_counts, planned.resume, layer, hidden.device)
+            resume = planned.resume
+            if resume is not None:
+                self._plan(resume.counts(tokens.visual_counts), resume.step, resume.after, hidden.device)
             done += 1
         return tokens, hidden
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import MISSING, fields
+from os import PathLike
 from pathlib import Path
 
 from mmtoken.methods.aim import AIM
 from mmtoken.methods.atp import AdaptivePrune
-from mmtoken.methods.base import Method
+from mmtoken.methods.base import Method, check_parameters
 from mmtoken.methods.divprune import DivPrune
 from mmtoken.methods.fastv import FastV
 from mmtoken.methods.feather import Feather
@@ -42,17 +43,37 @@ def list_methods() -> list[dict[str, object]]:
     ]
 
 
-def build(method: str | dict | Method, **params: object) -> Method:
+def _is_method_file(method: object) -> bool:
+    return isinstance(method, PathLike) or (isinstance(method, str) and method.lower().endswith((".yaml", ".yml")))
+
+
+def _method_file(path: str | PathLike) -> dict:
+    """The method dict a YAML file holds; ValueError for a file that cannot be read or parsed, TypeError for one
+    that holds no mapping."""
+    import yaml
+
+    try:
+        config = yaml.safe_load(Path(path).read_text())
+    except OSError as error:
+        raise ValueError(f"cannot read the method file {str(path)!r}: {error.strerror or error}") from error
+    except yaml.YAMLError as error:
+        raise ValueError(f"the method file {str(path)!r} is not valid YAML: {error}") from error
+    if not isinstance(config, dict):
+        raise TypeError(f"the method file {str(path)!r} must hold a mapping such as `method: fastv`, not {config!r}")
+    return config
+
+
+def build(method: str | PathLike | dict | Method, **params: object) -> Method:
     """A Method from a name and parameters, a dict ({"method": name, **parameters}, as in YAML), a path to such
-    a YAML file, or a Method object."""
+    a YAML file (a `str` ending in .yaml or .yml, or a path object), or a Method object. Parameters are checked
+    against their fields' types (a ready Method's too: it may have been changed since it was made) and ranges."""
     if isinstance(method, Method):
         if params:
             raise TypeError(f"parameters {sorted(params)} given with a ready Method object")
+        check_parameters(method)
         return method
-    if isinstance(method, str) and method.endswith((".yaml", ".yml")):
-        import yaml
-
-        method = yaml.safe_load(Path(method).read_text())
+    if _is_method_file(method):
+        method = _method_file(method)
     if isinstance(method, dict):
         config = dict(method)
         if "method" not in config:
@@ -60,12 +81,12 @@ def build(method: str | dict | Method, **params: object) -> Method:
         method = config.pop("method")
         params = {**config, **params}
     if not isinstance(method, str):
-        raise TypeError(f"method must be a name, a dict or a Method, not {type(method).__name__}")
+        raise TypeError(f"method must be a name, a dict, a YAML path or a Method, not {type(method).__name__}")
     if method not in METHODS:
         raise KeyError(f"unknown method {method!r}; known: {', '.join(sorted(METHODS))}")
     cls = METHODS[method]
     known = _defaults(cls)
-    unknown = sorted(set(params) - set(known))
+    unknown = sorted(map(str, set(params) - set(known)))
     if unknown:
         raise TypeError(f"{method}: unknown parameter(s) {', '.join(unknown)}; parameters: {', '.join(known)}")
     return cls(**params)

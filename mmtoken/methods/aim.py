@@ -34,6 +34,7 @@ class AIM(Method):
     step: float = 0.125
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_ratio_or_budget("aim", self.ratio, self.budget)
         if self.layer is not None and self.layer < 1:
             raise ValueError(f"aim: layer must be >= 1 (the layer before it ranks the tokens), got {self.layer}")

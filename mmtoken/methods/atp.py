@@ -35,6 +35,7 @@ class AdaptivePrune(Method):
     budget: float | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self.layers = check_layers(self.name, self.layers)
         if not 0 < self.mass <= 1:
             raise ValueError(f"atp: mass must be in (0, 1], got {self.mass}")

@@ -1,10 +1,15 @@
 """A method is a preset of parts: a schedule of cuts, a scorer (what to keep) and a reducer (how the rest
-leaves). Presets declare their parameters as dataclass fields and check them in `__post_init__`."""
+leaves). Presets declare their parameters as dataclass fields, whose annotations `check_parameters` enforces,
+and check their ranges in `__post_init__`."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
+import math
+import types
+from dataclasses import dataclass, fields
+from functools import cache
+from numbers import Integral, Real
+from typing import ClassVar, Union, get_args, get_origin, get_type_hints
 
 from mmtoken.reducers import Drop, GroupMean, Reducer
 from mmtoken.schedules import Cut, single_cut_keep
@@ -14,6 +19,64 @@ from mmtoken.scorers.groups import GroupHeads, Grouping
 
 BEFORE_LLM, AT_LAYER = "before_llm", "at_layer"
 BEFORE_AND_AT_LAYER = f"{BEFORE_LLM}+{AT_LAYER}"
+
+
+def _is_integer(value: object) -> bool:
+    """Whether `value` is an integer that fits the 64 bits of a torch index or seed (a bool is no integer here)."""
+    return isinstance(value, Integral) and not isinstance(value, bool) and -(2**63) <= value < 2**63
+
+
+def _is_finite(value: object) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+_NAMES = {
+    type(None): ("None", "None"),
+    int: ("a 64-bit integer", "64-bit integers"),
+    float: ("a finite number", "finite numbers"),
+}
+
+
+def _conforms(value: object, annotation: object) -> bool:
+    """Whether `value` is of the parameter type `annotation`: `int` a 64-bit integer, `float` a finite real
+    number, a tuple a list or tuple of its element type, a union any of its members; other annotations take any
+    value."""
+    if annotation is type(None):
+        return value is None
+    if annotation is int:
+        return _is_integer(value)
+    if annotation is float:
+        return _is_finite(value)
+    origin, members = get_origin(annotation), get_args(annotation)
+    if origin in (Union, types.UnionType):
+        return any(_conforms(value, member) for member in members)
+    if tuple in (annotation, origin):
+        return isinstance(value, (list, tuple)) and (not members or all(_conforms(item, members[0]) for item in value))
+    return True
+
+
+def _describe(annotation: object) -> str:
+    origin, members = get_origin(annotation), get_args(annotation)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(member) for member in members)
+    if tuple in (annotation, origin):
+        return f"a list of {_NAMES[members[0]][1]}" if members else "a list"
+    return _NAMES[annotation][0]
+
+
+@cache
+def parameter_types(cls: type) -> dict[str, object]:
+    """The annotation of each parameter (dataclass field) of a Method class, resolved."""
+    hints = get_type_hints(cls)
+    return {field.name: hints[field.name] for field in fields(cls)}
+
+
+def check_parameters(method: Method) -> None:
+    """Raise TypeError unless every parameter of `method` is of its field's annotated type (see `_conforms`)."""
+    for name, annotation in parameter_types(type(method)).items():
+        value = getattr(method, name)
+        if not _conforms(value, annotation):
+            raise TypeError(f"{method.name}: {name} must be {_describe(annotation)}, got {value!r}")
 
 
 def check_ratio(ratio: float) -> None:
@@ -65,6 +128,9 @@ class Method:
     stage: ClassVar[str]
     needs_vision: ClassVar[bool] = False
 
+    def __post_init__(self) -> None:
+        check_parameters(self)
+
     def cuts(self, depth: int, visual: int) -> list[Cut]:
         raise NotImplementedError
 
@@ -100,6 +166,7 @@ class SingleCut(Method):
         raise NotImplementedError
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         given = [name for name in ("keep", "ratio", "budget") if getattr(self, name) is not None]
         if len(given) > 1:
             raise ValueError(f"{self.name}: give one of keep, ratio, budget, not {' and '.join(given)}")

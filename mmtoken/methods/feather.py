@@ -34,6 +34,7 @@ class Feather(Method):
     budget: float | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self.layers = check_layers(self.name, self.layers)
         if len(self.layers) != 2:
             raise ValueError(f"feather: give two layers (an early cut and a deeper one), got {self.layers}")

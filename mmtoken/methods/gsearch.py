@@ -29,10 +29,13 @@ class GSearch(CurveMethod):
     budget: float | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.keep is None:
             raise ValueError("gsearch: give `keep`, the visual tokens at each layer (`mmtoken search gsearch`)")
         self.keep = tuple(self.keep)
-        if self.keep[0] != self.visual or list(self.keep) != sorted(self.keep, reverse=True) or self.keep[-1] < 0:
+        if self.visual < 1:
+            raise ValueError(f"gsearch: visual must be >= 1, got {self.visual}")
+        if self.keep[:1] != (self.visual,) or list(self.keep) != sorted(self.keep, reverse=True) or self.keep[-1] < 0:
             raise ValueError(
                 f"gsearch: keep must start at visual ({self.visual}) and never grow with depth, got {self.keep}"
             )

@@ -38,6 +38,7 @@ class HoliTom(Method):
     merge: float = 0.5
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_ratio_or_budget("holitom", self.ratio, self.budget)
         if not -1 <= self.threshold <= 1:
             raise ValueError(f"holitom: threshold is a cosine similarity in [-1, 1], got {self.threshold}")

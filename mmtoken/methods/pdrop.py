@@ -28,6 +28,7 @@ class PyramidDrop(Method):
     budget: float | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self.layers = check_layers(self.name, self.layers)
         check_ratio_or_budget(self.name, self.ratio, self.budget)
 

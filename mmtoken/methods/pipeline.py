@@ -30,6 +30,7 @@ class Pipeline(Method):
     def __post_init__(self) -> None:
         from mmtoken.methods import build
 
+        super().__post_init__()
         if not self.stages:
             raise ValueError("pipeline: give at least one stage")
         methods = [build(stage) for stage in self.stages]

@@ -28,6 +28,7 @@ class ProgressiveDecay(CurveMethod):
     budget: float | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not 0 <= self.lowest <= self.highest <= 1:
             raise ValueError(f"pmod: need 0 <= lowest <= highest <= 1, got {self.lowest} and {self.highest}")
         if self.budget is not None:

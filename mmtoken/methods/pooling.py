@@ -25,6 +25,7 @@ class Pooling(Method):
     budget: float | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.stride is not None and self.budget is not None:
             raise ValueError("pooling: give one of stride, budget")
         if self.stride is not None and self.stride < 1:

@@ -27,6 +27,7 @@ class PSigmoid(CurveMethod):
     budget: float | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.slope <= 0:
             raise ValueError(f"psigmoid: slope must be > 0, got {self.slope}")
         if not 0 <= self.floor <= 1:

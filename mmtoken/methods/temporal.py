@@ -27,6 +27,7 @@ class Temporal(Method):
     budget: float | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.threshold is not None and self.budget is not None:
             raise ValueError("temporal: give one of threshold, budget")
         if self.threshold is not None and not -1 <= self.threshold <= 1:
