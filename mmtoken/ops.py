@@ -56,6 +56,8 @@ class GridCells:
     def stride_for(self, visual: int) -> int:
         if self.budget is None:
             return self.stride or 2
+        if visual == 0:
+            return 1  # nothing to pool: a row without visual tokens passes through
         if self.budget > visual:
             raise ValueError(f"pooling: budget {self.budget} exceeds the {visual} visual tokens of this input")
         return max(1, round(math.sqrt(visual / self.budget)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import PRUNING, greedy, inputs, model_and_processor
+from PIL import Image
 from transformers import GenerationMixin, LlamaConfig, LlamaForCausalLM
 
 import mmtoken
@@ -345,6 +346,18 @@ def test_text_only_prompt_passes_through_unchanged(llava, method, params):
     with mmtoken.patched(llava, method, **params) as handle:
         assert torch.equal(greedy(llava, batch), expected)
         assert handle.stats.visual_tokens_per_layer == [0.0] * 6
+
+
+def test_a_budget_pools_the_image_row_of_a_batch_beside_a_text_only_row(llava):
+    _, processor = model_and_processor("llava")
+    contents = ([{"type": "text", "text": "what color"}], [{"type": "image"}, {"type": "text", "text": "what"}])
+    chat = [[{"role": "user", "content": content}] for content in contents]
+    prompts = [processor.apply_chat_template(turns, add_generation_prompt=True, tokenize=False) for turns in chat]
+    image = Image.new("RGB", (112, 112), (40, 80, 220))
+    batch = processor(text=prompts, images=[image], padding=True, return_tensors="pt")
+    with mmtoken.patched(llava, "pooling", budget=8) as handle:
+        greedy(llava, batch)
+    assert [row.avg_visual_tokens for row in handle.stats.rows] == [0, 9]  # stride 3 on its 8 x 8 grid
 
 
 def test_rows_whose_budgets_cut_at_different_layers():
