@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Iterator, Mapping
 from functools import cache
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -10,6 +11,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import pytest
 import torch
 
+from mmtoken.methods import METHODS
+from mmtoken.methods.base import CurveMethod, Examples
 from mmtoken.zoo import load
 from mmtoken.zoo.tiny import FAMILIES, VIDEO_FAMILIES, tiny_inputs, tiny_model
 
@@ -20,54 +23,52 @@ torch.set_num_threads(1)
 CASES = [(family, False) for family in FAMILIES] + [(family, True) for family in FAMILIES if family in VIDEO_FAMILIES]
 CASE_IDS = [f"{family}-{'video' if video else 'image'}" for family, video in CASES]
 
-# pmod, gsearch and psigmoid are left out to spare test time: they reach the engine as PyramidDrop does (cuts ranked
-# by its scorer, here at every layer where a per-layer curve falls); test_methods checks batch == rows and their
-# counts on a model, test_parts their curves.
-PRUNING = {
-    "fastv": {"k": 2, "ratio": 0.4},
-    "pdrop": {"layers": (2, 4), "ratio": 0.5},
-    "random": {"ratio": 0.3},
-    "uniform": {"ratio": 0.3},
-    "pooling": {"stride": 2},
-    "feather": {"layers": (2, 4), "ratio": 0.3},
-    "atp": {"layers": (2, 4), "mass": 0.5},
-    "visionzip": {"ratio": 0.3},
-    "divprune": {"ratio": 0.3},
-    "tome": {"ratio": 0.3},
-    "aim": {"ratio": 0.5, "layer": 2, "step": 0.5},
-    "holitom": {"ratio": 0.3, "layer": 3},
-    "temporal": {"threshold": 0.5},
-    # merging (whose count the merge decides) and an inner merge, then pruning planned on the survivors
-    "pipeline": {
-        "stages": ({"method": "holitom", "ratio": 0.5, "layer": 2}, {"method": "pdrop", "layers": (3, 5)}),
-    },
-}
-KEEP_ALL = {
-    "fastv": {"k": 2, "ratio": 1.0},
-    "pdrop": {"layers": (2, 4), "ratio": 1.0},
-    "random": {"ratio": 1.0},
-    "uniform": {"ratio": 1.0},
-    "pooling": {"stride": 1},
-    "feather": {"layers": (2, 4), "ratio": 1.0},
-    "atp": {"layers": (2, 4), "spatial": 1.0},
-    "visionzip": {"ratio": 1.0},
-    "divprune": {"ratio": 1.0},
-    "tome": {"ratio": 1.0},
-    "aim": {"ratio": 1.0, "step": 0},
-    "holitom": {"ratio": 1.0, "threshold": 1.0, "merge": 0.0},
-    "temporal": {"threshold": 1.0},
-    "pipeline": {"stages": ({"method": "pooling", "stride": 1}, {"method": "pdrop", "layers": (2, 4), "ratio": 1.0})},
-}
-VIDEO_ONLY = {"temporal"}
+# The curve methods (pmod, gsearch, psigmoid) are left out to spare test time: they reach the engine as PyramidDrop
+# does (cuts ranked by its scorer, here at every layer where a per-layer curve falls); test_methods checks batch ==
+# rows and their counts on a model (and fails for a curve method it does not check), test_parts their curves.
+INVARIANT_METHODS = sorted(name for name, cls in METHODS.items() if not issubclass(cls, CurveMethod))
 
 
-def method_cases(methods: dict[str, dict]) -> list:
+def examples(method: str) -> Examples:
+    """The parameters the tests run `method` with, declared on its class; fails the test where the class has none."""
+    cls = METHODS[method]
+    declared = cls.__dict__.get("examples")
+    if not isinstance(declared, Examples):
+        message = f"{method}: {cls.__name__} declares no `examples = Examples(...)` (mmtoken.methods.base)"
+        pytest.fail(f"{message}, the parameters the tests run it with on every family", pytrace=False)
+    return declared
+
+
+class Settings(Mapping[str, dict]):
+    """The `kind` example parameters (`cutting` or `keep_all`) of each method the invariant tests run, by name, read
+    from its class; a method whose examples give none fails the test that asks."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+    def __getitem__(self, method: str) -> dict:
+        params = getattr(examples(method), self.kind)
+        if params is None:
+            pytest.fail(f"{method}: its examples give no `{self.kind}` parameters for the invariants", pytrace=False)
+        return params
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(INVARIANT_METHODS)
+
+    def __len__(self) -> int:
+        return len(INVARIANT_METHODS)
+
+
+PRUNING, KEEP_ALL = Settings("cutting"), Settings("keep_all")
+
+
+def method_cases(methods: Iterable[str]) -> list:
     """(case, method) for every method on every case it applies to: video-only methods skip the image cases."""
     return [
         pytest.param(case, method, id=f"{case_id}-{method}")
         for method in sorted(methods)
         for case, case_id in zip(CASES, CASE_IDS, strict=True)
-        if case[1] or method not in VIDEO_ONLY
+        if case[1] or not METHODS[method].video_only
     ]
 
 

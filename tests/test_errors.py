@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import PRUNING, greedy, inputs, model_and_processor
+from conftest import PRUNING, examples, greedy, inputs, model_and_processor
 from PIL import Image
 from transformers import GenerationMixin, LlamaConfig, LlamaForCausalLM
 
 import mmtoken
+from mmtoken.methods import METHODS
 
 
 @pytest.fixture
@@ -112,6 +113,21 @@ def test_bad_method_is_refused_before_patching(llava, method, params, error, mes
     assert message in str(raised.value)
     assert not hasattr(llava, "_mmtoken_handle")
     assert not llava.get_decoder().layers[0]._forward_pre_hooks
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_a_layer_past_the_model_is_refused_for_every_method(llava, method):
+    """Each registered method with the parameters of its examples that name a decoder layer past the tiny model's 6
+    (`Examples.too_deep`) is refused at `mmtoken.patch`, before any hook is attached."""
+    too_deep = examples(method).too_deep
+    if too_deep is None:
+        pytest.skip(f"no parameter of {method} names a decoder layer")
+    with pytest.raises(ValueError, match="6 decoder layers"):
+        mmtoken.patch(llava, method, **too_deep)
+    assert not hasattr(llava, "_mmtoken_handle")
+    decoder = llava.get_decoder()
+    assert not llava._forward_pre_hooks and not llava._forward_hooks and not decoder._forward_pre_hooks
+    assert not any(layer._forward_pre_hooks for layer in decoder.layers)
 
 
 def test_ready_method_object_is_checked_as_a_name_is(llava):

@@ -1,14 +1,19 @@
 """What the inside-the-LLM methods do beyond the shared invariants: FEATHER's lattice, ATP's per-row counts,
-the curve schedules' counts, and pipelines that chain methods."""
+the curve schedules' counts, and pipelines that chain methods; and the registry that names every method."""
 
 from __future__ import annotations
+
+import pkgutil
+from typing import ClassVar
 
 import pytest
 import torch
 from conftest import greedy, greedy_logits, inputs, model_and_processor, probe_llava
 
 import mmtoken
-from mmtoken.methods import PyramidDrop
+import mmtoken.methods
+from mmtoken.methods import METHODS, FastV, PyramidDrop, register
+from mmtoken.methods.base import CurveMethod
 from mmtoken.schedules.curves import shifted_cosine, sigmoid
 from mmtoken.zoo import probe
 from mmtoken.zoo.embedded import answers, encode
@@ -56,14 +61,35 @@ def test_atp_keeps_a_count_of_its_own_per_image_and_reports_it():
     assert handle.stats.avg_visual_tokens < 200 + 0.1 * 576
 
 
-@pytest.mark.parametrize(
-    ("method", "params", "per_layer"),
-    [
-        ("gsearch", {"keep": (64, 64, 40, 24, 24, 8), "visual": 64}, [64, 64, 40, 24, 24, 8]),
-        ("psigmoid", {}, [round(64 * share) for share in sigmoid(6, 0.5, 12.0, 0.1)]),
-        ("pmod", {}, [round(64 * share) for share in shifted_cosine(6, 0.5)]),
-    ],
-)
+CURVES = [
+    ("gsearch", {"keep": (64, 64, 40, 24, 24, 8), "visual": 64}, [64, 64, 40, 24, 24, 8]),
+    ("psigmoid", {}, [round(64 * share) for share in sigmoid(6, 0.5, 12.0, 0.1)]),
+    ("pmod", {}, [round(64 * share) for share in shifted_cosine(6, 0.5)]),
+]
+
+
+def test_every_module_of_the_package_registers_a_method():
+    """A new method is one file: the package imports each of its modules, whose class `@register` records."""
+    modules = {module.name for module in pkgutil.iter_modules(mmtoken.methods.__path__)} - {"base", "registry"}
+    assert {cls.__module__.rpartition(".")[2] for cls in METHODS.values()} == modules
+    assert all(getattr(mmtoken.methods, cls.__name__) is cls for cls in METHODS.values())
+
+
+def test_a_method_name_is_registered_once():
+    class Again(FastV):
+        name: ClassVar[str] = "fastv"
+
+    with pytest.raises(ValueError, match=r"method name 'fastv' is taken by mmtoken\.methods\.fastv\.FastV"):
+        register(Again)
+    assert METHODS["fastv"] is FastV
+
+
+def test_every_curve_method_is_checked_on_a_model():
+    """The invariant tests leave the curve methods out (conftest): the test below must check each of them instead."""
+    assert {name for name, cls in METHODS.items() if issubclass(cls, CurveMethod)} == {name for name, _, _ in CURVES}
+
+
+@pytest.mark.parametrize(("method", "params", "per_layer"), CURVES)
 def test_curve_schedules_keep_their_counts_and_batch_equals_rows(method, params, per_layer):
     model, _ = model_and_processor("llava")
     batch = inputs("llava", False, batch=2)

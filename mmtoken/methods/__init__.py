@@ -1,117 +1,18 @@
-"""The named methods, each a preset of a schedule, a scorer and a reducer, and how a user names one."""
+"""The named methods, each a preset of a schedule, a scorer and a reducer in a module of its own, registered by
+name with `@register`. Importing this package imports each of its modules, so a new method is one new file; each
+registered class is exported here under its class name (`mmtoken.methods.FastV`)."""
 
 from __future__ import annotations
 
-from dataclasses import MISSING, fields
-from os import PathLike
-from pathlib import Path
+import importlib
+import pkgutil
 
-from mmtoken.methods.aim import AIM
-from mmtoken.methods.atp import AdaptivePrune
-from mmtoken.methods.base import Method, check_parameters
-from mmtoken.methods.divprune import DivPrune
-from mmtoken.methods.fastv import FastV
-from mmtoken.methods.feather import Feather
-from mmtoken.methods.gsearch import GSearch
-from mmtoken.methods.holitom import HoliTom
-from mmtoken.methods.pdrop import PyramidDrop
-from mmtoken.methods.pipeline import Pipeline
-from mmtoken.methods.pmod import ProgressiveDecay
-from mmtoken.methods.pooling import Pooling
-from mmtoken.methods.psigmoid import PSigmoid
-from mmtoken.methods.random import RandomPrune
-from mmtoken.methods.temporal import Temporal
-from mmtoken.methods.tome import ToMe
-from mmtoken.methods.uniform import UniformPrune
-from mmtoken.methods.visionzip import VisionZip
+from mmtoken.methods.base import Method
+from mmtoken.methods.registry import METHODS, build, list_methods, register
 
-_ALL = [FastV, PyramidDrop, RandomPrune, UniformPrune, Pooling]
-_ALL += [Feather, AdaptivePrune, ProgressiveDecay, GSearch, PSigmoid]
-_ALL += [VisionZip, DivPrune, ToMe, AIM, HoliTom, Temporal, Pipeline]
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in _ALL}
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
+globals().update({cls.__name__: cls for cls in METHODS.values()})
 
-def _defaults(cls: type[Method]) -> dict[str, object]:
-    return {field.name: None if field.default is MISSING else field.default for field in fields(cls)}
-
-
-def list_methods() -> list[dict[str, object]]:
-    """Every method: name, parameters with their defaults, stage and paper."""
-    return [
-        {"name": name, "parameters": _defaults(cls), "stage": cls.stage, "paper": cls.paper, "doc": cls.__doc__}
-        for name, cls in METHODS.items()
-    ]
-
-
-def _is_method_file(method: object) -> bool:
-    return isinstance(method, PathLike) or (isinstance(method, str) and method.lower().endswith((".yaml", ".yml")))
-
-
-def _method_file(path: str | PathLike) -> dict:
-    """The method dict a YAML file holds; ValueError for a file that cannot be read or parsed, TypeError for one
-    that holds no mapping."""
-    import yaml
-
-    try:
-        config = yaml.safe_load(Path(path).read_text())
-    except OSError as error:
-        raise ValueError(f"cannot read the method file {str(path)!r}: {error.strerror or error}") from error
-    except yaml.YAMLError as error:
-        raise ValueError(f"the method file {str(path)!r} is not valid YAML: {error}") from error
-    if not isinstance(config, dict):
-        raise TypeError(f"the method file {str(path)!r} must hold a mapping such as `method: fastv`, not {config!r}")
-    return config
-
-
-def build(method: str | PathLike | dict | Method, **params: object) -> Method:
-    """A Method from a name and parameters, a dict ({"method": name, **parameters}, as in YAML), a path to such
-    a YAML file (a `str` ending in .yaml or .yml, or a path object), or a Method object. Parameters are checked
-    against their fields' types (a ready Method's too: it may have been changed since it was made) and ranges."""
-    if isinstance(method, Method):
-        if params:
-            raise TypeError(f"parameters {sorted(params)} given with a ready Method object")
-        check_parameters(method)
-        return method
-    if _is_method_file(method):
-        method = _method_file(method)
-    if isinstance(method, dict):
-        config = dict(method)
-        if "method" not in config:
-            raise KeyError(f"a method dict needs a 'method' key naming one of {sorted(METHODS)}")
-        method = config.pop("method")
-        params = {**config, **params}
-    if not isinstance(method, str):
-        raise TypeError(f"method must be a name, a dict, a YAML path or a Method, not {type(method).__name__}")
-    if method not in METHODS:
-        raise KeyError(f"unknown method {method!r}; known: {', '.join(sorted(METHODS))}")
-    cls = METHODS[method]
-    known = _defaults(cls)
-    unknown = sorted(map(str, set(params) - set(known)))
-    if unknown:
-        raise TypeError(f"{method}: unknown parameter(s) {', '.join(unknown)}; parameters: {', '.join(known)}")
-    return cls(**params)
-
-
-__all__ = [
-    "AIM",
-    "METHODS",
-    "AdaptivePrune",
-    "DivPrune",
-    "FastV",
-    "Feather",
-    "GSearch",
-    "HoliTom",
-    "Method",
-    "PSigmoid",
-    "Pipeline",
-    "Pooling",
-    "ProgressiveDecay",
-    "PyramidDrop",
-    "RandomPrune",
-    "Temporal",
-    "ToMe",
-    "UniformPrune",
-    "VisionZip",
-    "build",
-    "list_methods",
-]
+__all__ = ["METHODS", "Method", "build", "list_methods", "register", *sorted(cls.__name__ for cls in METHODS.values())]

@@ -6,13 +6,15 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
-from mmtoken.methods.base import BEFORE_AND_AT_LAYER, Method, check_ratio_or_budget, merge_cut
+from mmtoken.methods.base import BEFORE_AND_AT_LAYER, Examples, Method, check_ratio_or_budget, merge_cut
+from mmtoken.methods.registry import register
 from mmtoken.schedules import Cut, average_visual_tokens
 from mmtoken.scorers import Scorer
 from mmtoken.scorers.bipartite import BipartiteMerge
 from mmtoken.scorers.pagerank import TextRank
 
 
+@register
 @dataclass
 class AIM(Method):
     """AIM (Zhong et al., "AIM: Adaptive Inference of Multi-Modal LLMs via Token Merging and Pruning",
@@ -28,6 +30,9 @@ class AIM(Method):
     name: ClassVar[str] = "aim"
     paper: ClassVar[str] = "arXiv 2412.03248"
     stage: ClassVar[str] = BEFORE_AND_AT_LAYER
+    examples: ClassVar[Examples] = Examples(
+        too_deep={"layer": 6}, cutting={"ratio": 0.5, "layer": 2, "step": 0.5}, keep_all={"ratio": 1.0, "step": 0}
+    )
     ratio: float | None = None
     budget: float | None = None
     layer: int | None = None
@@ -44,9 +49,8 @@ class AIM(Method):
     def _start(self, depth: int) -> int:
         return depth // 2 if self.layer is None else self.layer
 
-    def check_depth(self, depth: int) -> None:
-        if self._start(depth) >= depth:
-            raise ValueError(f"aim: layer {self._start(depth)} is past the model's {depth} decoder layers")
+    def named_layers(self, depth: int) -> tuple[int, ...]:
+        return (self._start(depth),)
 
     def _pruning(self, depth: int, merged: float) -> list[Cut]:
         start = self._start(depth)

@@ -5,13 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from mmtoken.methods.base import AT_LAYER, Method, check_budget, check_layers, check_layers_fit
+from mmtoken.methods.base import AT_LAYER, Examples, Method, check_budget, check_layers
 from mmtoken.methods.pdrop import PyramidDrop
+from mmtoken.methods.registry import register
 from mmtoken.schedules import Cut
 from mmtoken.scorers import Scorer
 from mmtoken.scorers.nucleus import AttentionNucleus
 
 
+@register
 @dataclass
 class AdaptivePrune(Method):
     """ATP-LLaVA's instance- and layer-wise pruning, training-free (Ye et al., arXiv 2412.00447).
@@ -29,6 +31,11 @@ class AdaptivePrune(Method):
     name: ClassVar[str] = "atp"
     paper: ClassVar[str] = "arXiv 2412.00447"
     stage: ClassVar[str] = AT_LAYER
+    examples: ClassVar[Examples] = Examples(
+        too_deep={"layers": (2, 6)},
+        cutting={"layers": (2, 4), "mass": 0.5},
+        keep_all={"layers": (2, 4), "spatial": 1.0},
+    )
     layers: tuple[int, ...] = (4, 14, 24)
     mass: float = 0.9
     spatial: float = 0.1
@@ -44,8 +51,8 @@ class AdaptivePrune(Method):
         if self.budget is not None:
             check_budget(self.budget)
 
-    def check_depth(self, depth: int) -> None:
-        check_layers_fit(self.name, self.layers, depth)
+    def named_layers(self, depth: int) -> tuple[int, ...]:
+        return self.layers
 
     def cuts(self, depth: int, visual: int) -> list[Cut]:
         if self.budget is None:

@@ -107,26 +107,36 @@ def check_layers(name: str, layers: tuple[int, ...]) -> tuple[int, ...]:
     return layers
 
 
-def check_layers_fit(name: str, layers: tuple[int, ...], depth: int) -> None:
-    if layers[-1] >= depth:
-        raise ValueError(f"{name}: layer {layers[-1]} is past the model's {depth} decoder layers")
-
-
 def merge_cut(layer: int, keep: int, grouping: Grouping) -> Cut:
     """A cut at `layer` that keeps the heads of `grouping`'s groups, each the weighted mean of its group."""
     return Cut(layer, keep, GroupHeads(grouping), GroupMean(grouping))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Examples:
+    """Parameters of a method that the tests run it with on the tiny 6-layer models of every family
+    (`mmtoken.zoo.tiny`): `cutting` removes visual tokens there and `keep_all` keeps every one (the invariant tests
+    run both; the curve methods, which they leave out, give neither), `too_deep` names a decoder layer those models
+    lack, which `mmtoken.patch` must refuse (None: no parameter names a layer)."""
+
+    too_deep: dict | None
+    cutting: dict | None = None
+    keep_all: dict | None = None
 
 
 @dataclass
 class Method:
     """Base of every method: `cuts(depth, visual)` says where and how many, `scorer` what, `reducer` how (for the
     cuts that name no scorer or reducer of their own). `needs_vision` asks the engine to record the vision encoder's
-    attention (`ScoreInput.vision_signal`)."""
+    attention (`ScoreInput.vision_signal`); `video_only` methods merge across frames and leave an image whole.
+    `examples` are the parameters the tests run the method with; every registered method declares its own."""
 
     name: ClassVar[str]
     paper: ClassVar[str]
     stage: ClassVar[str]
+    examples: ClassVar[Examples]
     needs_vision: ClassVar[bool] = False
+    video_only: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         check_parameters(self)
@@ -142,8 +152,16 @@ class Method:
     def reducer(self) -> Reducer:
         return Drop()
 
+    def named_layers(self, depth: int) -> tuple[int, ...]:
+        """The decoder layers the parameters put a cut at (defaults resolved for a model of `depth` layers), which
+        `check_depth` holds against the model. Empty where no parameter names a layer."""
+        raise NotImplementedError(f"{type(self).__name__}: define `named_layers`, the decoder layers it cuts at")
+
     def check_depth(self, depth: int) -> None:
-        """Raise if the schedule names a layer the model does not have."""
+        """Raise ValueError if the parameters name a decoder layer the model does not have."""
+        past = [layer for layer in self.named_layers(depth) if layer >= depth]
+        if past:
+            raise ValueError(f"{self.name}: layer {max(past)} is past the model's {depth} decoder layers")
 
     @property
     def steps(self) -> list[Method]:
@@ -177,9 +195,8 @@ class SingleCut(Method):
         if self.budget is not None:
             check_budget(self.budget)
 
-    def check_depth(self, depth: int) -> None:
-        if self.cut_layer >= depth:
-            raise ValueError(f"{self.name}: layer {self.cut_layer} is past the model's {depth} decoder layers")
+    def named_layers(self, depth: int) -> tuple[int, ...]:
+        return (self.cut_layer,)
 
     def cuts(self, depth: int, visual: int) -> list[Cut]:
         if self.budget is not None:
@@ -217,6 +234,9 @@ class CurveMethod(Method):
     def shares(self, depth: int, visual: int) -> list[float]:
         """The share of the visual tokens alive at each layer."""
         raise NotImplementedError
+
+    def named_layers(self, depth: int) -> tuple[int, ...]:
+        return ()  # the curve runs over the model's own layers
 
     def cuts(self, depth: int, visual: int) -> list[Cut]:
         return curve_cuts(self.shares(depth, visual), visual)

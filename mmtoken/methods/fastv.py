@@ -5,10 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from mmtoken.methods.base import AT_LAYER, SingleCut
+from mmtoken.methods.base import AT_LAYER, Examples, SingleCut
+from mmtoken.methods.registry import register
 from mmtoken.scorers import LastQueryAttention, Scorer
 
 
+@register
 @dataclass
 class FastV(SingleCut):
     """FastV (Chen et al., "An Image is Worth 1/2 Tokens After Layer 2", arXiv 2403.06764).
@@ -20,6 +22,9 @@ class FastV(SingleCut):
     name: ClassVar[str] = "fastv"
     paper: ClassVar[str] = "arXiv 2403.06764"
     stage: ClassVar[str] = AT_LAYER
+    examples: ClassVar[Examples] = Examples(
+        too_deep={"k": 6}, cutting={"k": 2, "ratio": 0.4}, keep_all={"k": 2, "ratio": 1.0}
+    )
     default_ratio: ClassVar[float] = 0.5
     k: int = 2
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from mmtoken.methods.base import AT_LAYER, Method, check_layers, check_layers_fit, check_ratio_or_budget
+from mmtoken.methods.base import AT_LAYER, Examples, Method, check_layers, check_ratio_or_budget
+from mmtoken.methods.registry import register
 from mmtoken.schedules import Cut, average_visual_tokens, solve_ratio
 from mmtoken.scorers import LastQueryAttention, Scorer
 from mmtoken.scorers.lattice import PlusLattice
 
 
+@register
 @dataclass
 class Feather(Method):
     """FEATHER (Endo et al., "Feather the Throttle", arXiv 2412.13180).
@@ -28,6 +30,9 @@ class Feather(Method):
     name: ClassVar[str] = "feather"
     paper: ClassVar[str] = "arXiv 2412.13180"
     stage: ClassVar[str] = AT_LAYER
+    examples: ClassVar[Examples] = Examples(
+        too_deep={"layers": (2, 6)}, cutting={"layers": (2, 4), "ratio": 0.3}, keep_all={"layers": (2, 4), "ratio": 1.0}
+    )
     layers: tuple[int, int] = (8, 16)
     ratio: float | None = None
     stride: int = 3
@@ -42,8 +47,8 @@ class Feather(Method):
             raise ValueError(f"feather: stride must be >= 1, got {self.stride}")
         check_ratio_or_budget(self.name, self.ratio, self.budget)
 
-    def check_depth(self, depth: int) -> None:
-        check_layers_fit(self.name, self.layers, depth)
+    def named_layers(self, depth: int) -> tuple[int, ...]:
+        return self.layers
 
     def _schedule(self, ratio: float, visual: int) -> list[Cut]:
         lattice = PlusLattice(self.scorer, self.stride)

@@ -5,10 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from mmtoken.methods.base import CurveMethod, check_budget
+from mmtoken.methods.base import CurveMethod, Examples, check_budget
+from mmtoken.methods.registry import register
 from mmtoken.schedules.curves import solve_curve
 
 
+@register
 @dataclass
 class GSearch(CurveMethod):
     """G-Search ("Accelerating Multimodal LLMs by Searching Optimal Vision Token Reduction",
@@ -24,6 +26,7 @@ class GSearch(CurveMethod):
 
     name: ClassVar[str] = "gsearch"
     paper: ClassVar[str] = "arXiv 2412.00556"
+    examples: ClassVar[Examples] = Examples(too_deep={"keep": (576,) * 7})
     keep: tuple[int, ...] | None = None
     visual: int = 576
     budget: float | None = None

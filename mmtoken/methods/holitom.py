@@ -5,13 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from mmtoken.methods.base import BEFORE_AND_AT_LAYER, Method, check_ratio_or_budget, merge_cut
+from mmtoken.methods.base import BEFORE_AND_AT_LAYER, Examples, Method, check_ratio_or_budget, merge_cut
+from mmtoken.methods.registry import register
 from mmtoken.reducers import NearestMerge
 from mmtoken.schedules import Cut
 from mmtoken.scorers import LastQueryAttention
 from mmtoken.scorers.holitom import HoliTomMerge
 
 
+@register
 @dataclass
 class HoliTom(Method):
     """HoliTom (Shao et al., "HoliTom: Holistic Token Merging for Fast Video Large Language Models",
@@ -30,6 +32,11 @@ class HoliTom(Method):
     name: ClassVar[str] = "holitom"
     paper: ClassVar[str] = "arXiv 2505.21334"
     stage: ClassVar[str] = BEFORE_AND_AT_LAYER
+    examples: ClassVar[Examples] = Examples(
+        too_deep={"layer": 6},
+        cutting={"ratio": 0.3, "layer": 3},
+        keep_all={"ratio": 1.0, "threshold": 1.0, "merge": 0.0},
+    )
     needs_vision: ClassVar[bool] = True
     ratio: float | None = None
     budget: float | None = None
@@ -47,9 +54,8 @@ class HoliTom(Method):
         if not 0 <= self.merge < 1:
             raise ValueError(f"holitom: merge must be a share in [0, 1), got {self.merge}")
 
-    def check_depth(self, depth: int) -> None:
-        if self.merge and self.layer >= depth:
-            raise ValueError(f"holitom: layer {self.layer} is past the model's {depth} decoder layers")
+    def named_layers(self, depth: int) -> tuple[int, ...]:
+        return (self.layer,) if self.merge else ()  # without the inner merge, no cut at `layer`
 
     def _outer(self, depth: int) -> float | None:
         """Visual tokens the outer stage keeps for `budget`: the average over the layers is that count, times a

@@ -5,11 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from mmtoken.methods.base import AT_LAYER, Method, check_layers, check_layers_fit, check_ratio_or_budget
+from mmtoken.methods.base import AT_LAYER, Examples, Method, check_layers, check_ratio_or_budget
+from mmtoken.methods.registry import register
 from mmtoken.schedules import Cut, average_visual_tokens, solve_ratio
 from mmtoken.scorers import LastQueryAttention, Scorer
 
 
+@register
 @dataclass
 class PyramidDrop(Method):
     """PyramidDrop (Xing et al., arXiv 2410.17247).
@@ -23,6 +25,9 @@ class PyramidDrop(Method):
     name: ClassVar[str] = "pdrop"
     paper: ClassVar[str] = "arXiv 2410.17247"
     stage: ClassVar[str] = AT_LAYER
+    examples: ClassVar[Examples] = Examples(
+        too_deep={"layers": (2, 6)}, cutting={"layers": (2, 4), "ratio": 0.5}, keep_all={"layers": (2, 4), "ratio": 1.0}
+    )
     layers: tuple[int, ...] = (8, 16, 24)
     ratio: float | None = None
     budget: float | None = None
@@ -32,8 +37,8 @@ class PyramidDrop(Method):
         self.layers = check_layers(self.name, self.layers)
         check_ratio_or_budget(self.name, self.ratio, self.budget)
 
-    def check_depth(self, depth: int) -> None:
-        check_layers_fit(self.name, self.layers, depth)
+    def named_layers(self, depth: int) -> tuple[int, ...]:
+        return self.layers
 
     def _schedule(self, ratio: float, visual: int) -> list[Cut]:
         return [Cut(layer, round(visual * ratio ** (stage + 1))) for stage, layer in enumerate(self.layers)]

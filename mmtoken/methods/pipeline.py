@@ -5,11 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
-from mmtoken.methods.base import BEFORE_LLM, Method, check_budget
+from mmtoken.methods.base import BEFORE_LLM, Examples, Method, check_budget
+from mmtoken.methods.registry import build, register
 
 COMPOSED = "composed"
 
 
+@register
 @dataclass
 class Pipeline(Method):
     """Several methods applied one after the other, e.g. pooling before the language model, then PyramidDrop
@@ -24,12 +26,16 @@ class Pipeline(Method):
     name: ClassVar[str] = "pipeline"
     paper: ClassVar[str] = "its stages' papers"
     stage: ClassVar[str] = COMPOSED
+    examples: ClassVar[Examples] = Examples(
+        too_deep={"stages": ({"method": "pooling", "stride": 2}, {"method": "pdrop", "layers": (2, 6)})},
+        # merging (whose count the merge decides) and an inner merge, then pruning planned on the survivors
+        cutting={"stages": ({"method": "holitom", "ratio": 0.5, "layer": 2}, {"method": "pdrop", "layers": (3, 5)})},
+        keep_all={"stages": ({"method": "pooling", "stride": 1}, {"method": "pdrop", "layers": (2, 4), "ratio": 1.0})},
+    )
     stages: tuple = ()
     budget: float | None = None
 
     def __post_init__(self) -> None:
-        from mmtoken.methods import build
-
         super().__post_init__()
         if not self.stages:
             raise ValueError("pipeline: give at least one stage")

@@ -5,10 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from mmtoken.methods.base import CurveMethod, check_budget
+from mmtoken.methods.base import CurveMethod, Examples, check_budget
+from mmtoken.methods.registry import register
 from mmtoken.schedules.curves import shifted_cosine, solve_curve
 
 
+@register
 @dataclass
 class ProgressiveDecay(CurveMethod):
     """p-MoD's progressive ratio decay (Zhang et al., arXiv 2412.04449), training-free.
@@ -22,6 +24,7 @@ class ProgressiveDecay(CurveMethod):
 
     name: ClassVar[str] = "pmod"
     paper: ClassVar[str] = "arXiv 2412.04449"
+    examples: ClassVar[Examples] = Examples(too_deep=None)
     shift: float = 0.5
     highest: float = 0.85
     lowest: float = 0.15

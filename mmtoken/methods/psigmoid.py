@@ -5,10 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from mmtoken.methods.base import CurveMethod, check_budget
+from mmtoken.methods.base import CurveMethod, Examples, check_budget
+from mmtoken.methods.registry import register
 from mmtoken.schedules.curves import sigmoid, solve_curve
 
 
+@register
 @dataclass
 class PSigmoid(CurveMethod):
     """P-Sigmoid ("Accelerating Multimodal LLMs by Searching Optimal Vision Token Reduction",
@@ -21,6 +23,7 @@ class PSigmoid(CurveMethod):
 
     name: ClassVar[str] = "psigmoid"
     paper: ClassVar[str] = "arXiv 2412.00556"
+    examples: ClassVar[Examples] = Examples(too_deep=None)
     center: float = 0.5
     slope: float = 12.0
     floor: float = 0.1

@@ -5,11 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from mmtoken.methods.base import BEFORE_LLM, Method, check_budget, merge_cut
+from mmtoken.methods.base import BEFORE_LLM, Examples, Method, check_budget, merge_cut
+from mmtoken.methods.registry import register
 from mmtoken.schedules import Cut
 from mmtoken.scorers.temporal import TemporalMerge
 
 
+@register
 @dataclass
 class Temporal(Method):
     """HoliTom's first stage as a method of its own (Shao et al., arXiv 2505.21334): before the language model, the
@@ -23,6 +25,8 @@ class Temporal(Method):
     name: ClassVar[str] = "temporal"
     paper: ClassVar[str] = "arXiv 2505.21334"
     stage: ClassVar[str] = BEFORE_LLM
+    video_only: ClassVar[bool] = True
+    examples: ClassVar[Examples] = Examples(too_deep=None, cutting={"threshold": 0.5}, keep_all={"threshold": 1.0})
     threshold: float | None = None
     budget: float | None = None
 
@@ -34,6 +38,9 @@ class Temporal(Method):
             raise ValueError(f"temporal: threshold is a cosine similarity in [-1, 1], got {self.threshold}")
         if self.budget is not None:
             check_budget(self.budget)
+
+    def named_layers(self, depth: int) -> tuple[int, ...]:
+        return ()  # it cuts before the language model only
 
     def cuts(self, depth: int, visual: int) -> list[Cut]:
         if self.budget is not None and self.budget > visual:

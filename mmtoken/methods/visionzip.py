@@ -5,11 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from mmtoken.methods.base import BEFORE_LLM, Baseline, merge_cut
+from mmtoken.methods.base import BEFORE_LLM, Baseline, Examples, merge_cut
+from mmtoken.methods.registry import register
 from mmtoken.schedules import Cut
 from mmtoken.scorers.contextual import DominantContextual
 
 
+@register
 @dataclass
 class VisionZip(Baseline):
     """VisionZip (Yang et al., "VisionZip: Longer is Better but Not Necessary", arXiv 2412.04467).
@@ -23,6 +25,7 @@ class VisionZip(Baseline):
     name: ClassVar[str] = "visionzip"
     paper: ClassVar[str] = "arXiv 2412.04467"
     stage: ClassVar[str] = BEFORE_LLM
+    examples: ClassVar[Examples] = Examples(too_deep={"layer": 6}, cutting={"ratio": 0.3}, keep_all={"ratio": 1.0})
     needs_vision: ClassVar[bool] = True
     contextual: float = 10 / 64
 
