@@ -13,6 +13,7 @@ from transformers.generation.streamers import BaseStreamer
 
 import mmtoken
 from mmtoken.compat import cache_of, with_cache
+from mmtoken.engine.request import compact
 
 # a cut before the language model (the prompt gets shorter), one inside it, and a pipeline of both
 METHODS = {
@@ -119,3 +120,44 @@ def test_a_copy_of_a_patched_model_runs_on_its_own(method, params):
         assert torch.equal(greedy(model, batch, NEW_TOKENS), expected)
     mmtoken.unpatch(copied)
     assert not any(layer._forward_pre_hooks for layer in copied.get_decoder().layers)
+
+
+def _prefill_and_two_steps(model, batch, method: dict, compact_to=None) -> tuple[list[torch.Tensor], object]:
+    """Prefill `batch` under `method` with a plain forward, optionally compact the last layer's cache to the entries
+    `compact_to`, then decode two given tokens; the logits of the two steps, and the prefill's kept positions."""
+    steps, mask = [], batch["attention_mask"]
+    with mmtoken.patched(model, **method) as handle, torch.no_grad():
+        out = model(**batch, use_cache=True)
+        cache = cache_of(out)
+        if compact_to is not None:
+            compact(cache, 5, compact_to)
+        token = torch.full((mask.shape[0], 1), 7)
+        for _ in range(2):
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            out = model(input_ids=token, attention_mask=mask, use_cache=True, **with_cache(cache))
+            steps.append(out.logits[:, -1])
+        return steps, handle.latest_call.sets[5].position
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_a_cache_compacted_by_hand_decodes_as_a_prefill_that_kept_the_same_tokens(rows):
+    """A cut at the last layer keeps tokens whose keys and values equal a keep-all prefill's there (layers before it
+    saw everything in both), so compacting a keep-all cache's last layer to them must decode the same. (A decode
+    step by hand, as here, needs 1-D positions: LLaVA's.)"""
+    model, _ = model_and_processor("llava")
+    batch = inputs("llava", False, batch=rows)
+    cut, kept = _prefill_and_two_steps(model, batch, {"method": "fastv", "k": 5, "keep": 6})
+    compacted, _ = _prefill_and_two_steps(model, batch, {"method": "fastv", "k": 5, "ratio": 1.0}, compact_to=kept)
+    for step_cut, step_compacted in zip(cut, compacted, strict=True):
+        torch.testing.assert_close(step_compacted, step_cut, rtol=1e-5, atol=1e-5)
+
+
+def test_compacting_needs_a_prefilled_request_and_a_layer_past_the_first():
+    model, _ = model_and_processor("llava")
+    batch = inputs("llava", False)
+    with pytest.raises(ValueError, match="needs the KV cache of a request"), torch.no_grad():
+        compact(cache_of(model(**batch, use_cache=True)), 3, torch.zeros(1, 2, dtype=torch.long))
+    with mmtoken.patched(model, "fastv", k=2), torch.no_grad():
+        cache = cache_of(model(**batch, use_cache=True))
+        with pytest.raises(ValueError, match=r"layer must be in \[1, 6\), got 0"):
+            compact(cache, 0, torch.zeros(1, 2, dtype=torch.long))

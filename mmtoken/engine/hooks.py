@@ -101,6 +101,7 @@ class Engine:
             request = request_of(cache)
             if request is None or input_ids is None or input_ids.shape[0] != request.call.batch_size:
                 raise RuntimeError("mmtoken: a decode step arrived without the prefill it continues")
+            request.advance(input_ids.shape[1])
             activate(request)
             return
         if input_ids is None:
@@ -127,8 +128,10 @@ class Engine:
                 _synchronize(request.call.kinds.device)
                 seconds = time.perf_counter() - request.started
             self.recorder.prefilled(request.call, seconds)
-            if cache is not None and request_of(cache) is None:  # a cache the language model made itself
-                give_to(cache, request)
+            if cache is not None:
+                request.record_layers(self.depth)
+                if request_of(cache) is None:  # a cache the language model made itself
+                    give_to(cache, request)
         if cache is not None:
             self.recorder.stepped(cache)
 

@@ -7,8 +7,8 @@ Who owns what, and when it dies:
   (a context variable): the hooks of the language model and its layers read it there, so calls in other threads
   or interleaved between decode steps (another request's prefill) never see it;
 - what only the prefill needs (its plan, the layer before a cut, the sliced rotary tables) is dropped when the
-  prefill ends; what decode steps read (the token set of each stretch of layers, one mask per stretch and step)
-  stays with the request.
+  prefill ends; what decode steps read stays with the request: each layer's `CacheRecord` (which entries its
+  cache holds, shared by the layers that hold the same), and the masks of the current step, one per record.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from torch import nn
 from transformers import Cache
 
 from mmtoken.engine.plan import Plan
+from mmtoken.engine.record import CacheRecord, gather_entries
 from mmtoken.state import CallState
 
 _ATTRIBUTE = "_mmtoken_request"
@@ -39,20 +40,37 @@ class PrefillScratch:
 
 @dataclass
 class Request:
-    """The token state of one request (`call`: which tokens each stretch of layers keeps), its prefill scratch
-    (None once the prefill is done), its start time where the prefill is timed, whether a cut before the language
-    model `shortened` the prompt, and per stretch the decode mask of the latest step with the model's mask and the
-    number of generated tokens it was made for."""
+    """The token state of one request (`call`: which tokens each stretch of layers kept at prefill), its prefill
+    scratch (None once the prefill is done), its start time where the prefill is timed, whether a cut before the
+    language model `shortened` the prompt, and from the end of the prefill on: the record of each layer's KV cache,
+    how many tokens entered after the prompt (`generated`), and the decode masks of the current step by record."""
 
     call: CallState
     prefill: PrefillScratch | None
-    decode_masks: dict[int, tuple[object, object, int]] = field(default_factory=dict)
     started: float | None = None
     shortened: bool = False
+    records: list[CacheRecord] | None = None
+    generated: int = 0
+    decode_masks: dict[int, object] = field(default_factory=dict)
 
     @property
     def in_prefill(self) -> bool:
         return self.prefill is not None
+
+    def record_layers(self, depth: int) -> None:
+        """At the end of the prefill: each layer's cache holds the tokens of its stretch."""
+        by_stretch = {
+            start: CacheRecord(tokens.slot, tokens.valid, tokens.complete) for start, tokens in self.call.sets.items()
+        }
+        self.records = [by_stretch[self.call.stretch_of(layer)] for layer in range(depth)]
+
+    def advance(self, count: int) -> None:
+        """A decode step of `count` tokens starts: each layer's cache is about to hold them too."""
+        first = len(self.call.sets[0]) + self.generated
+        extended: dict[int, CacheRecord] = {}
+        self.records = [extended.setdefault(id(record), record.extended(first, count)) for record in self.records]
+        self.generated += count
+        self.decode_masks = {}
 
 
 def request_of(cache: Cache | None) -> Request | None:
@@ -76,3 +94,16 @@ def active() -> Request:
     if request is None:
         raise RuntimeError("mmtoken: a language-model call arrived outside a call of the patched model")
     return request
+
+
+def compact(cache: Cache, layer: int, keep: torch.Tensor) -> None:
+    """Keep only the entries `keep` (batch, n: indices into what the layer's cache holds now, in the order to keep
+    them) of decoder layer `layer`'s KV cache, freeing the others; the request's later decode steps read the new
+    record. Layer 0 is refused: its cache sizes the masks the model builds for itself."""
+    request = request_of(cache)
+    if request is None or request.records is None:
+        raise ValueError("compact needs the KV cache of a request that a patched model has prefilled")
+    if not 0 < layer < len(request.records):
+        raise ValueError(f"compact: layer must be in [1, {len(request.records)}), got {layer}")
+    gather_entries(cache, layer, keep)
+    request.records[layer] = request.records[layer].gathered(keep)

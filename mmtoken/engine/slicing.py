@@ -1,15 +1,15 @@
 """What a decoder layer behind a cut receives instead of the model's own arguments: the rotary embeddings and the
 attention mask of the tokens alive there (rotary phases are the original ones, gathered, never recomputed).
 
-The model builds its mask and rotary tables once per call, over the sequence it received; a stretch of layers that
-shares one token set gets them gathered once per call (prefill) or step (decode) and reused by its other layers.
+The model builds its mask and rotary tables once per call, over the sequence it received. At prefill a stretch of
+layers that shares one token set gets them gathered once and reused by its other layers; at decode each layer's
+mask comes from the record of what its cache holds (one per record and step), never from the cache's length.
 """
 
 from __future__ import annotations
 
 import torch
 
-from mmtoken.compat import cache_in
 from mmtoken.engine.masks import decode_mask, prefill_mask
 from mmtoken.engine.request import Request
 from mmtoken.ops import gather_tokens
@@ -32,28 +32,22 @@ def slice_prefill(request: Request, index: int, kwargs: dict, implementation: st
 
 
 def slice_decode(request: Request, index: int, hidden: torch.Tensor, kwargs: dict, implementation: str) -> None:
-    """Hand decoder layer `index` the mask of a decode step over its own prompt tokens and those generated since."""
-    start = request.call.stretch_of(index)
-    if start == 0:
-        return
-    tokens, mask = request.call.sets[start], kwargs.get("attention_mask")
-    generated = cache_in(kwargs).layers[index].get_seq_length() - len(tokens) + hidden.shape[1]
-    cached = request.decode_masks.get(start)
-    if cached is None or cached[0] is not mask or cached[2] != generated:
-        sliced = decode_mask(
-            mask, tokens.slot, tokens.valid, tokens.complete, generated, hidden.shape[1], implementation, hidden.dtype
-        )
-        cached = (mask, sliced, generated)
-        request.decode_masks[start] = cached
-    kwargs["attention_mask"] = cached[1]
+    """Hand decoder layer `index` the mask of a decode step over the entries its cache's record says it holds."""
+    record = request.records[index]
+    if record is request.records[0]:
+        return  # it holds what the model received, which the model's own mask covers
+    mask = request.decode_masks.get(id(record))
+    if mask is None:
+        mask = decode_mask(record.valid, record.complete, hidden.shape[1], implementation, hidden.dtype)
+        request.decode_masks[id(record)] = mask
+    kwargs["attention_mask"] = mask
 
 
 def shortened_padding_mask(request: Request, kwargs: dict) -> torch.Tensor:
     """At decode, the 2-D padding mask over the prompt a cut before the language model shortened, plus the tokens
     generated since."""
     call, prompt = request.call, request.call.sets[0]
-    generated = cache_in(kwargs).get_seq_length() - len(prompt) + kwargs["inputs_embeds"].shape[1]
-    mask = torch.cat([prompt.valid, prompt.valid.new_ones(call.batch_size, generated)], dim=1)
+    mask = torch.cat([prompt.valid, prompt.valid.new_ones(call.batch_size, request.generated)], dim=1)
     given = kwargs.get("attention_mask")
     if given is None:
         return mask.long()
