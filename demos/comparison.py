@@ -105,7 +105,7 @@ def _check_schedules(model: PreTrainedModel, inputs: dict, methods: list[dict]) 
 def run_column(model: PreTrainedModel, processor: ProcessorMixin, inputs: dict, method: dict, new_tokens: int) -> dict:
     """One method on one input: its answer, TTFT, `handle.stats` and where its visual tokens stayed alive."""
     clock = _FirstTokenClock()
-    with mmtoken.patched(model, method) as handle, torch.no_grad():
+    with mmtoken.patched(model, method, timing=True) as handle, torch.no_grad():
         started = time.perf_counter()
         out = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, streamer=clock)
         stats, alive = handle.stats.as_dict(), handle.alive_visual_tokens()

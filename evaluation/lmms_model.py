@@ -122,7 +122,7 @@ class MmtokenModel(lmms):
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model, self.processor = _latest_loaded(pretrained, device, dtype, attn_implementation)
         self.batch_size, self.max_num_frames, self.max_new_tokens = int(batch_size), max_num_frames, max_new_tokens
-        self.handle = mmtoken.patch(self.model, name, **patch_params)
+        self.handle = mmtoken.patch(self.model, name, timing=True, **patch_params)
 
     def clean(self) -> None:
         mmtoken.unpatch(self.model)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -98,6 +100,18 @@ class TowerAttention:
         return tower_signal(self.model.base_model.vision_tower, module, module_input(args, kwargs))
 
 
+_RECORDINGS: ContextVar[dict[int, _Recording] | None] = ContextVar("mmtoken_vision_recordings", default=None)
+
+
+@dataclass
+class _Recording:
+    """What one watch recorded in one thread: the raw signals of the encoding running now, and the arranged
+    signals of the encodings not yet taken, by kind."""
+
+    raw: list[torch.Tensor] = field(default_factory=list)
+    signals: dict[int, list[torch.Tensor]] = field(default_factory=lambda: {IMAGE: [], VIDEO: []})
+
+
 class VisionWatch:
     """Records the vision signal of every image and video the model encodes, in the order the model scatters the
     features into the prompt, and hands it to the engine at prefill.
@@ -105,14 +119,13 @@ class VisionWatch:
     The seam is the base model's `get_image_features` / `get_video_features`, which both `forward` and `generate`
     (when it encodes media before prefill) call: the watch wraps them on the instance, so it sees each call's
     arguments (tile layout, grids), while a pre-hook on the adapter's `vision_attention` module recomputes the
-    attention. `detach` removes both.
+    attention. Each thread records its own (requests in other threads encode their own media). `detach` removes
+    both.
     """
 
     def __init__(self, adapter: Adapter) -> None:
         self.adapter = adapter
         self.encoder = adapter.model.base_model
-        self._raw: list[torch.Tensor] = []
-        self._signals: dict[int, list[torch.Tensor]] = {IMAGE: [], VIDEO: []}
         self.attention = adapter.vision_attention
         self._wrapped: list[str] = []
         self._hook: torch.utils.hooks.RemovableHandle | None = None
@@ -121,7 +134,8 @@ class VisionWatch:
         for kind, name in _ENCODERS.items():
             encode = getattr(self.encoder, name, None)
             if encode is not None:
-                setattr(self.encoder, name, self._watching(kind, encode))
+                watched = functools.partial(self._watched, kind, encode, inspect.signature(encode))
+                setattr(self.encoder, name, functools.update_wrapper(watched, encode))
                 self._wrapped.append(name)
         self._hook = self.attention.register_forward_pre_hook(self._record, with_kwargs=True)
 
@@ -133,28 +147,32 @@ class VisionWatch:
             self._hook.remove()
             self._hook = None
 
-    def _watching(self, kind: int, encode: Callable) -> Callable:
-        signature = inspect.signature(encode)
+    def _recording(self) -> _Recording:
+        """This thread's recording of this watch."""
+        recordings = _RECORDINGS.get()
+        if recordings is None:
+            recordings = {}
+            _RECORDINGS.set(recordings)
+        return recordings.setdefault(id(self), _Recording())
 
-        @functools.wraps(encode)
-        def watched(*args: object, **kwargs: object) -> object:
-            self._raw = []
-            output = encode(*args, **kwargs)
-            arguments = signature.bind(*args, **kwargs).arguments
-            with torch.no_grad():
-                raw = torch.cat(self._raw)
-                self._signals[kind].append(self.adapter.arrange_vision_signal(kind, raw, arguments).float())
-            return output
-
-        return watched
+    def _watched(self, kind: int, encode: Callable, signature: inspect.Signature, *args: object, **kwargs: object):
+        recording = self._recording()
+        recording.raw = []
+        output = encode(*args, **kwargs)
+        arguments = signature.bind(*args, **kwargs).arguments
+        with torch.no_grad():
+            raw = torch.cat(recording.raw)
+            recording.signals[kind].append(self.adapter.arrange_vision_signal(kind, raw, arguments).float())
+        return output
 
     def _record(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         with torch.no_grad():
-            self._raw.append(self.adapter.vision_attention_signal(module, args, kwargs))
+            self._recording().raw.append(self.adapter.vision_attention_signal(module, args, kwargs))
 
     def take(self, call: CallState) -> torch.Tensor:
         """(batch, prompt length): the signal at every visual token of the call (0 elsewhere); forgets it."""
-        signals, self._signals = self._signals, {IMAGE: [], VIDEO: []}
+        recording = self._recording()
+        signals, recording.signals = recording.signals, {IMAGE: [], VIDEO: []}
         signal = torch.zeros(call.kinds.shape, device=call.kinds.device)
         for kind, name in ((IMAGE, "image"), (VIDEO, "video")):
             mask = (call.kinds == kind) & ~call.padding

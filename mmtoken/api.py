@@ -8,53 +8,80 @@ from os import PathLike
 
 import torch
 from torch import nn
+from transformers import Cache
 
-from mmtoken.accounting.stats import Stats
+from mmtoken.accounting.stats import Stats, cache_bytes, measure_stats
 from mmtoken.engine.hooks import Engine
 from mmtoken.integrations import adapter_for
+from mmtoken.integrations.vision import VisionWatch
 from mmtoken.methods import Method, build
+from mmtoken.state import CallState
 
 _ATTRIBUTE = "_mmtoken_handle"
 _SUPPORTED_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flash_attention_4")
 
 
 class Handle:
-    """A method attached to a model. `stats` holds the numbers of the latest prefill (None before one)."""
+    """A method attached to a model. `stats` holds the numbers of the latest prefill (None before one); with
+    `timing`, its prefill time too (measured between two device synchronisations, so off by default)."""
 
-    def __init__(self, model: nn.Module, method: Method) -> None:
+    def __init__(self, model: nn.Module, method: Method, timing: bool = False) -> None:
         adapter = adapter_for(model)
         implementation = adapter.language_model.config._attn_implementation
         if implementation not in _SUPPORTED_ATTENTION:
             raise ValueError(f"attention {implementation!r} is not supported; use one of {_SUPPORTED_ATTENTION}")
-        method.check_depth(len(adapter.decoder_layers))
-        self.model, self.method = model, method
-        self.engine = Engine(model, adapter, method)
+        depth = len(adapter.decoder_layers)
+        method.check_depth(depth)
+        self.model, self.method, self.config, self.depth = model, method, adapter.language_model.config, depth
+        watch = VisionWatch(adapter) if any(step.needs_vision for step in method.steps) else None
+        self.engine = Engine(model, adapter, method, self, watch, timing)
+        self._latest: tuple[CallState, float | None] | None = None
+        self._stats: Stats | None = None
+        self._kv_bytes = 0
+
+    def prefilled(self, call: CallState, seconds: float | None) -> None:
+        self._latest, self._stats = (call, seconds), None
+
+    def stepped(self, cache: Cache) -> None:
+        self._kv_bytes = cache_bytes(cache)
+
+    @property
+    def latest_call(self) -> CallState | None:
+        """The token state of the latest prefill: which tokens each stretch of layers kept (None before one)."""
+        return None if self._latest is None else self._latest[0]
 
     @property
     def stats(self) -> Stats | None:
-        return self.engine.stats
+        if self._latest is not None and self._stats is None:
+            self._stats = measure_stats(self._latest[0], self.depth, self.config, self._latest[1], self._kv_bytes)
+        if self._stats is not None:
+            self._stats.kv_bytes = self._kv_bytes
+        return self._stats
 
     def alive_visual_tokens(self) -> dict[int, list[torch.Tensor]] | None:
         """The visual tokens of the latest prefill (None before one) that survive at each stage: keyed by the first
         decoder layer of each stretch of layers that share a token set (0: what the language model receives), a
         list over batch rows of (n, 4) long tensors holding each surviving token's media index, frame, row and
         column in its patch grid (column -1 for a token without a grid cell: LLaVA's CLS or image_newline)."""
-        return self.engine.alive_visual_tokens()
+        return None if self._latest is None else self._latest[0].visual_geometry()
 
     def remove(self) -> None:
         self.engine.detach()
         delattr(self.model, _ATTRIBUTE)
 
 
-def patch(model: nn.Module, method: str | PathLike | dict | Method, **params: object) -> Handle:
-    """Attach `method` (a name with parameters, a dict or YAML path, or a Method) to an already-loaded model.
+def patch(
+    model: nn.Module, method: str | PathLike | dict | Method, *, timing: bool = False, **params: object
+) -> Handle:
+    """Attach `method` (a name with parameters, a dict or YAML path, or a Method) to an already-loaded model;
+    with `timing`, `handle.stats.prefill_seconds` measures each prefill.
 
     Everything is checked before anything is attached: the method and its parameters, the model family, and
     that the schedule fits the model's depth.
     """
     if hasattr(model, _ATTRIBUTE):
         raise RuntimeError("this model is already patched by mmtoken; call mmtoken.unpatch(model) first")
-    handle = Handle(model, build(method, **params))
+    handle = Handle(model, build(method, **params), timing)
     handle.engine.attach()
     setattr(model, _ATTRIBUTE, handle)
     return handle
@@ -69,9 +96,11 @@ def unpatch(model: nn.Module) -> None:
 
 
 @contextmanager
-def patched(model: nn.Module, method: str | PathLike | dict | Method, **params: object) -> Iterator[Handle]:
+def patched(
+    model: nn.Module, method: str | PathLike | dict | Method, *, timing: bool = False, **params: object
+) -> Iterator[Handle]:
     """`patch` for the length of a `with` block."""
-    handle = patch(model, method, **params)
+    handle = patch(model, method, timing=timing, **params)
     try:
         yield handle
     finally:

@@ -52,12 +52,12 @@ def compare(per_task: int = 16, seed: int = 7, out: Path = Path("results")) -> l
     model, processor = load(MODEL)
     tasks = RELIABLE_TASKS[MODEL]
     samples = probe_samples(MODEL, per_task, seed)
-    with mmtoken.patched(model, "random", ratio=1.0) as handle:
+    with mmtoken.patched(model, "random", ratio=1.0, timing=True) as handle:
         rows = [{"method": "unpatched", "budget": 576, **_run(model, processor, samples, handle)}]
     check_unpatched(rows[0], MODEL)
     cells = [(name, budget) for name in METHODS for budget in BUDGETS]
     for name, budget in track(cells, description="methods x budgets"):
-        with mmtoken.patched(model, name, budget=budget, **METHOD_DEFAULTS[MODEL].get(name, {})) as handle:
+        with mmtoken.patched(model, name, budget=budget, timing=True, **METHOD_DEFAULTS[MODEL].get(name, {})) as handle:
             try:
                 rows.append({"method": name, "budget": budget, **_run(model, processor, samples, handle)})
             except ValueError as unreachable:

@@ -12,6 +12,8 @@ Reduced = tuple[torch.Tensor, torch.Tensor]  # the kept tokens' states and merge
 
 
 def gather_tokens(hidden: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """Tokens `local` (batch, n) of each row of a (batch or 1, length, dim) tensor."""
+    hidden = hidden.expand(local.shape[0], *hidden.shape[1:])
     return hidden.gather(1, local[..., None].expand(-1, -1, hidden.shape[-1]))
 
 
@@ -81,3 +83,9 @@ class GridCells:
             heads = torch.full_like(index, len(members)).scatter_reduce(0, members, index, reduce="amin")
             first[row] = heads[members]
         return first
+
+
+def gather_last(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`tensor` gathered along its last dimension by `index` (batch, n), whatever its leading dimensions."""
+    shape = [1] * (tensor.ndim - 2) + list(index.shape)
+    return tensor.gather(-1, index.view(shape).expand(*tensor.shape[:-2], *index.shape))

@@ -89,7 +89,7 @@ def test_each_layer_caches_exactly_its_tokens(case, method):
         out = model.generate(
             **batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, return_dict_in_generate=True
         )
-        call = handle.engine.call
+        call = handle.latest_call
     cache = cache_of(out)
     for index, layer in enumerate(cache.layers):
         tokens = call.set_at(index)
@@ -127,7 +127,7 @@ def test_rows_without_padding_that_keep_different_counts(attention, method):
     rows = [inputs("qwen2_vl", False, rows=[row], question_lengths=[lengths[row]]) for row in (0, 1)]
     with mmtoken.patched(model, method, **PRUNING[method]) as handle:
         together = greedy_logits(model, batch)
-        assert not handle.engine.call.set_at(5).complete
+        assert not handle.latest_call.set_at(5).complete
         alone = torch.cat([greedy_logits(model, row) for row in rows])
     assert (together - alone).abs().max() < 1e-4
 
@@ -141,7 +141,7 @@ def test_visual_fillers_stay_out_of_an_inner_merge():
     rows = [inputs("llava_onevision", True, rows=[row], question_lengths=[lengths[row]]) for row in (0, 1)]
     with mmtoken.patched(model, "holitom", ratio=0.3, threshold=0.9, layer=3) as handle:
         together = greedy_logits(model, batch)
-        call = handle.engine.call
+        call = handle.latest_call
         outer_counts = call.visual(call.sets[0]).sum(1).tolist()
         assert outer_counts[0] > outer_counts[1]
         fillers = (call.kinds.gather(1, call.sets[3].position) != TEXT) & ~call.sets[3].valid

@@ -27,7 +27,7 @@ def test_feather_keeps_the_lattice_and_the_best_others():
     model, _ = model_and_processor("llava")
     with mmtoken.patched(model, "feather", layers=(2, 4), ratio=0.3) as handle:
         greedy(model, inputs("llava", False, batch=2))
-        call = handle.engine.call
+        call = handle.latest_call
     assert handle.stats.visual_tokens_per_layer == [64, 64, 28, 28, 6, 6]
     early = call.set_at(2)
     geometry = call.geometry.gather(1, early.position[..., None].expand(-1, -1, 4))
@@ -47,7 +47,7 @@ def test_atp_keeps_a_count_of_its_own_per_image_and_reports_it():
     for mass in (0.5, 0.9):
         with mmtoken.patched(model, "atp", layers=(1, 3), mass=mass) as handle:
             answers(model, processor, batch, max_new_tokens=1)
-            counts = [handle.engine.call.set_at(layer).visual_counts for layer in range(6)]
+            counts = [handle.latest_call.set_at(layer).visual_counts for layer in range(6)]
         assert len(set(counts[1])) > 1
         assert handle.stats.visual_tokens_per_layer == [sum(row) / len(row) for row in counts]
         kept[mass] = counts
@@ -57,7 +57,7 @@ def test_atp_keeps_a_count_of_its_own_per_image_and_reports_it():
         answers(model, processor, batch, max_new_tokens=1)
         for cap in caps:
             # the spatial sample comes on top of the cap
-            assert max(handle.engine.call.set_at(cap.layer).visual_counts) <= cap.keep + round(0.1 * 576)
+            assert max(handle.latest_call.set_at(cap.layer).visual_counts) <= cap.keep + round(0.1 * 576)
     assert handle.stats.avg_visual_tokens < 200 + 0.1 * 576
 
 
@@ -107,10 +107,10 @@ def test_pipeline_plans_each_stage_on_the_survivors_of_the_one_before():
     batch = inputs("llava", False, batch=2)
     with mmtoken.patched(model, "pooling", stride=2) as handle:
         greedy(model, batch)
-        pooled = handle.engine.call.sets[0]
+        pooled = handle.latest_call.sets[0]
     with mmtoken.patched(model, "pipeline", **POOL_THEN_PDROP) as handle:
         greedy(model, batch)
-        call = handle.engine.call
+        call = handle.latest_call
     assert handle.stats.visual_tokens_per_layer == [16, 16, 8, 8, 4, 4]
     assert torch.equal(call.sets[0].position, pooled.position)
     for deeper in (2, 4):
@@ -126,10 +126,10 @@ def test_pipeline_of_a_merge_and_pruning_plans_pruning_on_the_merged_tokens():
     holitom = {"method": "holitom", "ratio": 0.5, "layer": 2}
     with mmtoken.patched(model, holitom) as handle:
         greedy(model, batch)
-        merged = handle.engine.call.sets
+        merged = handle.latest_call.sets
     with mmtoken.patched(model, "pipeline", stages=[holitom, {"method": "pdrop", "layers": (3, 5)}]) as handle:
         greedy(model, batch)
-        sets = handle.engine.call.sets
+        sets = handle.latest_call.sets
     for layer in (0, 2):
         assert torch.equal(sets[layer].position, merged[layer].position)
         assert torch.equal(sets[layer].weight, merged[layer].weight)

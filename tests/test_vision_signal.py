@@ -127,14 +127,14 @@ def test_merges_keep_count_of_every_original_token(family):
     batch = inputs(family, True, batch=2)
     with mmtoken.patched(model, "temporal", budget=20) as handle:
         greedy(model, batch)
-        call, stats = handle.engine.call, handle.stats
+        call, stats = handle.latest_call, handle.stats
         kept = call.sets[0]
         weights = (kept.weight * call.visual(kept)).sum(1)
     assert weights.tolist() == call.visual_counts
     assert stats.avg_visual_tokens <= 20 < stats.original_visual_tokens
     with mmtoken.patched(model, "holitom", budget=12, layer=3) as handle:
         greedy(model, batch)
-        call, stats = handle.engine.call, handle.stats
+        call, stats = handle.latest_call, handle.stats
         outer, inner = ((tokens.weight * call.visual(tokens)).sum(1) for tokens in (call.sets[0], call.sets[3]))
     assert torch.equal(outer, inner) and (outer <= torch.tensor(call.visual_counts)).all()
     assert stats.visual_tokens_per_layer[3] < stats.visual_tokens_per_layer[0] < stats.original_visual_tokens
@@ -147,7 +147,7 @@ def test_image_signal_of_a_batch_is_scattered_row_by_row():
     batch = inputs("qwen2_vl", False, batch=2)
     with mmtoken.patched(model, "visionzip", ratio=0.5) as handle:
         greedy(model, batch)
-        call = handle.engine.call
+        call = handle.latest_call
     image = call.kinds == IMAGE
     assert (call.vision_signal[image] > 0).all() and (call.vision_signal[~image] == 0).all()
     per_frame = call.vision_signal[image].split(call.visual_counts)

@@ -25,14 +25,14 @@ class RowStats:
 class Stats:
     """One call, averaged over batch rows (each row alone in `rows`). FLOPs ratios compare the language-model
     prefill with the same prompt unreduced (1.0 = no saving); `kv_bytes` is measured from the cache after the
-    latest step."""
+    latest step; `prefill_seconds` where the patch times prefills (`mmtoken.patch(..., timing=True)`), else None."""
 
     visual_tokens_per_layer: list[float]
     avg_visual_tokens: float
     original_visual_tokens: float
     flops_ratio_paper: float
     flops_ratio_exact: float
-    prefill_seconds: float
+    prefill_seconds: float | None
     kv_bytes: int
     rows: list[RowStats]
 
@@ -49,7 +49,7 @@ def cache_bytes(cache: object) -> int:
     )
 
 
-def measure_stats(call: CallState, depth: int, config: PretrainedConfig, seconds: float, kv_bytes: int) -> Stats:
+def measure_stats(call: CallState, depth: int, config: PretrainedConfig, seconds: float | None, kv_bytes: int) -> Stats:
     """Stats from the token sets of `call` (read on the CPU, so asking costs the GPU nothing)."""
     visual = [call.set_at(layer).visual_counts for layer in range(depth)]
     rows = []

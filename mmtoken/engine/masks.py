@@ -77,28 +77,11 @@ def prefill_mask(
     return _unhide_diagonal(_hide(mask, fillers), fillers)
 
 
-def decode_mask(
-    mask: torch.Tensor | None,
-    slot: torch.Tensor,
-    valid: torch.Tensor,
-    complete: bool,
-    generated: int,
-    queries: int,
-    implementation: str,
-    dtype: torch.dtype,
-) -> torch.Tensor | None:
-    """The mask for decode queries over the layer's prompt tokens plus the `generated` tokens after the prompt.
-
-    `generated` counts every key after the prompt, the current queries included.
-    """
-    if mask is None and complete:
+def decode_mask(valid: torch.Tensor, complete: bool, queries: int, implementation: str, dtype: torch.dtype):
+    """The mask of a decode step's `queries` (the newest entries) over the entries of a layer's cache, from the
+    cache's record: `valid` (batch, entries) and `complete` (all valid). None where nothing needs hiding."""
+    if complete and queries == 1:
         return None
-    batch = slot.shape[0]
-    fillers = None if complete else torch.cat([~valid, valid.new_zeros(batch, generated)], dim=1)
-    if mask is None:
-        mask = _causal(fillers, queries, implementation, dtype)
-        return mask if mask.ndim == 2 else _hide(mask, fillers)
-    received = mask.shape[-1] - generated
-    tail = torch.arange(received, received + generated, device=slot.device).expand(batch, -1)
-    mask = _gather_keys(mask, torch.cat([slot, tail], dim=1))
-    return mask if complete else _hide(mask, fillers)
+    fillers = ~valid
+    mask = _causal(fillers, queries, implementation, dtype)
+    return mask if mask.ndim == 2 else _hide(mask, fillers)

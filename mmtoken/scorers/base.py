@@ -49,10 +49,15 @@ class ScoreInput:
 class Scorer(Protocol):
     """Scores tokens; only the scores of candidates are read. `layer_offset` picks the layer to mimic
     relative to the cut (0: the first layer that sees the reduced set, -1: the one before); None needs no layer.
-    A scorer that `discards` decides the count itself: it marks tokens that must go whatever the budget with
+    A scorer that `decides_count` decides the count itself: it marks tokens that must go whatever the budget with
     -inf, and may mark tokens that stay on top of the planned count with +inf."""
 
     layer_offset: int | None
-    discards: ClassVar[bool] = False
+    decides_count: ClassVar[bool] = False
 
     def score(self, inputs: ScoreInput) -> torch.Tensor: ...
+
+
+def decides_count(scorer: Scorer) -> bool:
+    """Whether `scorer` decides how many visual tokens stay (the scorers that do say so; the others do not)."""
+    return getattr(scorer, "decides_count", False)

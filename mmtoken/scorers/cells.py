@@ -17,7 +17,7 @@ class CellCorners:
 
     cells: GridCells
     layer_offset: int | None = None
-    discards: ClassVar[bool] = True
+    decides_count: ClassVar[bool] = True
 
     def score(self, inputs: ScoreInput) -> torch.Tensor:
         first = self.cells.firsts(inputs.geometry, inputs.candidates)

@@ -33,10 +33,11 @@ def row_targets(inputs: ScoreInput, assign: Callable[[int, torch.Tensor], torch.
 class Grouping:
     """Base of groupings: computes `targets` once per cut, whoever asks first (the scorer or the reducer).
 
-    `exact` says that a row keeps exactly its planned number of visual tokens, so the engine need not count them.
+    `decides_count` says that a row may keep another number of visual tokens than planned (the grouping decides),
+    so the engine counts them after the cut.
     """
 
-    exact: ClassVar[bool] = True
+    decides_count: ClassVar[bool] = False
     _memo: tuple[ScoreInput, torch.Tensor] | None = field(default=None, init=False, repr=False, compare=False)
 
     def targets(self, inputs: ScoreInput) -> torch.Tensor:
@@ -56,8 +57,8 @@ class GroupHeads:
     layer_offset: int | None = None
 
     @property
-    def discards(self) -> bool:
-        return not self.grouping.exact
+    def decides_count(self) -> bool:
+        return self.grouping.decides_count
 
     def score(self, inputs: ScoreInput) -> torch.Tensor:
         target = self.grouping.targets(inputs)

@@ -60,7 +60,7 @@ class HoliTomMerge(Grouping):
     threshold: float
     ratio: float | None = None
     count: float | None = None
-    exact = False
+    decides_count = True
 
     def group(self, inputs: ScoreInput) -> torch.Tensor:
         def assign(row: int, index: torch.Tensor) -> torch.Tensor:

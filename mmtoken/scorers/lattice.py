@@ -18,7 +18,7 @@ class PlusLattice:
 
     base: Scorer
     stride: int = 3
-    discards: ClassVar[bool] = True
+    decides_count: ClassVar[bool] = True
 
     @property
     def layer_offset(self) -> int | None:

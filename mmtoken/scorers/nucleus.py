@@ -30,7 +30,7 @@ class AttentionNucleus:
     mass: float = 0.9
     spatial: float = 0.1
     layer_offset: int = 0
-    discards: ClassVar[bool] = True
+    decides_count: ClassVar[bool] = True
 
     def score(self, inputs: ScoreInput) -> torch.Tensor:
         attention = LastQueryAttention(layer_offset=self.layer_offset).score(inputs)

@@ -79,7 +79,7 @@ class TemporalMerge(Grouping):
 
     threshold: float | None = None
     count: float | None = None
-    exact = False
+    decides_count = True
 
     def group(self, inputs: ScoreInput) -> torch.Tensor:
         def assign(row: int, index: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,109 @@
+"""One request: a prefill and the decode steps that continue it, with everything the hooks keep about it.
+
+Who owns what, and when it dies:
+- the `Request` belongs to the request's KV cache (an attribute of the transformers `Cache` object), so it lives
+  exactly as long as the cache the caller holds, and two requests on one model never share state;
+- while one forward call of the model runs, the request it serves is also the *active* request of the thread
+  (a context variable): the hooks of the language model and its layers read it there, so calls in other threads
+  or interleaved between decode steps (another request's prefill) never see it;
+- what only the prefill needs (its plan, the layer before a cut, the sliced rotary tables) is dropped when the
+  prefill ends; what decode steps read stays with the request: each layer's `CacheRecord` (which entries its
+  cache holds, shared by the layers that hold the same), and the masks of the current step, one per record.
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import Cache
+
+from mmtoken.engine.plan import Plan
+from mmtoken.engine.record import CacheRecord, gather_entries
+from mmtoken.state import CallState
+
+_ATTRIBUTE = "_mmtoken_request"
+_ACTIVE: ContextVar[Request | None] = ContextVar("mmtoken_active_request", default=None)
+
+
+@dataclass
+class PrefillScratch:
+    """What only the prefill reads: the plan of its cuts, the inputs of the layer before (for scorers that mimic
+    it), and per stretch the model's mask with its slice and the rotary tables of the stretch's tokens."""
+
+    plan: Plan
+    previous: tuple[nn.Module, torch.Tensor, tuple] | None = None
+    slices: dict[int, tuple[object, object, tuple]] = field(default_factory=dict)
+
+
+@dataclass
+class Request:
+    """The token state of one request (`call`: which tokens each stretch of layers kept at prefill), its prefill
+    scratch (None once the prefill is done), its start time where the prefill is timed, whether a cut before the
+    language model `shortened` the prompt, and from the end of the prefill on: the record of each layer's KV cache,
+    how many tokens entered after the prompt (`generated`), and the decode masks of the current step by record."""
+
+    call: CallState
+    prefill: PrefillScratch | None
+    started: float | None = None
+    shortened: bool = False
+    records: list[CacheRecord] | None = None
+    generated: int = 0
+    decode_masks: dict[int, object] = field(default_factory=dict)
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.prefill is not None
+
+    def record_layers(self, depth: int) -> None:
+        """At the end of the prefill: each layer's cache holds the tokens of its stretch."""
+        by_stretch = {
+            start: CacheRecord(tokens.slot, tokens.valid, tokens.complete) for start, tokens in self.call.sets.items()
+        }
+        self.records = [by_stretch[self.call.stretch_of(layer)] for layer in range(depth)]
+
+    def advance(self, count: int) -> None:
+        """A decode step of `count` tokens starts: each layer's cache is about to hold them too."""
+        first = len(self.call.sets[0]) + self.generated
+        extended: dict[int, CacheRecord] = {}
+        self.records = [extended.setdefault(id(record), record.extended(first, count)) for record in self.records]
+        self.generated += count
+        self.decode_masks = {}
+
+
+def request_of(cache: Cache | None) -> Request | None:
+    """The request a KV cache belongs to (None for a cache mmtoken has not seen)."""
+    return None if cache is None else getattr(cache, _ATTRIBUTE, None)
+
+
+def give_to(cache: Cache, request: Request) -> None:
+    """Make `request` belong to `cache`, so the decode steps that pass the cache find it."""
+    setattr(cache, _ATTRIBUTE, request)
+
+
+def activate(request: Request | None) -> None:
+    """Make `request` the one the hooks of this thread serve, until the call ends (`activate(None)`)."""
+    _ACTIVE.set(request)
+
+
+def active() -> Request:
+    """The request of the forward call running in this thread."""
+    request = _ACTIVE.get()
+    if request is None:
+        raise RuntimeError("mmtoken: a language-model call arrived outside a call of the patched model")
+    return request
+
+
+def compact(cache: Cache, layer: int, keep: torch.Tensor) -> None:
+    """Keep only the entries `keep` (batch, n: indices into what the layer's cache holds now, in the order to keep
+    them) of decoder layer `layer`'s KV cache, freeing the others; the request's later decode steps read the new
+    record. Layer 0 is refused: its cache sizes the masks the model builds for itself."""
+    request = request_of(cache)
+    if request is None or request.records is None:
+        raise ValueError("compact needs the KV cache of a request that a patched model has prefilled")
+    if not 0 < layer < len(request.records):
+        raise ValueError(f"compact: layer must be in [1, {len(request.records)}), got {layer}")
+    gather_entries(cache, layer, keep)
+    request.records[layer] = request.records[layer].gathered(keep)

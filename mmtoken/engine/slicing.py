@@ -1,0 +1,55 @@
+"""What a decoder layer behind a cut receives instead of the model's own arguments: the rotary embeddings and the
+attention mask of the tokens alive there (rotary phases are the original ones, gathered, never recomputed).
+
+The model builds its mask and rotary tables once per call, over the sequence it received. At prefill a stretch of
+layers that shares one token set gets them gathered once and reused by its other layers; at decode each layer's
+mask comes from the record of what its cache holds (one per record and step), never from the cache's length.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mmtoken.engine.masks import decode_mask, prefill_mask
+from mmtoken.engine.request import Request
+from mmtoken.ops import gather_tokens
+
+
+def slice_prefill(request: Request, index: int, kwargs: dict, implementation: str) -> None:
+    """Hand decoder layer `index` the mask and rotary embeddings of its stretch's tokens, at prefill."""
+    start = request.call.stretch_of(index)
+    if start == 0:
+        return
+    tokens, mask = request.call.sets[start], kwargs.get("attention_mask")
+    cached = request.prefill.slices.get(start)
+    if cached is None or cached[0] is not mask:
+        cos, sin = kwargs["position_embeddings"]
+        sliced_mask = prefill_mask(mask, tokens.slot, tokens.valid, tokens.complete, implementation, cos.dtype)
+        cached = (mask, sliced_mask, (gather_tokens(cos, tokens.slot), gather_tokens(sin, tokens.slot)))
+        request.prefill.slices[start] = cached
+    kwargs["attention_mask"], kwargs["position_embeddings"] = cached[1], cached[2]
+    kwargs["position_ids"] = None
+
+
+def slice_decode(request: Request, index: int, hidden: torch.Tensor, kwargs: dict, implementation: str) -> None:
+    """Hand decoder layer `index` the mask of a decode step over the entries its cache's record says it holds."""
+    record = request.records[index]
+    if record is request.records[0]:
+        return  # it holds what the model received, which the model's own mask covers
+    mask = request.decode_masks.get(id(record))
+    if mask is None:
+        mask = decode_mask(record.valid, record.complete, hidden.shape[1], implementation, hidden.dtype)
+        request.decode_masks[id(record)] = mask
+    kwargs["attention_mask"] = mask
+
+
+def shortened_padding_mask(request: Request, kwargs: dict) -> torch.Tensor:
+    """At decode, the 2-D padding mask over the prompt a cut before the language model shortened, plus the tokens
+    generated since."""
+    call, prompt = request.call, request.call.sets[0]
+    mask = torch.cat([prompt.valid, prompt.valid.new_ones(call.batch_size, request.generated)], dim=1)
+    given = kwargs.get("attention_mask")
+    if given is None:
+        return mask.long()
+    tail = torch.arange(call.prompt_length, given.shape[1], device=given.device).expand(call.batch_size, -1)
+    return given.gather(1, torch.cat([prompt.position, tail], dim=1)) * mask
