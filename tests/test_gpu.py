@@ -5,12 +5,15 @@ Runs where a GPU is (the lent device; see BENCHMARKS.md for the command); CI has
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from conftest import PRUNING, greedy, inputs, method_cases
 from transformers.utils import import_utils
 
 import mmtoken
+from mmtoken.compat import cache_of, with_cache
 from mmtoken.zoo.tiny import tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -67,3 +70,30 @@ def test_flash_attention_matches_sdpa_when_pruned(case, method):
             logits.append(model(**batch).logits[:, -1].float())
     assert (logits[0] - logits[1]).abs().max() < 5e-2
     assert torch.equal(outputs[0][:, :1], outputs[1][:, :1])
+
+
+def _syncs_in_one_decode_step(model, batch) -> int:
+    """Prefill `batch`, then count the host synchronisations that one decode step of the model makes."""
+    with torch.no_grad():
+        out = model(**batch, use_cache=True)
+        token = out.logits[:, -1:].argmax(-1)
+        mask = torch.cat([batch["attention_mask"], batch["attention_mask"].new_ones(token.shape)], dim=1)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                model(input_ids=token, attention_mask=mask, use_cache=True, **with_cache(cache_of(out)))
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return sum("synchroniz" in str(warning.message) for warning in caught)
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("method", ["fastv", "pooling", "pdrop", "tome"])
+def test_a_patched_decode_step_adds_no_host_synchronisation(method, rows):
+    model = on_gpu("llava", "sdpa")
+    batch = to_gpu(inputs("llava", False, batch=rows))
+    unpatched = _syncs_in_one_decode_step(model, batch)
+    with mmtoken.patched(model, method, **PRUNING[method]):
+        assert _syncs_in_one_decode_step(model, batch) == unpatched
