@@ -15,12 +15,10 @@ the ceiling the FLOPs cut would allow.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import statistics
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -51,6 +49,7 @@ from transformers.generation.streamers import BaseStreamer
 import mmtoken
 from mmtoken.accounting.stats import cache_bytes
 from mmtoken.compat import cache_of, with_cache
+from mmtoken.encoding import Encoded, encode, feeding
 from mmtoken.zoo.text import LLAVA_TEMPLATE, chatml_template, llama_tokenizer, qwen_tokenizer
 
 SENTENCE = "describe what happens in this picture and name every object you can see with its color and place"
@@ -198,22 +197,6 @@ def prompt_inputs(shape: Shape, batch: int, device: str, dtype: torch.dtype) -> 
     return inputs.to(device, dtype=dtype)
 
 
-_PIXELS = ("pixel_values", "pixel_values_videos")
-
-
-def encode(model: torch.nn.Module, inputs: dict) -> dict:
-    """Vision features as `generate()` computes them before prefill, by modality (`_prefill` takes them)."""
-    features = {}
-    for modality, pixels in zip(("image", "video"), _PIXELS, strict=True):
-        if pixels in inputs:
-            function = getattr(model.model, f"get_{modality}_features")
-            # the pixels go first, by position: their parameter's name differs between transformers versions
-            wanted = set(inspect.signature(function).parameters) - set(_PIXELS)
-            features[modality] = function(inputs[pixels], **{key: value for key, value in inputs.items()
-                                                             if key in wanted}, return_dict=True)  # fmt: skip
-    return features
-
-
 def timed(run: Callable[[], object], device: str) -> tuple[float, object]:
     """One run's wall time in ms (CUDA events on a GPU, the CPU clock elsewhere) and its result."""
     if device.startswith("cuda"):
@@ -263,41 +246,20 @@ def _generate(model: torch.nn.Module, inputs: dict, device: str) -> dict:
     }
 
 
-@contextmanager
-def _encoded(model: torch.nn.Module, features: dict) -> Iterator[None]:
-    """While open, the model's `get_image_features` / `get_video_features` return `features` instead of running the
-    vision tower, so that a forward on pixels times the prefill alone, through the model's own code on every
-    transformers 5 version (`mm_encoder_outputs` is newer than some)."""
-    base = model.model
-    saved = {}
-    for modality, output in features.items():
-        name = f"get_{modality}_features"
-        saved[name] = base.__dict__.get(name)  # a method wrapper a patch put there, or None
-        setattr(base, name, lambda *args, output=output, **kwargs: output)
-    try:
-        yield
-    finally:
-        for name, previous in saved.items():
-            if previous is None:
-                delattr(base, name)
-            else:
-                setattr(base, name, previous)
-
-
-def _prefill(model: torch.nn.Module, inputs: dict, features: dict) -> torch.Tensor:
-    """The last position's logits of a prefill on already encoded `features`, with a fresh cache, as `generate`
-    runs it."""
-    with _encoded(model, features):
+def _prefill(model: torch.nn.Module, inputs: dict, encoded: Encoded) -> torch.Tensor:
+    """The last position's logits of a prefill on already `encoded` media, with a fresh cache, as `generate` runs
+    it."""
+    with feeding(model, encoded):
         cache = DynamicCache(config=model.config)
         return model(**inputs, **with_cache(cache), use_cache=True, logits_to_keep=1).logits
 
 
-def _encoded_prefill(model: torch.nn.Module, inputs: dict, features: dict | None, device: str) -> tuple:
-    """(vision ms, prefill ms): the prefill on `features`, or, where they are None, on the features the vision
-    encoder gives under the running patch (methods that read its attention need it in the same patch), timed too."""
+def _encoded_prefill(model: torch.nn.Module, inputs: dict, features: Encoded | None, device: str) -> tuple:
+    """(vision ms, prefill ms): the prefill on `features`, or, where they are None, on what the vision encoder gives
+    under the running patch with the signal its method reads (VisionZip's, HoliTom's), timed too."""
     vision_ms = None
     if features is None:
-        vision_ms, features = timed(partial(encode, model, inputs), device)
+        vision_ms, features = timed(partial(encode, model, inputs, signal=True), device)
     prefill_ms, _ = timed(partial(_prefill, model, inputs, features), device)
     return vision_ms, prefill_ms
 

@@ -169,10 +169,20 @@ class VisionWatch:
         with torch.no_grad():
             self._recording().raw.append(self.adapter.vision_attention_signal(module, args, kwargs))
 
-    def take(self, call: CallState) -> torch.Tensor:
-        """(batch, prompt length): the signal at every visual token of the call (0 elsewhere); forgets it."""
+    def taken(self) -> dict[int, list[torch.Tensor]]:
+        """This thread's signals of the encodings not yet taken, by kind, in encoding order; forgets them."""
         recording = self._recording()
         signals, recording.signals = recording.signals, {IMAGE: [], VIDEO: []}
+        return signals
+
+    def replay(self, signals: dict[int, list[torch.Tensor]]) -> None:
+        """Record `signals` (as `taken` returned them) as if their encodings ran now, in this thread."""
+        for kind, arranged in signals.items():
+            self._recording().signals[kind].extend(arranged)
+
+    def take(self, call: CallState) -> torch.Tensor:
+        """(batch, prompt length): the signal at every visual token of the call (0 elsewhere); forgets it."""
+        signals = self.taken()
         signal = torch.zeros(call.kinds.shape, device=call.kinds.device)
         for kind, name in ((IMAGE, "image"), (VIDEO, "video")):
             mask = (call.kinds == kind) & ~call.padding

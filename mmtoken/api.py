@@ -87,9 +87,14 @@ def patch(
     return handle
 
 
+def handle_of(model: nn.Module) -> Handle | None:
+    """The handle of the patch on `model` (None when it is not patched)."""
+    return getattr(model, _ATTRIBUTE, None)
+
+
 def unpatch(model: nn.Module) -> None:
     """Remove mmtoken's hooks; the model is exactly as it was before `patch`."""
-    handle = getattr(model, _ATTRIBUTE, None)
+    handle = handle_of(model)
     if handle is None:
         raise RuntimeError("this model is not patched by mmtoken")
     handle.remove()

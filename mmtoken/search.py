@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from transformers import PreTrainedModel, ProcessorMixin
 
 import mmtoken
+from mmtoken.encoding import Encoded
 from mmtoken.methods import GSearch, Method, PSigmoid
 from mmtoken.zoo import probe
 from mmtoken.zoo.embedded import accuracy, answers, encode, load, probe_samples
@@ -37,7 +38,8 @@ class Calibration:
         return cls(model, processor, probe_samples(name, per_task, seed))
 
     @cached_property
-    def inputs(self) -> dict:
+    def encoded(self) -> tuple[dict, Encoded]:
+        """The samples' prompts and their media through the vision tower, once."""
         return encode(self.model, self.processor, self.samples)
 
     @property
@@ -47,14 +49,17 @@ class Calibration:
     @property
     def visual(self) -> int:
         """Visual tokens of one sample (all probe images have the same)."""
-        return int((self.inputs["input_ids"][0] == self.model.config.image_token_id).sum())
+        return int((self.encoded[0]["input_ids"][0] == self.model.config.image_token_id).sum())
 
     def evaluate(self, method: Method | None) -> tuple[float, float]:
+        """Calibration accuracy and average visual tokens of `method` (None: the unpatched model)."""
+        inputs, encoded = self.encoded
         if method is None:
-            return accuracy(self.samples, answers(self.model, self.processor, self.inputs))["average"], self.visual
+            given = answers(self.model, self.processor, inputs, encoded=encoded)
+            return accuracy(self.samples, given)["average"], self.visual
         with mmtoken.patched(self.model, method) as handle:
-            score = accuracy(self.samples, answers(self.model, self.processor, self.inputs))["average"]
-            return score, handle.stats.avg_visual_tokens
+            given = answers(self.model, self.processor, inputs, encoded=encoded)
+            return accuracy(self.samples, given)["average"], handle.stats.avg_visual_tokens
 
 
 @contextmanager

@@ -42,11 +42,11 @@ def test_atp_keeps_a_count_of_its_own_per_image_and_reports_it():
     mass keeps more; a budget caps every cut; the stats give the budget achieved."""
     model, processor = probe_llava()
     samples = [sample for task in ("count", "color", "exist") for sample in probe.generate("image", 2, 3, task)]
-    batch = encode(model, processor, samples)
+    batch, encoded = encode(model, processor, samples)
     kept = {}
     for mass in (0.5, 0.9):
         with mmtoken.patched(model, "atp", layers=(1, 3), mass=mass) as handle:
-            answers(model, processor, batch, max_new_tokens=1)
+            answers(model, processor, batch, max_new_tokens=1, encoded=encoded)
             counts = [handle.latest_call.set_at(layer).visual_counts for layer in range(6)]
         assert len(set(counts[1])) > 1
         assert handle.stats.visual_tokens_per_layer == [sum(row) / len(row) for row in counts]
@@ -54,7 +54,7 @@ def test_atp_keeps_a_count_of_its_own_per_image_and_reports_it():
     assert all(a <= b for a, b in zip(kept[0.5][3], kept[0.9][3], strict=True)) and kept[0.5] != kept[0.9]
     caps = PyramidDrop(layers=(1, 3), budget=200).cuts(6, 576)
     with mmtoken.patched(model, "atp", layers=(1, 3), mass=0.9, budget=200) as handle:
-        answers(model, processor, batch, max_new_tokens=1)
+        answers(model, processor, batch, max_new_tokens=1, encoded=encoded)
         for cap in caps:
             # the spatial sample comes on top of the cap
             assert max(handle.latest_call.set_at(cap.layer).visual_counts) <= cap.keep + round(0.1 * 576)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import inspect
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, BatchFeature, PreTrainedModel, ProcessorMixin
 
+from mmtoken import encoding
+from mmtoken.encoding import Encoded
 from mmtoken.zoo import probe
 from mmtoken.zoo.probe import Sample
 
@@ -65,25 +67,23 @@ def prompts(processor: ProcessorMixin, samples: list[Sample]) -> BatchFeature:
     return processor(text=texts, return_tensors="pt", padding=True, padding_side="left", **media)
 
 
-def encode(model: PreTrainedModel, processor: ProcessorMixin, samples: list[Sample]) -> dict:
-    """Inputs for probe samples with their media already through the vision tower (`mm_encoder_outputs`), so
-    that they can be answered many times, under different methods, for the cost of the language model only."""
-    inputs = dict(prompts(processor, samples).to(model.device))
-    encoded, used = {}, set()
-    with torch.no_grad():
-        for modality in ("image", "video"):
-            encoder = getattr(model, f"get_{modality}_features", None)
-            signature = [] if encoder is None else inspect.signature(encoder).parameters
-            names = [name for name in signature if name in inputs]
-            if any(name.startswith("pixel_values") for name in names):
-                encoded[modality] = encoder(**{name: inputs[name] for name in names}, return_dict=True)
-                used.update(names)
-    return {**{name: value for name, value in inputs.items() if name not in used}, "mm_encoder_outputs": encoded}
+def encode(model: PreTrainedModel, processor: ProcessorMixin, samples: list[Sample]) -> tuple[BatchFeature, Encoded]:
+    """The prompts of probe samples and their media already through the vision tower (`mmtoken.encoding`), so that
+    they can be answered many times, under different methods, for the cost of the language model only."""
+    inputs = prompts(processor, samples).to(model.device)
+    return inputs, encoding.encode(model, inputs)
 
 
-def answers(model: PreTrainedModel, processor: ProcessorMixin, inputs: dict, max_new_tokens: int = 6) -> list[str]:
-    """The model's greedy answers to a batch of probe inputs (from `prompts` or `encode`), as strings of words."""
-    with torch.no_grad():
+def answers(
+    model: PreTrainedModel,
+    processor: ProcessorMixin,
+    inputs: dict,
+    max_new_tokens: int = 6,
+    encoded: Encoded | None = None,
+) -> list[str]:
+    """The model's greedy answers to a batch of probe inputs (from `prompts`, or `encode` with its `encoded` media),
+    as strings of words."""
+    with torch.no_grad(), nullcontext() if encoded is None else encoding.feeding(model, encoded):
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     return [processor.decode(row, skip_special_tokens=True).strip() for row in out[:, inputs["input_ids"].shape[1] :]]
 

@@ -1,0 +1,99 @@
+"""The encoder seam: a prompt's media through the vision tower and projector once (`encode`), then prefilled from
+those features as often as needed (`feeding`), through the model's own forward and `generate` on every supported
+transformers release (the model's `get_image_features` / `get_video_features` answer from the encoded features).
+
+Where asked, `encode` also records the vision signal that VisionZip and HoliTom rank by (the vision encoder's
+attention to each visual token), so those methods run on features encoded ahead of time as on pixels.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from mmtoken.api import handle_of
+from mmtoken.integrations import adapter_for
+from mmtoken.integrations.vision import VisionWatch
+from mmtoken.state import IMAGE, VIDEO
+
+_PIXELS = {"image": "pixel_values", "video": "pixel_values_videos"}
+_KINDS = {"image": IMAGE, "video": VIDEO}
+
+
+@dataclass
+class Encoded:
+    """A prompt's media through the vision tower and projector: what the model's `get_image_features` /
+    `get_video_features` returned, by modality, and the vision signal recorded while they ran (by kind, as the
+    vision watch arranges it; empty unless asked for)."""
+
+    features: dict[str, object]
+    signals: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+
+
+def _features(model: nn.Module, inputs: dict) -> dict[str, object]:
+    features = {}
+    for modality, pixels in _PIXELS.items():
+        if inputs.get(pixels) is not None:
+            function = getattr(model.model, f"get_{modality}_features")
+            # the pixels go first, by position: their parameter's name differs between transformers releases
+            wanted = set(inspect.signature(function).parameters) - set(_PIXELS.values())
+            others = {key: value for key, value in inputs.items() if key in wanted}
+            features[modality] = function(inputs[pixels], **others, return_dict=True)
+    return features
+
+
+@torch.no_grad()
+def encode(model: nn.Module, inputs: dict, signal: bool = False) -> Encoded:
+    """The media of `inputs` (the processor's output) through the vision tower and projector, as `forward` and
+    `generate` encode them; with `signal`, also the vision encoder's attention that VisionZip and HoliTom read (the
+    patch's own watch records it where the model is patched for such a method)."""
+    if not signal:
+        return Encoded(_features(model, inputs))
+    handle = handle_of(model)
+    watch = None if handle is None else handle.engine.watch
+    if watch is not None:
+        watch.taken()  # forget what earlier encodings of this thread left
+        features = _features(model, inputs)
+        return Encoded(features, watch.taken())
+    watch = VisionWatch(adapter_for(model))
+    watch.attach()
+    try:
+        features = _features(model, inputs)
+        return Encoded(features, watch.taken())
+    finally:
+        watch.detach()
+
+
+@contextmanager
+def feeding(model: nn.Module, encoded: Encoded) -> Iterator[None]:
+    """While open, the model's `get_image_features` / `get_video_features` return `encoded`'s features instead of
+    running the vision tower (the inputs keep their pixels, which the model then only counts), and a patch that
+    reads the vision signal gets the one `encode` recorded."""
+    base, saved = model.model, {}
+    handle = handle_of(model)
+    watch = None if handle is None else handle.engine.watch
+    for modality, output in encoded.features.items():
+        name, kind = f"get_{modality}_features", _KINDS[modality]
+        saved[name] = base.__dict__.get(name)  # the wrapper a patch put there, or None
+
+        def answer(*args: object, output: object = output, kind: int = kind, **kwargs: object) -> object:
+            if watch is not None:
+                watch.replay({kind: encoded.signals.get(kind, [])})
+            return output
+
+        # the original's signature, which `generate` reads to pick the arguments it passes (and then drops)
+        setattr(base, name, functools.wraps(getattr(base, name))(answer))
+    try:
+        yield
+    finally:
+        for name, previous in saved.items():
+            if previous is None:
+                delattr(base, name)
+            else:
+                setattr(base, name, previous)

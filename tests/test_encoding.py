@@ -1,0 +1,39 @@
+"""The encoder seam: media encoded once, then prefilled from those features, equals the call from pixels, on
+every supported transformers release; VisionZip and HoliTom work on features encoded ahead of time."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import greedy, inputs, model_and_processor
+
+import mmtoken
+from mmtoken.encoding import encode, feeding
+
+CASES = [("llava", False), ("llava_onevision", True), ("qwen2_5_vl", True)]
+
+
+@pytest.mark.parametrize(("family", "video"), CASES)
+def test_a_prefill_fed_encoded_features_equals_the_forward_on_pixels(family, video):
+    model, _ = model_and_processor(family)
+    batch = inputs(family, video, batch=2)
+    with torch.no_grad():
+        expected = model(**batch).logits[:, -1]
+        with feeding(model, encode(model, batch)):
+            assert torch.allclose(model(**batch).logits[:, -1], expected, atol=1e-5)
+        # features of other pixels change the answer: the prefill reads the encoded features, not the pixels
+        negated = {key: -value if key.startswith("pixel_values") else value for key, value in batch.items()}
+        with feeding(model, encode(model, negated)):
+            assert not torch.allclose(model(**batch).logits[:, -1], expected, atol=1e-3)
+
+
+@pytest.mark.parametrize(("family", "video"), CASES)
+@pytest.mark.parametrize(("method", "params"), [("visionzip", {"ratio": 0.3}), ("holitom", {"ratio": 0.3, "layer": 3})])
+def test_methods_that_read_the_vision_signal_run_on_features_encoded_ahead(family, video, method, params):
+    model, _ = model_and_processor(family)
+    batch = inputs(family, video, batch=2)
+    encoded = encode(model, batch, signal=True)  # before any patch, as an encode stage would
+    with mmtoken.patched(model, method, **params):
+        from_pixels = greedy(model, batch)
+        with feeding(model, encoded):
+            assert torch.equal(greedy(model, batch), from_pixels)
