@@ -161,3 +161,22 @@ def test_compacting_needs_a_prefilled_request_and_a_layer_past_the_first():
         cache = cache_of(model(**batch, use_cache=True))
         with pytest.raises(ValueError, match=r"layer must be in \[1, 6\), got 0"):
             compact(cache, 0, torch.zeros(1, 2, dtype=torch.long))
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_a_decode_step_of_several_tokens_equals_them_one_by_one(rows, attention):
+    """As speculative decoding feeds them: the new tokens see each other causally, in every layer's cache."""
+    model, _ = model_and_processor("llava", attention)
+    batch = inputs("llava", False, batch=rows)
+    tokens = torch.tensor([[7, 9, 11]]).expand(rows, -1)
+    logits = []
+    for chunks in ([tokens], tokens.split(1, dim=1)):
+        with mmtoken.patched(model, "fastv", k=2, ratio=0.4), torch.no_grad():
+            mask, out = batch["attention_mask"], []
+            cache = cache_of(model(**batch, use_cache=True))
+            for chunk in chunks:
+                mask = torch.cat([mask, mask.new_ones(rows, chunk.shape[1])], dim=1)
+                out.append(model(input_ids=chunk, attention_mask=mask, use_cache=True, **with_cache(cache)).logits)
+            logits.append(torch.cat(out, dim=1))
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)

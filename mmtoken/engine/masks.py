@@ -77,11 +77,21 @@ def prefill_mask(
     return _unhide_diagonal(_hide(mask, fillers), fillers)
 
 
-def decode_mask(valid: torch.Tensor, complete: bool, queries: int, implementation: str, dtype: torch.dtype):
-    """The mask of a decode step's `queries` (the newest entries) over the entries of a layer's cache, from the
-    cache's record: `valid` (batch, entries) and `complete` (all valid). None where nothing needs hiding."""
-    if complete and queries == 1:
-        return None
+def decode_mask(
+    valid: torch.Tensor | None,
+    entries: int,
+    queries: int,
+    implementation: str,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor | None:
+    """The mask of a decode step's `queries` (the newest of a layer's `entries`) over the layer's cache, from the
+    cache's record: `valid` (batch, entries), or None where every entry is valid. None where nothing needs hiding
+    (flash attention aligns its causal mask to the newest keys by itself)."""
+    if valid is None:
+        if queries == 1 or "flash" in implementation:
+            return None
+        return _causal(torch.zeros(1, entries, dtype=torch.bool, device=device), queries, implementation, dtype)
     fillers = ~valid
     mask = _causal(fillers, queries, implementation, dtype)
     return mask if mask.ndim == 2 else _hide(mask, fillers)

@@ -11,26 +11,34 @@ from transformers import Cache
 
 @dataclass
 class CacheRecord:
-    """The entries of one layer's KV cache, for every batch row: `slot`, the position of each entry in the sequence
-    the language model received (the prompt first, then the tokens generated since, numbered on), `valid`, False
-    for padding and fillers, and `complete`, kept on the CPU: whether all are valid. Layers that hold the same
-    entries share one record."""
+    """The entries of one layer's KV cache, for every batch row. `slot` (batch, n) is the position of each entry in
+    the sequence the language model received, `valid` False for padding and fillers, `complete` (kept on the CPU)
+    whether all are valid; the `appended` entries after those are tokens generated since, all valid, at received
+    positions `next_slot` on (counted, not stored, so a decode step allocates nothing for them). Layers that hold
+    the same entries share one record."""
 
     slot: torch.Tensor
     valid: torch.Tensor
     complete: bool
+    next_slot: int
+    appended: int = 0
 
-    def extended(self, first: int, count: int) -> CacheRecord:
-        """The record after `count` generated tokens entered, at received positions `first` on."""
-        batch = self.slot.shape[0]
-        new = torch.arange(first, first + count, device=self.slot.device).expand(batch, -1)
-        valid = torch.cat([self.valid, self.valid.new_ones(batch, count)], 1)
-        return CacheRecord(torch.cat([self.slot, new], 1), valid, self.complete)
+    def append(self, count: int) -> None:
+        """`count` generated tokens entered the cache."""
+        self.appended += count
+
+    def entries_valid(self) -> torch.Tensor:
+        """(batch, entries): whether each entry may be attended to, the appended ones included."""
+        return torch.cat([self.valid, self.valid.new_ones(self.valid.shape[0], self.appended)], 1)
 
     def gathered(self, keep: torch.Tensor) -> CacheRecord:
-        """The record of entries `keep` (batch, n); reads the device once, to know whether all are valid."""
-        valid = self.valid.gather(1, keep)
-        return CacheRecord(self.slot.gather(1, keep), valid, bool(valid.all()))
+        """The record of entries `keep` (batch, n) of all it holds; reads the device once, to know whether all
+        are valid."""
+        batch, first = self.slot.shape[0], self.next_slot
+        tail = torch.arange(first, first + self.appended, device=self.slot.device).expand(batch, -1)
+        valid = self.entries_valid().gather(1, keep)
+        slot = torch.cat([self.slot, tail], 1).gather(1, keep)
+        return CacheRecord(slot, valid, bool(valid.all()), first + self.appended)
 
 
 def gather_entries(cache: Cache, layer: int, keep: torch.Tensor) -> None:

@@ -59,16 +59,17 @@ class Request:
 
     def record_layers(self, depth: int) -> None:
         """At the end of the prefill: each layer's cache holds the tokens of its stretch."""
+        received = len(self.call.sets[0])
         by_stretch = {
-            start: CacheRecord(tokens.slot, tokens.valid, tokens.complete) for start, tokens in self.call.sets.items()
+            start: CacheRecord(tokens.slot, tokens.valid, tokens.complete, received)
+            for start, tokens in self.call.sets.items()
         }
         self.records = [by_stretch[self.call.stretch_of(layer)] for layer in range(depth)]
 
     def advance(self, count: int) -> None:
         """A decode step of `count` tokens starts: each layer's cache is about to hold them too."""
-        first = len(self.call.sets[0]) + self.generated
-        extended: dict[int, CacheRecord] = {}
-        self.records = [extended.setdefault(id(record), record.extended(first, count)) for record in self.records]
+        for record in {id(record): record for record in self.records}.values():
+            record.append(count)
         self.generated += count
         self.decode_masks = {}
 

@@ -38,7 +38,8 @@ def slice_decode(request: Request, index: int, hidden: torch.Tensor, kwargs: dic
         return  # it holds what the model received, which the model's own mask covers
     mask = request.decode_masks.get(id(record))
     if mask is None:
-        mask = decode_mask(record.valid, record.complete, hidden.shape[1], implementation, hidden.dtype)
+        valid, entries = None if record.complete else record.entries_valid(), record.slot.shape[1] + record.appended
+        mask = decode_mask(valid, entries, hidden.shape[1], implementation, hidden.dtype, hidden.device)
         request.decode_masks[id(record)] = mask
     kwargs["attention_mask"] = mask
 
