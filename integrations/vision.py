@@ -16,6 +16,7 @@ from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+from weakref import WeakKeyDictionary
 
 import torch
 from torch import nn
@@ -100,7 +101,9 @@ class TowerAttention:
         return tower_signal(self.model.base_model.vision_tower, module, module_input(args, kwargs))
 
 
-_RECORDINGS: ContextVar[dict[int, _Recording] | None] = ContextVar("mmtoken_vision_recordings", default=None)
+_RECORDINGS: ContextVar[WeakKeyDictionary[VisionWatch, _Recording] | None] = ContextVar(
+    "mmtoken_vision_recordings", default=None
+)
 
 
 @dataclass
@@ -151,9 +154,9 @@ class VisionWatch:
         """This thread's recording of this watch."""
         recordings = _RECORDINGS.get()
         if recordings is None:
-            recordings = {}
+            recordings = WeakKeyDictionary()
             _RECORDINGS.set(recordings)
-        return recordings.setdefault(id(self), _Recording())
+        return recordings.setdefault(self, _Recording())
 
     def _watched(self, kind: int, encode: Callable, signature: inspect.Signature, *args: object, **kwargs: object):
         recording = self._recording()
@@ -213,8 +216,8 @@ def _expanded(recorded: torch.Tensor, counts: list[int], name: str) -> torch.Ten
     if copies < 2 or total != copies * len(recorded) or any(len(set(group)) > 1 for group in groups):
         raise ValueError(
             f"the vision encoder's attention covers {len(recorded)} {name} tokens but the prompt holds {total}; "
-            "this method needs the vision tower to run in the same call (pre-computed mm_encoder_outputs carry no "
-            "attention)"
+            "this method needs the vision tower to run in the same call, or features encoded ahead with "
+            "`mmtoken.encoding.encode(model, inputs, signal=True)` and fed with `mmtoken.encoding.feeding`"
         )
     rows = recorded.split([group[0] for group in groups])
     return torch.cat([row for row in rows for _ in range(copies)])
