@@ -7,15 +7,12 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from mmtoken.state import IMAGE, TEXT, VIDEO, CallState
-
-_KIND_NAMES = {IMAGE: "image", VIDEO: "video"}
-_PIXELS = {IMAGE: "pixel_values", VIDEO: "pixel_values_videos"}
+from mmtoken.state import MEDIA, PIXELS, TEXT, CallState
 
 
 def _encoded(kind: int, inputs: dict) -> object | None:
     """The features of `kind` that `generate` encoded ahead of the call, if any."""
-    return (inputs.get("mm_encoder_outputs") or {}).get(_KIND_NAMES[kind])
+    return (inputs.get("mm_encoder_outputs") or {}).get(MEDIA[kind])
 
 
 def raster(frames: int, rows: int, columns: int) -> torch.Tensor:
@@ -69,15 +66,15 @@ class Adapter:
         """Kinds and padding of this prompt; raises if its visual tokens do not match the encoded media."""
         ids = input_ids.cpu()
         kinds = torch.full_like(ids, TEXT)
-        for kind, name in _KIND_NAMES.items():
+        for kind, name in MEDIA.items():
             token_id = getattr(self.config, f"{name}_token_id", None)
             if token_id is not None:
                 kinds[ids == token_id] = kind
-        for kind, name in _KIND_NAMES.items():
+        for kind, name in MEDIA.items():
             tokens = int((kinds == kind).sum())
             if tokens and not self.has_media(kind, inputs):
                 raise ValueError(
-                    f"the prompt holds {tokens} {name} tokens but the call has no {name}s ({_PIXELS[kind]}); "
+                    f"the prompt holds {tokens} {name} tokens but the call has no {name}s ({PIXELS[kind]}); "
                     "build the prompt with the model's processor from the same media"
                 )
             expected = self.expected_tokens(kind, inputs)
@@ -99,7 +96,7 @@ class Adapter:
     @staticmethod
     def has_media(kind: int, inputs: dict) -> bool:
         """Whether the call brings media of `kind`: their pixels, or features `generate` encoded ahead."""
-        return inputs.get(_PIXELS[kind]) is not None or _encoded(kind, inputs) is not None
+        return inputs.get(PIXELS[kind]) is not None or _encoded(kind, inputs) is not None
 
     def expected_tokens(self, kind: int, inputs: dict) -> int | None:
         """How many tokens of `kind` the call's media fill, when cheap to know before the model runs: from
@@ -115,7 +112,7 @@ class Adapter:
         embeddings = embeddings.detach()
         for row in range(call.batch_size):
             media = 0
-            for kind in _KIND_NAMES:
+            for kind in MEDIA:
                 for start, end in runs(kinds[row] == kind):
                     positions = None if mrope is None else mrope[:, row, start:end]
                     for layout in self.split_run(kind, embeddings[row, start:end], positions):

@@ -21,12 +21,11 @@ from weakref import WeakKeyDictionary
 import torch
 from torch import nn
 
-from mmtoken.state import IMAGE, VIDEO, CallState
+from mmtoken.state import IMAGE, MEDIA, VIDEO, CallState
 
 if TYPE_CHECKING:
     from mmtoken.integrations.base import Adapter
 
-_ENCODERS = {IMAGE: "get_image_features", VIDEO: "get_video_features"}
 _QUERY_CHUNK = 256
 
 
@@ -134,7 +133,8 @@ class VisionWatch:
         self._hook: torch.utils.hooks.RemovableHandle | None = None
 
     def attach(self) -> None:
-        for kind, name in _ENCODERS.items():
+        for kind, modality in MEDIA.items():
+            name = f"get_{modality}_features"
             encode = getattr(self.encoder, name, None)
             if encode is not None:
                 watched = functools.partial(self._watched, kind, encode, inspect.signature(encode))
@@ -187,7 +187,7 @@ class VisionWatch:
         """(batch, prompt length): the signal at every visual token of the call (0 elsewhere); forgets it."""
         signals = self.taken()
         signal = torch.zeros(call.kinds.shape, device=call.kinds.device)
-        for kind, name in ((IMAGE, "image"), (VIDEO, "video")):
+        for kind, name in MEDIA.items():
             mask = (call.kinds == kind) & ~call.padding
             counts = mask.sum(1).tolist()
             recorded = _latest(signals[kind], sum(counts)).to(signal.device)

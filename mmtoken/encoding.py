@@ -20,31 +20,29 @@ from torch import nn
 from mmtoken.api import handle_of
 from mmtoken.integrations import adapter_for
 from mmtoken.integrations.vision import VisionWatch
-from mmtoken.state import IMAGE, VIDEO
-
-_PIXELS = {"image": "pixel_values", "video": "pixel_values_videos"}
-_KINDS = {"image": IMAGE, "video": VIDEO}
+from mmtoken.state import MEDIA, PIXELS
 
 
 @dataclass
 class Encoded:
     """A prompt's media through the vision tower and projector: what the model's `get_image_features` /
-    `get_video_features` returned, by modality, and the vision signal recorded while they ran (by kind, as the
-    vision watch arranges it; empty unless asked for)."""
+    `get_video_features` returned, and the vision signal recorded while they ran (as the vision watch arranges it;
+    empty unless asked for), each by kind (`mmtoken.state.IMAGE`, `VIDEO`)."""
 
-    features: dict[str, object]
+    features: dict[int, object]
     signals: dict[int, list[torch.Tensor]] = field(default_factory=dict)
 
 
-def _features(model: nn.Module, inputs: dict) -> dict[str, object]:
+def _features(model: nn.Module, inputs: dict) -> dict[int, object]:
     features = {}
-    for modality, pixels in _PIXELS.items():
+    for kind, modality in MEDIA.items():
+        pixels = PIXELS[kind]
         if inputs.get(pixels) is not None:
             function = getattr(model.model, f"get_{modality}_features")
             # the pixels go first, by position: their parameter's name differs between transformers releases
-            wanted = set(inspect.signature(function).parameters) - set(_PIXELS.values())
+            wanted = set(inspect.signature(function).parameters) - set(PIXELS.values())
             others = {key: value for key, value in inputs.items() if key in wanted}
-            features[modality] = function(inputs[pixels], **others, return_dict=True)
+            features[kind] = function(inputs[pixels], **others, return_dict=True)
     return features
 
 
@@ -78,8 +76,8 @@ def feeding(model: nn.Module, encoded: Encoded) -> Iterator[None]:
     base, saved = model.model, {}
     handle = handle_of(model)
     watch = None if handle is None else handle.engine.watch
-    for modality, output in encoded.features.items():
-        name, kind = f"get_{modality}_features", _KINDS[modality]
+    for kind, output in encoded.features.items():
+        name = f"get_{MEDIA[kind]}_features"
         saved[name] = base.__dict__.get(name)  # the wrapper a patch put there, or None
 
         def answer(*args: object, output: object = output, kind: int = kind, **kwargs: object) -> object:

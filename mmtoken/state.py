@@ -9,6 +9,8 @@ from functools import cached_property
 import torch
 
 TEXT, IMAGE, VIDEO = 0, 1, 2
+MEDIA = {IMAGE: "image", VIDEO: "video"}  # the modality names transformers uses (get_image_features, ...)
+PIXELS = {IMAGE: "pixel_values", VIDEO: "pixel_values_videos"}  # the processor's output holding each one's pixels
 
 
 @dataclass
