@@ -91,10 +91,10 @@ def test_two_threads_generating_on_one_patched_model_get_what_each_gets_alone(fa
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method", ["fastv", "pdrop"])
+@pytest.mark.parametrize("method", sorted(METHODS))
 def test_generate_continues_from_the_cache_it_returned(family, method):
-    """Cuts inside the language model; after a cut before it, the cache holds fewer tokens than the prompt and
-    transformers re-feeds the difference (not supported yet: README, known limits)."""
+    """After a cut before the language model the cache holds fewer entries than the prompt, and transformers feeds
+    the difference again: the engine drops what the cache holds already."""
     model, _ = model_and_processor(family)
     batch = inputs(family, False, batch=2)
     settings = {"do_sample": False, "return_dict_in_generate": True}
@@ -180,3 +180,33 @@ def test_a_decode_step_of_several_tokens_equals_them_one_by_one(rows, attention)
                 out.append(model(input_ids=chunk, attention_mask=mask, use_cache=True, **with_cache(cache)).logits)
             logits.append(torch.cat(out, dim=1))
     torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["pooling", "pdrop"])
+def test_one_token_decode_steps_reuse_their_masks_instead_of_allocating_them(method):
+    """On a padded batch the masks of the language model (after a cut before it) and of a layer behind a cut are
+    views of one buffer from step to step, not tensors the size of the prompt built at every step."""
+    model, _ = model_and_processor("llava")
+    batch = inputs("llava", False, batch=2)
+    assert not batch["attention_mask"].all()
+    layer = 5
+    seen: dict[str, list[int]] = {"language model": [], "layer": []}
+
+    def storage(name: str):
+        def record(module, args, kwargs) -> None:
+            hidden = args[0] if args else kwargs["inputs_embeds"]
+            if hidden.shape[1] == 1:  # a decode step
+                seen[name].append(kwargs["attention_mask"].untyped_storage().data_ptr())
+
+        return record
+
+    with mmtoken.patched(model, method, **METHODS[method]):
+        hooks = [
+            model.get_decoder().register_forward_pre_hook(storage("language model"), with_kwargs=True),
+            model.get_decoder().layers[layer].register_forward_pre_hook(storage("layer"), with_kwargs=True),
+        ]
+        greedy(model, batch, 8)
+        for hook in hooks:
+            hook.remove()
+    watched = "language model" if method == "pooling" else "layer"
+    assert len(seen[watched]) == 7 and len(set(seen[watched])) == 1, seen[watched]

@@ -52,6 +52,27 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _without_refed_tokens(request: Request, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A step's inputs without the tokens its cache already holds. After a cut before the language model the cache
+    holds fewer entries than the tokens it has seen, so `generate()`, continuing from a cache it returned, counts
+    the difference as unseen and feeds it again; the attention mask, which covers every token seen, tells how many
+    tokens are new."""
+    kwargs = dict(kwargs)
+    if args:
+        kwargs["input_ids"], args = args[0], args[1:]
+    mask, fed = kwargs.get("attention_mask"), kwargs["input_ids"].shape[1]
+    if mask is None:
+        return args, kwargs
+    new = mask.shape[1] - request.call.prompt_length - request.generated
+    if not 0 < new <= fed:
+        raise ValueError(f"mmtoken: the attention mask covers {mask.shape[1]} tokens, but the cache has seen "
+                         f"{request.call.prompt_length + request.generated} and the step feeds {fed}")  # fmt: skip
+    for name in ("input_ids", "position_ids", "cache_position"):
+        if torch.is_tensor(kwargs.get(name)) and kwargs[name].shape[-1] == fed:
+            kwargs[name] = kwargs[name][..., fed - new :]
+    return args, kwargs
+
+
 class Engine:
     """Applies `method` to `model` through hooks. Requests own their state (`mmtoken.engine.request`); the engine
     holds only the hooks, the method and the vision `watch` (for methods that read the vision encoder's attention).
@@ -94,16 +115,19 @@ class Engine:
 
     # top-level model
 
-    def _on_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def _on_call(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         cache = cache_in(kwargs)
         if cache is not None and cache.get_seq_length() > 0:
             request = request_of(cache)
             if request is None or input_ids is None or input_ids.shape[0] != request.call.batch_size:
                 raise RuntimeError("mmtoken: a decode step arrived without the prefill it continues")
+            if request.shortened:
+                args, kwargs = _without_refed_tokens(request, args, kwargs)
+                input_ids = kwargs["input_ids"]
             request.advance(input_ids.shape[1])
             activate(request)
-            return
+            return args, kwargs
         if input_ids is None:
             raise ValueError("mmtoken needs input_ids to find the visual tokens; inputs_embeds alone are not enough")
         call = self.adapter.call_state(input_ids, kwargs.get("attention_mask"), kwargs)
@@ -142,7 +166,7 @@ class Engine:
         call = request.call
         if not request.in_prefill:
             if request.shortened:
-                kwargs["attention_mask"] = shortened_padding_mask(request, kwargs)
+                kwargs["attention_mask"] = shortened_padding_mask(request)
             return args, kwargs
         call.locate = partial(self.adapter.geometry, call, kwargs["inputs_embeds"], kwargs.get("position_ids"))
         if self.watch is not None:

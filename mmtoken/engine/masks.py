@@ -95,3 +95,13 @@ def decode_mask(
     fillers = ~valid
     mask = _causal(fillers, queries, implementation, dtype)
     return mask if mask.ndim == 2 else _hide(mask, fillers)
+
+
+def columns_mask(valid: torch.Tensor, implementation: str, dtype: torch.dtype) -> torch.Tensor:
+    """The mask of one query over keys whose validity is `valid` (batch, keys)."""
+    if "flash" in implementation:
+        return valid
+    if implementation == "eager":
+        zero = torch.zeros((), dtype=dtype, device=valid.device)
+        return torch.where(valid, zero, torch.finfo(dtype).min)[:, None, None, :]
+    return valid[:, None, None, :]

@@ -3,7 +3,7 @@ record and a later stage may compact one layer's cache (`compact`) without the o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import Cache
@@ -22,14 +22,20 @@ class CacheRecord:
     complete: bool
     next_slot: int
     appended: int = 0
+    _room: torch.Tensor | None = field(default=None, repr=False)
 
     def append(self, count: int) -> None:
         """`count` generated tokens entered the cache."""
         self.appended += count
 
     def entries_valid(self) -> torch.Tensor:
-        """(batch, entries): whether each entry may be attended to, the appended ones included."""
-        return torch.cat([self.valid, self.valid.new_ones(self.valid.shape[0], self.appended)], 1)
+        """(batch, entries): whether each entry may be attended to, the appended ones included. A view into a buffer
+        with room for the tokens generated later (it doubles when full), so a decode step allocates nothing."""
+        entries = self.slot.shape[1] + self.appended
+        if self._room is None or self._room.shape[1] < entries:
+            self._room = self.valid.new_ones(self.valid.shape[0], 2 * entries)
+            self._room[:, : self.valid.shape[1]] = self.valid
+        return self._room[:, :entries]
 
     def gathered(self, keep: torch.Tensor) -> CacheRecord:
         """The record of entries `keep` (batch, n) of all it holds; reads the device once, to know whether all

@@ -8,7 +8,7 @@ Who owns what, and when it dies:
   or interleaved between decode steps (another request's prefill) never see it;
 - what only the prefill needs (its plan, the layer before a cut, the sliced rotary tables) is dropped when the
   prefill ends; what decode steps read stays with the request: each layer's `CacheRecord` (which entries its
-  cache holds, shared by the layers that hold the same), and the masks of the current step, one per record.
+  cache holds, shared by the layers that hold the same).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ class Request:
     """The token state of one request (`call`: which tokens each stretch of layers kept at prefill), its prefill
     scratch (None once the prefill is done), its start time where the prefill is timed, whether a cut before the
     language model `shortened` the prompt, and from the end of the prefill on: the record of each layer's KV cache,
-    how many tokens entered after the prompt (`generated`), and the decode masks of the current step by record."""
+    and how many tokens entered after the prompt (`generated`)."""
 
     call: CallState
     prefill: PrefillScratch | None
@@ -51,7 +51,6 @@ class Request:
     shortened: bool = False
     records: list[CacheRecord] | None = None
     generated: int = 0
-    decode_masks: dict[int, object] = field(default_factory=dict)
 
     @property
     def in_prefill(self) -> bool:
@@ -71,7 +70,6 @@ class Request:
         for record in {id(record): record for record in self.records}.values():
             record.append(count)
         self.generated += count
-        self.decode_masks = {}
 
 
 def request_of(cache: Cache | None) -> Request | None:

@@ -3,14 +3,15 @@ attention mask of the tokens alive there (rotary phases are the original ones, g
 
 The model builds its mask and rotary tables once per call, over the sequence it received. At prefill a stretch of
 layers that shares one token set gets them gathered once and reused by its other layers; at decode each layer's
-mask comes from the record of what its cache holds (one per record and step), never from the cache's length.
+mask comes from the record of what its cache holds (for one new token, a view of the record's buffer), never from
+the cache's length.
 """
 
 from __future__ import annotations
 
 import torch
 
-from mmtoken.engine.masks import decode_mask, prefill_mask
+from mmtoken.engine.masks import columns_mask, decode_mask, prefill_mask
 from mmtoken.engine.request import Request
 from mmtoken.ops import gather_tokens
 
@@ -36,21 +37,16 @@ def slice_decode(request: Request, index: int, hidden: torch.Tensor, kwargs: dic
     record = request.records[index]
     if record is request.records[0]:
         return  # it holds what the model received, which the model's own mask covers
-    mask = request.decode_masks.get(id(record))
-    if mask is None:
-        valid, entries = None if record.complete else record.entries_valid(), record.slot.shape[1] + record.appended
+    valid = None if record.complete else record.entries_valid()
+    if hidden.shape[1] == 1:
+        mask = None if valid is None else columns_mask(valid, implementation, hidden.dtype)
+    else:
+        entries = record.slot.shape[1] + record.appended
         mask = decode_mask(valid, entries, hidden.shape[1], implementation, hidden.dtype, hidden.device)
-        request.decode_masks[id(record)] = mask
     kwargs["attention_mask"] = mask
 
 
-def shortened_padding_mask(request: Request, kwargs: dict) -> torch.Tensor:
+def shortened_padding_mask(request: Request) -> torch.Tensor:
     """At decode, the 2-D padding mask over the prompt a cut before the language model shortened, plus the tokens
-    generated since."""
-    call, prompt = request.call, request.call.sets[0]
-    mask = torch.cat([prompt.valid, prompt.valid.new_ones(call.batch_size, request.generated)], dim=1)
-    given = kwargs.get("attention_mask")
-    if given is None:
-        return mask.long()
-    tail = torch.arange(call.prompt_length, given.shape[1], device=given.device).expand(call.batch_size, -1)
-    return given.gather(1, torch.cat([prompt.position, tail], dim=1)) * mask
+    generated since (a view of the first layers' cache record)."""
+    return request.records[0].entries_valid()
