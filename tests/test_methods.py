@@ -11,6 +11,7 @@ import torch
 from conftest import greedy, greedy_logits, inputs, model_and_processor, probe_llava
 
 import mmtoken
+import mmtoken.engine.cutting
 import mmtoken.methods
 from mmtoken.methods import METHODS, FastV, PyramidDrop, register
 from mmtoken.methods.base import CurveMethod
@@ -168,3 +169,17 @@ def test_pipeline_budget_goes_to_the_last_stage_and_loads_from_yaml(tmp_path):
         assert handle.stats.avg_visual_tokens == pytest.approx(10, abs=0.5)
     with mmtoken.patched(model, {"method": "pipeline", "budget": 10, **POOL_THEN_PDROP}):
         assert torch.equal(greedy(model, batch), from_yaml)
+
+
+@pytest.mark.parametrize(("method", "params"), [("fastv", {"k": 2, "ratio": 1.0}), ("visionzip", {"ratio": 1.0})])
+def test_a_cut_that_keeps_every_token_is_skipped(method, params, monkeypatch):
+    """No cut is made (no scoring, no gather) and no layer gets a token set of its own: keep-all costs only the
+    hooks."""
+    model, _ = model_and_processor("llava")
+    batch = inputs("llava", False, batch=2)
+    made = []
+    monkeypatch.setattr(mmtoken.engine.cutting, "_cut", lambda *args: made.append(args))
+    with mmtoken.patched(model, method, **params) as handle:
+        greedy(model, batch)
+        assert not made
+        assert list(handle.latest_call.sets) == [0]

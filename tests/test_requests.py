@@ -136,7 +136,7 @@ def _prefill_and_two_steps(model, batch, method: dict, compact_to=None) -> tuple
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             out = model(input_ids=token, attention_mask=mask, use_cache=True, **with_cache(cache))
             steps.append(out.logits[:, -1])
-        return steps, handle.latest_call.sets[5].position
+        return steps, handle.latest_call.set_at(5).position
 
 
 @pytest.mark.parametrize("rows", [1, 2])

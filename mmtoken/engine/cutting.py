@@ -18,11 +18,15 @@ def cuts_at(
     request: Request, layer: int, module: nn.Module | None, tokens: TokenSet, hidden: torch.Tensor, kwargs: dict | None
 ) -> tuple[TokenSet, torch.Tensor]:
     """Make the cuts planned at `layer` (whose decoder layer is `module`; None before the language model) one
-    after the other: more than one only where pipeline steps meet. A cut that `resume`s extends the plan."""
+    after the other: more than one only where pipeline steps meet. A cut that `resume`s extends the plan. A cut that
+    keeps every visual token it is given is skipped: `tokens` come back as they were, the same object."""
     plan, done = request.prefill.plan, 0
     while done < len(plan.cuts[layer]):
         planned = plan.cuts[layer][done]
-        tokens, hidden = _cut(request, planned, module, tokens, hidden, kwargs)
+        if decides_count(planned.scorer) or any(
+            keep < alive for keep, alive in zip(planned.keep, tokens.visual_counts, strict=True)
+        ):
+            tokens, hidden = _cut(request, planned, module, tokens, hidden, kwargs)
         resume = planned.resume
         if resume is not None:
             plan.extend(resume.counts(tokens.visual_counts), resume.step, resume.after, hidden.device)

@@ -171,10 +171,11 @@ class Engine:
         call.locate = partial(self.adapter.geometry, call, kwargs["inputs_embeds"], kwargs.get("position_ids"))
         if self.watch is not None:
             call.vision_signal = self.watch.take(call)
-        tokens = self._prompt_tokens(call)
-        request.shortened = 0 in request.prefill.plan.cuts
+        prompt = tokens = self._prompt_tokens(call)
+        if 0 in request.prefill.plan.cuts:
+            tokens, embeddings = cuts_at(request, 0, None, prompt, kwargs["inputs_embeds"], None)
+        request.shortened = tokens is not prompt
         if request.shortened:
-            tokens, embeddings = cuts_at(request, 0, None, tokens, kwargs["inputs_embeds"], None)
             tokens.slot = torch.arange(len(tokens), device=embeddings.device).expand(call.batch_size, -1)
             kwargs["inputs_embeds"] = embeddings
             kwargs["attention_mask"] = tokens.valid.long()
@@ -198,9 +199,10 @@ class Engine:
         request, hidden = active(), args[0]
         if request.in_prefill:
             if index > 0 and index in request.prefill.plan.cuts:
-                tokens = request.call.set_at(index)
-                tokens, hidden = cuts_at(request, index, module, tokens, hidden, kwargs)
-                request.call.sets[index] = tokens
+                alive = request.call.set_at(index)
+                tokens, hidden = cuts_at(request, index, module, alive, hidden, kwargs)
+                if tokens is not alive:
+                    request.call.sets[index] = tokens
             slice_prefill(request, index, kwargs, self.implementation)
             request.prefill.previous = (module, hidden, kwargs["position_embeddings"])
         else:
