@@ -166,10 +166,14 @@ class Setting:
     label: str
     method: str | None = None
     params: dict | None = None
+    cuda_graphs: bool = False
 
 
-def settings(depth: int, visual: int, methods: list[str], fractions: tuple[float, ...] = FRACTIONS) -> list[Setting]:
-    """Unpatched, keep-all (the hooks' own cost), then each method at each budget (a fraction of `visual`)."""
+def settings(
+    depth: int, visual: int, methods: list[str], fractions: tuple[float, ...] = FRACTIONS, graphs: bool = False
+) -> list[Setting]:
+    """Unpatched, keep-all (the hooks' own cost), then each method at each budget (a fraction of `visual`); with
+    `graphs`, each of those again with graphed decode steps (keep-all's twin is the unpatched model graphed)."""
     pdrop_layers = tuple(sorted({2, depth // 4, depth // 2}))  # 2 / 8 / 16 on 32 layers
     params = {"fastv": {"k": 2}, "pdrop": {"layers": pdrop_layers}}
     rows = [Setting("unpatched"), Setting("keep-all (hook cost)", "fastv", {"k": 2, "ratio": 1.0})]
@@ -179,6 +183,8 @@ def settings(depth: int, visual: int, methods: list[str], fractions: tuple[float
             layers = "/".join(map(str, pdrop_layers)) if method == "pdrop" else "K=2" if method == "fastv" else ""
             label = f"{method} {layers} @{budget}".replace("  ", " ")
             rows.append(Setting(label, method, {**params.get(method, {}), "budget": budget}))
+    if graphs:
+        rows += [Setting(f"{row.label} + graphs", row.method, row.params, True) for row in rows[1:]]
     return rows
 
 
@@ -268,7 +274,7 @@ def _under(model: torch.nn.Module, setting: Setting, run: Callable[[], object]) 
     """`run()` under `setting`; returns its result and the handle's stats (None unpatched)."""
     if setting.method is None:
         return run(), None
-    with mmtoken.patched(model, setting.method, **setting.params) as handle:
+    with mmtoken.patched(model, setting.method, cuda_graphs=setting.cuda_graphs, **setting.params) as handle:
         return run(), handle.stats
 
 
@@ -283,6 +289,7 @@ def measure(
     device: str,
     fractions: tuple[float, ...] = FRACTIONS,
     warmup: int = 2,
+    graphs: bool = False,
 ) -> list[dict]:
     """Rows for one shape: every setting at every batch size, as ratios against the unpatched row."""
     rows = []
@@ -295,7 +302,7 @@ def measure(
             visual = round(handle.stats.original_visual_tokens)
         depth = len(model.get_decoder().layers)
         grid, skipped, watching = [], [], set()
-        for setting in settings(depth, visual, methods, fractions):
+        for setting in settings(depth, visual, methods, fractions, graphs):
             try:
                 method = mmtoken.methods.build(setting.method, **setting.params) if setting.method else None
                 if method is not None:
@@ -414,7 +421,7 @@ def run(shapes: dict[str, Shape], args: argparse.Namespace, build: Callable[[Sha
     for shape in shapes.values():
         model = build(shape)
         rows += measure(shape, model, args.batch, args.methods, args.repeats, args.generate_repeats, args.device,
-                        tuple(args.fractions))  # fmt: skip
+                        tuple(args.fractions), graphs=args.graphs)  # fmt: skip
         del model
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
@@ -432,6 +439,7 @@ def write(rows: list[dict], args: argparse.Namespace, out: Path) -> str:
         "new_tokens": NEW_TOKENS,
         "repeats": args.repeats,
         "generate_repeats": args.generate_repeats,
+        "graphs": args.graphs,
     }
     (out / "speed.json").write_text(json.dumps({"environment": environment, "rows": rows}, indent=1))
     table = markdown(rows)
@@ -446,6 +454,7 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--methods", nargs="+", default=["fastv", "pdrop", "uniform"])
     parser.add_argument("--fractions", type=float, nargs="+", default=list(FRACTIONS),
                         help="budgets, as fractions of each shape's visual tokens (192/128/64 of 576)")  # fmt: skip
+    parser.add_argument("--graphs", action="store_true", help="also time every setting with graphed decode steps")
     parser.add_argument("--attention", default="sdpa")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--device", default="cuda")

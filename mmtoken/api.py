@@ -12,6 +12,7 @@ from transformers import Cache
 
 from mmtoken.accounting.stats import Stats, cache_bytes, measure_stats
 from mmtoken.engine.hooks import Engine
+from mmtoken.graphs.decode import DecodeGraphs
 from mmtoken.integrations import adapter_for
 from mmtoken.integrations.vision import VisionWatch
 from mmtoken.methods import Method, build
@@ -19,17 +20,24 @@ from mmtoken.state import CallState
 
 _ATTRIBUTE = "_mmtoken_handle"
 _SUPPORTED_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flash_attention_4")
+_GRAPHED_ATTENTION = ("sdpa", "eager")
 
 
 class Handle:
     """A method attached to a model. `stats` holds the numbers of the latest prefill (None before one); with
-    `timing`, its prefill time too (measured between two device synchronisations, so off by default)."""
+    `timing`, its prefill time too (measured between two device synchronisations, so off by default). With
+    `cuda_graphs`, decode steps replay CUDA graphs over KV caches of the pruned sizes (`mmtoken.graphs`)."""
 
-    def __init__(self, model: nn.Module, method: Method, timing: bool = False) -> None:
+    def __init__(self, model: nn.Module, method: Method, timing: bool = False, cuda_graphs: bool = False) -> None:
         adapter = adapter_for(model)
         implementation = adapter.language_model.config._attn_implementation
         if implementation not in _SUPPORTED_ATTENTION:
             raise ValueError(f"attention {implementation!r} is not supported; use one of {_SUPPORTED_ATTENTION}")
+        self.graphs = None
+        if cuda_graphs:
+            if implementation not in _GRAPHED_ATTENTION or next(model.parameters()).device.type != "cuda":
+                raise ValueError(f"cuda_graphs needs a model on a CUDA device with attention in {_GRAPHED_ATTENTION}")
+            self.graphs = DecodeGraphs(model, adapter.language_model, capture=True)
         depth = len(adapter.decoder_layers)
         method.check_depth(depth)
         self.model, self.method, self.config, self.depth = model, method, adapter.language_model.config, depth
@@ -65,24 +73,37 @@ class Handle:
         column in its patch grid (column -1 for a token without a grid cell: LLaVA's CLS or image_newline)."""
         return None if self._latest is None else self._latest[0].visual_geometry()
 
+    def attach(self) -> None:
+        self.engine.attach()
+        if self.graphs is not None:
+            self.graphs.attach()
+
     def remove(self) -> None:
+        if self.graphs is not None:
+            self.graphs.detach()
         self.engine.detach()
         delattr(self.model, _ATTRIBUTE)
 
 
 def patch(
-    model: nn.Module, method: str | PathLike | dict | Method, *, timing: bool = False, **params: object
+    model: nn.Module,
+    method: str | PathLike | dict | Method,
+    *,
+    timing: bool = False,
+    cuda_graphs: bool = False,
+    **params: object,
 ) -> Handle:
     """Attach `method` (a name with parameters, a dict or YAML path, or a Method) to an already-loaded model;
-    with `timing`, `handle.stats.prefill_seconds` measures each prefill.
+    with `timing`, `handle.stats.prefill_seconds` measures each prefill; with `cuda_graphs` (a model on a CUDA
+    device, sdpa or eager attention), decode steps replay CUDA graphs over caches of the pruned sizes.
 
     Everything is checked before anything is attached: the method and its parameters, the model family, and
     that the schedule fits the model's depth.
     """
     if hasattr(model, _ATTRIBUTE):
         raise RuntimeError("this model is already patched by mmtoken; call mmtoken.unpatch(model) first")
-    handle = Handle(model, build(method, **params), timing)
-    handle.engine.attach()
+    handle = Handle(model, build(method, **params), timing, cuda_graphs)
+    handle.attach()
     setattr(model, _ATTRIBUTE, handle)
     return handle
 
@@ -102,10 +123,15 @@ def unpatch(model: nn.Module) -> None:
 
 @contextmanager
 def patched(
-    model: nn.Module, method: str | PathLike | dict | Method, *, timing: bool = False, **params: object
+    model: nn.Module,
+    method: str | PathLike | dict | Method,
+    *,
+    timing: bool = False,
+    cuda_graphs: bool = False,
+    **params: object,
 ) -> Iterator[Handle]:
     """`patch` for the length of a `with` block."""
-    handle = patch(model, method, timing=timing, **params)
+    handle = patch(model, method, timing=timing, cuda_graphs=cuda_graphs, **params)
     try:
         yield handle
     finally:

@@ -38,3 +38,10 @@ def cache_of(output: object) -> Cache | None:
 def with_cache(cache: Cache | None) -> dict[str, Cache | None]:
     """Keyword arguments that hand `cache` to a model forward or to `generate`, under this release's name."""
     return {CACHE_ARGUMENT: cache}
+
+
+def replace_cache(output: dict, cache: Cache) -> None:
+    """Make a model output carry `cache` instead of the KV cache it carries."""
+    for name in CACHE_NAMES:
+        if output.get(name) is not None:
+            output[name] = cache

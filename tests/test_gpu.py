@@ -9,11 +9,12 @@ import warnings
 
 import pytest
 import torch
-from conftest import PRUNING, greedy, inputs, method_cases
+from conftest import CASE_IDS, CASES, PRUNING, greedy, greedy_run, inputs, method_cases
 from transformers.utils import import_utils
 
 import mmtoken
 from mmtoken.compat import cache_of, with_cache
+from mmtoken.graphs.cache import CAPACITY_STEP
 from mmtoken.zoo.tiny import tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -97,3 +98,27 @@ def test_a_patched_decode_step_adds_no_host_synchronisation(method, rows):
     unpatched = _syncs_in_one_decode_step(model, batch)
     with mmtoken.patched(model, method, **PRUNING[method]):
         assert _syncs_in_one_decode_step(model, batch) == unpatched
+
+
+GRAPHED = {
+    "keep-all": {"method": "fastv", "k": 2, "ratio": 1.0},
+    "fastv": {"method": "fastv", "k": 2, "ratio": 0.4},
+    "pooling + pdrop": {"method": "pipeline",
+                        "stages": ({"method": "pooling", "stride": 2}, {"method": "pdrop", "layers": (2, 4)})},
+    "atp": {"method": "atp", **PRUNING["atp"]},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("family", "video"), CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("method", sorted(GRAPHED))
+def test_graphed_decode_equals_eager(family, video, method):
+    """Replayed CUDA graphs over fixed caches give the eager patch's tokens and logits, on a padded batch of two and
+    long enough that each cache moves to a larger capacity (a second capture)."""
+    model = on_gpu(family, "sdpa")
+    batch = to_gpu(inputs(family, video, batch=2))
+    runs = []
+    for graphs in (False, True):
+        with mmtoken.patched(model, cuda_graphs=graphs, **GRAPHED[method]):
+            runs.append(greedy_run(model, batch, 2 * CAPACITY_STEP + 1))
+    assert torch.equal(runs[1][0], runs[0][0])
+    torch.testing.assert_close(runs[1][1], runs[0][1], rtol=1e-4, atol=1e-4)

@@ -13,6 +13,7 @@ Who owns what, and when it dies:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
@@ -43,7 +44,8 @@ class Request:
     """The token state of one request (`call`: which tokens each stretch of layers kept at prefill), its prefill
     scratch (None once the prefill is done), its start time where the prefill is timed, whether a cut before the
     language model `shortened` the prompt, and from the end of the prefill on: the record of each layer's KV cache,
-    and how many tokens entered after the prompt (`generated`)."""
+    how many tokens entered after the prompt (`generated`), and where a cache of fixed size holds them
+    (`mmtoken.graphs`), its masks of a decode step by layer (`step_masks`)."""
 
     call: CallState
     prefill: PrefillScratch | None
@@ -51,6 +53,7 @@ class Request:
     shortened: bool = False
     records: list[CacheRecord] | None = None
     generated: int = 0
+    step_masks: Callable[[int, torch.dtype], torch.Tensor] | None = None
 
     @property
     def in_prefill(self) -> bool:

@@ -34,6 +34,9 @@ def slice_prefill(request: Request, index: int, kwargs: dict, implementation: st
 
 def slice_decode(request: Request, index: int, hidden: torch.Tensor, kwargs: dict, implementation: str) -> None:
     """Hand decoder layer `index` the mask of a decode step over the entries its cache's record says it holds."""
+    if request.step_masks is not None:
+        kwargs["attention_mask"] = request.step_masks(index, hidden.dtype)
+        return
     record = request.records[index]
     if record is request.records[0]:
         return  # it holds what the model received, which the model's own mask covers

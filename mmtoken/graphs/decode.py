@@ -1,0 +1,149 @@
+"""Decode steps over fixed caches: after a patched prefill, the request's KV cache becomes a `FixedCache` (the
+pruned sizes of each layer, plus room), and each one-token step of the language model runs over it, replayed from
+a CUDA graph captured once per decode signature (or, with `capture=False`, run eagerly over the same buffers, which
+the CPU tests compare with the dynamic cache).
+
+Buffers and their graph are leased per request from a pool keyed by signature, and given back when the request's
+cache is garbage-collected, so sequential requests of nearby sizes replay one graph and concurrent ones get their
+own. A cache that fills up moves to a larger lease (one more capture). The pool belongs to the language model and
+outlives a patch: a graph reads only the fixed buffers, so one captured under one method serves every other.
+"""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers import Cache
+from transformers.modeling_outputs import BaseModelOutputWithPast
+
+from mmtoken.compat import cache_in, cache_of, replace_cache, with_cache
+from mmtoken.engine.request import give_to, request_of
+from mmtoken.graphs.cache import FixedBuffers, FixedCache, groups_of, signature
+
+Forward = Callable[[torch.Tensor, torch.Tensor, Cache], torch.Tensor]
+_POOLS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, list[DecodeStep]]] = weakref.WeakKeyDictionary()
+
+
+class DecodeStep:
+    """One lease: fixed buffers and, once captured, the CUDA graph of a one-token step over them with its static
+    inputs (embeddings, positions) and output (the last hidden state)."""
+
+    def __init__(self, buffers: FixedBuffers) -> None:
+        self.buffers = buffers
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.inputs: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.output: torch.Tensor | None = None
+
+    def run(self, forward: Forward, embeds: torch.Tensor, positions: torch.Tensor, cache: Cache, pool) -> torch.Tensor:
+        if pool is None:
+            self.buffers.begin_step()
+            return forward(embeds, positions, cache)
+        if self.graph is None or self.inputs[1].shape != positions.shape:
+            self._capture(forward, embeds, positions, cache, pool)
+        self.inputs[0].copy_(embeds)
+        self.inputs[1].copy_(positions)
+        self.graph.replay()
+        return self.output
+
+    def _capture(self, forward: Forward, embeds: torch.Tensor, positions: torch.Tensor, cache: Cache, pool) -> None:
+        self.inputs = (embeds.clone(), positions.clone())
+        counters = [layer.filled.clone() for layer in self.buffers.layers]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # a warm-up run, as capture needs (its write is made again by the replay)
+            self.buffers.begin_step()
+            forward(*self.inputs, cache)
+        torch.cuda.current_stream().wait_stream(side)
+        for layer, counter in zip(self.buffers.layers, counters, strict=True):
+            layer.filled.copy_(counter)
+        self.graph = torch.cuda.CUDAGraph()
+        self.buffers.begin_step()
+        gc.disable()  # a collection inside the capture could free CUDA objects, which invalidates it
+        try:
+            with torch.cuda.graph(self.graph, pool=pool):
+                self.output = forward(*self.inputs, cache)
+        finally:
+            gc.enable()
+
+
+class DecodeGraphs:
+    """Turns each prefill's KV cache into a `FixedCache` and runs the language model's one-token decode steps over
+    it: replayed from CUDA graphs with `capture`, eagerly over the same fixed buffers without."""
+
+    def __init__(self, model: nn.Module, language_model: nn.Module, capture: bool) -> None:
+        self.model, self.language_model = model, language_model
+        self.pool = torch.cuda.graph_pool_handle() if capture else None
+        self._original = type(language_model).forward.__get__(language_model)
+        self._free = _POOLS.setdefault(language_model, {})
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def attach(self) -> None:
+        self._handles = [self.model.register_forward_hook(self._after_call, with_kwargs=True)]
+        self.language_model.forward = self._forward
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        del self.language_model.forward
+
+    def _lease(self, key: tuple, like: list[tuple[torch.Tensor, torch.Tensor]], groups: list[int]) -> DecodeStep:
+        free = self._free.setdefault(key, [])
+        if free:
+            return free.pop()
+        return DecodeStep(FixedBuffers(like, list(key[1]), groups, self.language_model.config._attn_implementation))
+
+    def _give_back(self, lease: list[DecodeStep], key: list[tuple]) -> None:
+        self._free[key[0]].append(lease[0])
+
+    def _after_call(self, module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+        cache = cache_of(output)
+        request = request_of(cache)
+        if isinstance(cache, FixedCache) or request is None or request.records is None:
+            return
+        entries = [(layer.keys, layer.values) for layer in cache.layers]
+        groups = groups_of(request.records)
+        key = signature(entries, groups)
+        step = self._lease(key, entries, groups)
+        step.buffers.fill(entries, {group: request.records[group].valid for group in set(groups)})
+        fixed = FixedCache(step.buffers)
+        fixed.lease_state = ([step], [key])
+        weakref.finalize(fixed, self._give_back, *fixed.lease_state)
+        give_to(fixed, request)
+        request.step_masks = step.buffers.step_mask
+        replace_cache(output, fixed)
+
+    def _grow(self, cache: FixedCache) -> DecodeStep:
+        steps, keys = cache.lease_state
+        entries, _ = cache.buffers.held()
+        key = signature(entries, list(keys[0][2]), extra=1)
+        step = self._lease(key, entries, list(key[2]))
+        cache.lease(step.buffers)
+        request_of(cache).step_masks = step.buffers.step_mask
+        self._free[keys[0]].append(steps[0])
+        steps[0], keys[0] = step, key
+        return step
+
+    def _step_forward(self, embeds: torch.Tensor, positions: torch.Tensor | None, cache: Cache) -> torch.Tensor:
+        out = self._original(inputs_embeds=embeds, position_ids=positions, attention_mask=None, use_cache=True,
+                             **with_cache(cache))  # fmt: skip
+        return out.last_hidden_state
+
+    def _forward(self, *args, **kwargs) -> object:
+        cache = cache_in(kwargs)
+        if not isinstance(cache, FixedCache):
+            return self._original(*args, **kwargs)
+        embeds, positions = kwargs["inputs_embeds"], kwargs.get("position_ids")
+        if embeds.shape[1] != 1:
+            raise ValueError(
+                f"mmtoken: with cuda_graphs, a decode step takes one new token at a time, not {embeds.shape[1]}"
+            )
+        step = self._grow(cache) if cache.buffers.full() else cache.lease_state[0][0]
+        pool = self.pool if positions is not None else None  # without positions, the model's own defaults, eagerly
+        hidden = step.run(self._step_forward, embeds, positions, cache, pool)
+        cache.buffers.advance()
+        return BaseModelOutputWithPast(last_hidden_state=hidden, **with_cache(cache))

@@ -1,0 +1,92 @@
+"""Decode steps over fixed caches (`mmtoken.graphs`), run eagerly on the CPU: the same buffers, counters and masks a
+CUDA graph replays (graphed == eager is a GPU test), against the dynamic cache of the plain patch."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+from conftest import CASE_IDS, CASES, greedy_run, inputs, model_and_processor
+
+import mmtoken
+from mmtoken.compat import cache_of
+from mmtoken.graphs.cache import CAPACITY_STEP, FixedCache, capacity_for
+from mmtoken.graphs.decode import DecodeGraphs
+
+METHODS = {
+    "keep-all": {"method": "fastv", "k": 2, "ratio": 1.0},
+    "fastv": {"method": "fastv", "k": 2, "ratio": 0.4},
+    "pooling + pdrop": {"method": "pipeline",
+                        "stages": ({"method": "pooling", "stride": 2}, {"method": "pdrop", "layers": (2, 4)})},
+}  # fmt: skip
+
+
+def _fixed(model, handle) -> DecodeGraphs:
+    graphs = DecodeGraphs(model, handle.engine.adapter.language_model, capture=False)
+    graphs.attach()
+    return graphs
+
+
+@pytest.mark.parametrize(("family", "video"), CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_decode_over_fixed_caches_equals_the_dynamic_cache(family, video, method):
+    """Batch of two padded rows, long enough that every cache outgrows its first capacity (room for at most
+    2 * CAPACITY_STEP new tokens) and moves to a larger one."""
+    model, _ = model_and_processor(family)
+    batch = inputs(family, video, batch=2)
+    new_tokens = 2 * CAPACITY_STEP + 1
+    with mmtoken.patched(model, **METHODS[method]) as handle:
+        tokens, logits = greedy_run(model, batch, new_tokens)
+        graphs = _fixed(model, handle)
+        fixed_tokens, fixed_logits = greedy_run(model, batch, new_tokens)
+        graphs.detach()
+    assert torch.equal(fixed_tokens, tokens)
+    torch.testing.assert_close(fixed_logits, logits, rtol=1e-4, atol=1e-4)
+
+
+def test_a_prefill_hands_back_a_fixed_cache_of_the_pruned_sizes_rounded_to_a_bucket():
+    model, _ = model_and_processor("llava")
+    batch = inputs("llava", False, batch=2)
+    with mmtoken.patched(model, "fastv", k=2, ratio=0.4) as handle, torch.no_grad():
+        dynamic = cache_of(model(**batch, use_cache=True))
+        graphs = _fixed(model, handle)
+        fixed = cache_of(model(**batch, use_cache=True))
+        graphs.detach()
+    assert isinstance(fixed, FixedCache)
+    for layer, (dynamic_layer, fixed_layer) in enumerate(zip(dynamic.layers, fixed.layers, strict=True)):
+        held = dynamic_layer.keys.shape[2]
+        assert fixed_layer.get_seq_length() == held and int(fixed_layer.filled) == held
+        assert fixed_layer.keys.shape[2] == capacity_for(held), layer
+        torch.testing.assert_close(fixed_layer.keys[:, :, :held], dynamic_layer.keys)
+    assert fixed.layers[0].keys.shape[2] > fixed.layers[-1].keys.shape[2]  # pruned layers hold less
+
+
+def test_capacities_leave_room_and_round_up_to_the_bucket():
+    assert capacity_for(0) == 2 * CAPACITY_STEP
+    assert capacity_for(CAPACITY_STEP - 1) == 2 * CAPACITY_STEP
+    assert capacity_for(CAPACITY_STEP) == 3 * CAPACITY_STEP
+    assert all(capacity_for(n) - n > CAPACITY_STEP for n in range(300))
+
+
+def test_buffers_go_back_to_the_pool_and_serve_the_next_request_of_that_size():
+    model, _ = model_and_processor("llava")
+    batch = inputs("llava", False, batch=2)
+    with mmtoken.patched(model, "fastv", k=2, ratio=0.4) as handle, torch.no_grad():
+        graphs = _fixed(model, handle)
+        first = cache_of(model(**batch, use_cache=True))
+        second = cache_of(model(**batch, use_cache=True))
+        assert first.buffers is not second.buffers  # both alive: each has its own
+        leased = {id(first.buffers), id(second.buffers)}
+        del first, second
+        gc.collect()
+        third = cache_of(model(**batch, use_cache=True))
+        graphs.detach()
+    assert id(third.buffers) in leased
+
+
+def test_cuda_graphs_need_a_cuda_device():
+    model, _ = model_and_processor("llava")
+    with pytest.raises(ValueError, match="cuda_graphs needs a model on a CUDA device"):
+        mmtoken.patch(model, "fastv", k=2, cuda_graphs=True)
+    assert not hasattr(model, "_mmtoken_handle")
