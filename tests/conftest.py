@@ -11,6 +11,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import pytest
 import torch
 
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on the CPU, in the interpreter
+
 from mmtoken.methods import METHODS
 from mmtoken.methods.base import CurveMethod, Examples
 from mmtoken.zoo import load

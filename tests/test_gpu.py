@@ -15,6 +15,7 @@ from transformers.utils import import_utils
 import mmtoken
 from mmtoken.compat import cache_of, with_cache
 from mmtoken.graphs.cache import CAPACITY_STEP
+from mmtoken.kernels.decode_attention import decode_attention, reference
 from mmtoken.zoo.tiny import tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -122,3 +123,18 @@ def test_graphed_decode_equals_eager(family, video, method):
             runs.append(greedy_run(model, batch, 2 * CAPACITY_STEP + 1))
     assert torch.equal(runs[1][0], runs[0][0])
     torch.testing.assert_close(runs[1][1], runs[0][1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("batch", "heads", "kv_heads", "capacity"),
+    [(1, 32, 32, 704), (8, 32, 32, 704), (1, 28, 4, 6400), (8, 28, 4, 6400)],
+    ids=["llava-1", "llava-8", "onevision-1", "onevision-8"],
+)
+def test_decode_attention_kernel_equals_the_reference_at_real_shapes(batch, heads, kv_heads, capacity):
+    query = torch.randn(batch, 1, heads, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    keys = torch.randn(batch, kv_heads, capacity, 128, device="cuda", dtype=torch.bfloat16)
+    values = torch.randn_like(keys)
+    allowed = torch.rand(batch, capacity, device="cuda") < 0.9
+    allowed[:, capacity - 64 :] = False
+    out = decode_attention(query, keys, values, allowed, 128**-0.5)
+    torch.testing.assert_close(out, reference(query, keys, values, allowed, 128**-0.5), rtol=2e-2, atol=2e-2)
