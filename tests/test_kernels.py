@@ -1,5 +1,5 @@
-"""Each Triton kernel equals its torch reference: on the CPU under TRITON_INTERPRET=1 (conftest sets it where no
-GPU is), at small shapes; on a GPU at real ones (tests/test_gpu.py)."""
+"""Each Triton kernel equals its torch reference at small shapes: on a GPU where there is one, else on the CPU under
+TRITON_INTERPRET=1 (conftest sets it where no GPU is); at real shapes in tests/test_gpu.py."""
 
 from __future__ import annotations
 
@@ -9,7 +9,10 @@ import torch
 from mmtoken.kernels import decode_attention as kernel
 
 
-def _case(batch, heads, kv_heads, capacity, size, dtype=torch.float32, device="cpu", seed=0):
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _case(batch, heads, kv_heads, capacity, size, dtype=torch.float32, device=DEVICE, seed=0):
     generator = torch.Generator().manual_seed(seed)
     query = torch.randn(batch, 1, heads, size, generator=generator).transpose(1, 2)  # strided, as a model makes it
     keys = torch.randn(batch, kv_heads, capacity, size, generator=generator)
@@ -44,7 +47,7 @@ def test_the_kernel_applies_to_one_query_of_a_head_size_that_is_a_power_of_two_f
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the dispatcher takes the kernel (tests/test_gpu.py)")
 def test_decode_attention_on_the_cpu_is_the_reference():
-    query, keys, values, allowed = _case(2, 4, 2, 30, 16)
+    query, keys, values, allowed = _case(2, 4, 2, 30, 16, device="cpu")
     assert torch.equal(
         kernel.decode_attention(query, keys, values, allowed, 0.3), kernel.reference(query, keys, values, allowed, 0.3)
     )
