@@ -8,7 +8,6 @@ import torch
 
 from mmtoken.kernels import decode_attention as kernel
 
-
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
