@@ -7,12 +7,18 @@ new tokens, rounded up to a multiple of `CAPACITY_STEP`, so requests of nearby s
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
 from transformers import Cache
 from transformers.cache_utils import CacheLayerMixin
 
 from mmtoken.engine.masks import columns_mask
 from mmtoken.engine.record import CacheRecord
+
+if TYPE_CHECKING:
+    from mmtoken.graphs.decode import DecodeStep
 
 CAPACITY_STEP = 64
 
@@ -122,16 +128,31 @@ def signature(entries: list[tuple[torch.Tensor, torch.Tensor]], groups: list[int
 
 
 class FixedCache(Cache):
-    """A request's KV cache over leased `FixedBuffers`; what transformers and the engine see of them."""
+    """A request's KV cache over the buffers of its lease (`lease.step.buffers`, `lease.key` their signature); what
+    transformers and the engine see of them. The lease is an object of its own so that it can be given back when
+    the cache is garbage-collected."""
 
-    def __init__(self, buffers: FixedBuffers) -> None:
-        super().__init__(layers=buffers.layers)
-        self.buffers = buffers
+    def __init__(self, lease: Lease) -> None:
+        super().__init__(layers=lease.step.buffers.layers)
+        self.lease = lease
 
-    def lease(self, buffers: FixedBuffers) -> None:
-        """Move to `buffers` (larger ones, when these are full), taking the entries along."""
-        buffers.fill(*self.buffers.held())
-        self.buffers, self.layers = buffers, buffers.layers
+    @property
+    def buffers(self) -> FixedBuffers:
+        return self.lease.step.buffers
+
+    def move_to(self, step: DecodeStep, key: tuple) -> None:
+        """Move to the buffers of `step` (larger ones, when these are full), taking the entries along."""
+        step.buffers.fill(*self.buffers.held())
+        self.lease.step, self.lease.key = step, key
+        self.layers = step.buffers.layers
+
+
+@dataclass
+class Lease:
+    """The decode step (buffers and graph) a request's cache holds now, and its signature."""
+
+    step: DecodeStep
+    key: tuple
 
 
 def groups_of(records: list[CacheRecord]) -> list[int]:

@@ -23,7 +23,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 from mmtoken.compat import cache_in, cache_of, replace_cache, with_cache
 from mmtoken.engine.request import give_to, request_of
 from mmtoken.graphs.attention import fixed_cache_attention_in
-from mmtoken.graphs.cache import FixedBuffers, FixedCache, groups_of, signature
+from mmtoken.graphs.cache import FixedBuffers, FixedCache, Lease, groups_of, signature
 
 Forward = Callable[[torch.Tensor, torch.Tensor, Cache], torch.Tensor]
 _POOLS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, list[DecodeStep]]] = weakref.WeakKeyDictionary()
@@ -98,8 +98,8 @@ class DecodeGraphs:
             return free.pop()
         return DecodeStep(FixedBuffers(like, list(key[1]), groups, self.language_model.config._attn_implementation))
 
-    def _give_back(self, lease: list[DecodeStep], key: list[tuple]) -> None:
-        self._free[key[0]].append(lease[0])
+    def _give_back(self, lease: Lease) -> None:
+        self._free[lease.key].append(lease.step)
 
     def _after_call(self, module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
         cache = cache_of(output)
@@ -111,22 +111,20 @@ class DecodeGraphs:
         key = signature(entries, groups)
         step = self._lease(key, entries, groups)
         step.buffers.fill(entries, {group: request.records[group].valid for group in set(groups)})
-        fixed = FixedCache(step.buffers)
-        fixed.lease_state = ([step], [key])
-        weakref.finalize(fixed, self._give_back, *fixed.lease_state)
+        fixed = FixedCache(Lease(step, key))
+        weakref.finalize(fixed, self._give_back, fixed.lease)
         give_to(fixed, request)
         request.step_masks = step.buffers.step_mask
         replace_cache(output, fixed)
 
     def _grow(self, cache: FixedCache) -> DecodeStep:
-        steps, keys = cache.lease_state
+        old = cache.lease.step, cache.lease.key
         entries, _ = cache.buffers.held()
-        key = signature(entries, list(keys[0][2]), extra=1)
+        key = signature(entries, list(old[1][2]), extra=1)
         step = self._lease(key, entries, list(key[2]))
-        cache.lease(step.buffers)
+        cache.move_to(step, key)
         request_of(cache).step_masks = step.buffers.step_mask
-        self._free[keys[0]].append(steps[0])
-        steps[0], keys[0] = step, key
+        self._free[old[1]].append(old[0])
         return step
 
     def _step_forward(self, embeds: torch.Tensor, positions: torch.Tensor | None, cache: Cache) -> torch.Tensor:
@@ -144,7 +142,7 @@ class DecodeGraphs:
             raise ValueError(
                 f"mmtoken: with cuda_graphs, a decode step takes one new token at a time, not {embeds.shape[1]}"
             )
-        step = self._grow(cache) if cache.buffers.full() else cache.lease_state[0][0]
+        step = self._grow(cache) if cache.buffers.full() else cache.lease.step
         pool = self.pool if positions is not None else None  # without positions, the model's own defaults, eagerly
         hidden = step.run(self._step_forward, embeds, positions, cache, pool)
         cache.buffers.advance()
