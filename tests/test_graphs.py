@@ -10,7 +10,8 @@ import torch
 from conftest import CASE_IDS, CASES, greedy_run, inputs, model_and_processor
 
 import mmtoken
-from mmtoken.compat import cache_of
+from mmtoken.compat import cache_of, with_cache
+from mmtoken.engine.request import compact, request_of
 from mmtoken.graphs.cache import CAPACITY_STEP, FixedCache, capacity_for
 from mmtoken.graphs.decode import DecodeGraphs
 
@@ -83,6 +84,25 @@ def test_buffers_go_back_to_the_pool_and_serve_the_next_request_of_that_size():
         third = cache_of(model(**batch, use_cache=True))
         graphs.detach()
     assert id(third.buffers) in leased
+
+
+def test_a_fixed_cache_refuses_what_its_fixed_steps_cannot_follow():
+    """Compacting a layer by hand and feeding more than one new token at a time both change sizes that a fixed
+    cache's steps are captured for: each is refused with a clear error, before any work."""
+    model, _ = model_and_processor("llava")
+    batch = inputs("llava", False, batch=2)
+    with mmtoken.patched(model, "fastv", k=2, ratio=0.4) as handle, torch.no_grad():
+        graphs = _fixed(model, handle)
+        out = model(**batch, use_cache=True)
+        cache = cache_of(out)
+        with pytest.raises(ValueError, match="fixed sizes"):
+            compact(cache, 3, torch.zeros(2, 4, dtype=torch.long))
+        two_tokens = batch["input_ids"][:, -2:]
+        mask = torch.cat([batch["attention_mask"], torch.ones_like(two_tokens)], dim=1)
+        with pytest.raises(ValueError, match="one new token at a time, not 2"):
+            model(input_ids=two_tokens, attention_mask=mask, **with_cache(cache), use_cache=True)
+        assert request_of(cache).generated == 0  # refused before the request counted the tokens
+        graphs.detach()
 
 
 def test_cuda_graphs_need_a_cuda_device():

@@ -125,6 +125,9 @@ class Engine:
             if request.shortened:
                 args, kwargs = _without_refed_tokens(request, args, kwargs)
                 input_ids = kwargs["input_ids"]
+            if request.step_masks is not None and input_ids.shape[1] != 1:
+                raise ValueError(f"mmtoken: with cuda_graphs, a decode step takes one new token at a time, "
+                                 f"not {input_ids.shape[1]}")  # fmt: skip
             request.advance(input_ids.shape[1])
             activate(request)
             return args, kwargs

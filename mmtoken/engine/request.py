@@ -105,6 +105,8 @@ def compact(cache: Cache, layer: int, keep: torch.Tensor) -> None:
     request = request_of(cache)
     if request is None or request.records is None:
         raise ValueError("compact needs the KV cache of a request that a patched model has prefilled")
+    if request.step_masks is not None:
+        raise ValueError("compact: this cache has fixed sizes (cuda_graphs); compact before its decode steps start")
     if not 0 < layer < len(request.records):
         raise ValueError(f"compact: layer must be in [1, {len(request.records)}), got {layer}")
     gather_entries(cache, layer, keep)

@@ -138,10 +138,6 @@ class DecodeGraphs:
         if not isinstance(cache, FixedCache):
             return self._original(*args, **kwargs)
         embeds, positions = kwargs["inputs_embeds"], kwargs.get("position_ids")
-        if embeds.shape[1] != 1:
-            raise ValueError(
-                f"mmtoken: with cuda_graphs, a decode step takes one new token at a time, not {embeds.shape[1]}"
-            )
         step = self._grow(cache) if cache.buffers.full() else cache.lease.step
         pool = self.pool if positions is not None else None  # without positions, the model's own defaults, eagerly
         hidden = step.run(self._step_forward, embeds, positions, cache, pool)
