@@ -63,3 +63,20 @@ def test_harness_end_to_end_on_tiny_models(tmp_path):
                 if "@" in label:
                     assert row["avg_visual_tokens"] == pytest.approx(row["visual_tokens"] / 2, abs=1)
                     assert row["kv_bytes"] < base["kv_bytes"] and row["flops_ceiling"] > 1.2
+
+
+def test_speedups_pair_each_round_with_the_unpatched_run_beside_it():
+    """Drift between rounds (a slow first half, a fast second) cancels in the per-round ratios, where a ratio of
+    medians would report a speedup that is not there."""
+    shape = speed.Shape("s", None, None, "image", [])
+    grid = [speed.Setting("unpatched"), speed.Setting("keep-all", "fastv", {"ratio": 1.0})]
+    times = {"unpatched": [10.0, 10.0, 30.0, 30.0, 30.0], "keep-all": [11.0, 11.0, 11.0, 33.0, 33.0]}
+    run = {"ttft_ms": 1.0, "tpot_ms": 1.0, "peak_memory_bytes": None, "kv_bytes": 1}
+    generated = {label: [run] for label in times}
+    rows = speed._rows(shape, 1, grid, times, dict.fromkeys(times), generated, dict.fromkeys(times, 1.0), 576)
+    assert rows[1]["prefill_speedup"] == pytest.approx(10 / 11)  # a ratio of medians would say 30 / 11
+
+
+def test_no_methods_times_only_the_hooks_cost():
+    args = speed.parser().parse_args(["--methods"])
+    assert [row.label for row in speed.settings(32, 576, args.methods)] == ["unpatched", "keep-all (hook cost)"]

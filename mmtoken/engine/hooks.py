@@ -206,7 +206,8 @@ class Engine:
                 tokens, hidden = cuts_at(request, index, module, alive, hidden, kwargs)
                 if tokens is not alive:
                     request.call.sets[index] = tokens
-            slice_prefill(request, index, kwargs, self.implementation)
+            if len(request.call.sets) > 1:  # else every layer so far sees what the model received
+                slice_prefill(request, index, kwargs, self.implementation)
             request.prefill.previous = (module, hidden, kwargs["position_embeddings"])
         else:
             slice_decode(request, index, hidden, kwargs, self.implementation)
