@@ -4,7 +4,7 @@ Shapes: LLaVA-1.5-7B with one image, LLaVA-OneVision-7B with a 32-frame video, Q
 image and with a 32-frame video. Inputs come from the families' real processor classes at the checkpoints' input
 sizes (with a word-level tokenizer: token ids are all the speed depends on). For each shape, batch size and
 setting (unpatched, keep-all, method x budget) it measures: the vision encoder (unpatched, or under the patch for
-methods that read its attention, VisionZip and HoliTom), the prefill on encoded features (the model's forward with
+methods that read its attention, VisionZip and HoliTom, and for settings with CUDA graphs), the prefill on encoded features (the model's forward with
 its vision encoder answering from a cache), and a `generate()` of 32 new tokens from pixels, which gives time to
 first token (TTFT), time per output token (TPOT), peak memory and the KV cache's bytes. Times are medians of
 repeated runs after warm-up (CUDA events for encoder and prefill); settings are timed in turn, round after round,
@@ -174,7 +174,8 @@ def settings(
     depth: int, visual: int, methods: list[str], fractions: tuple[float, ...] = FRACTIONS, graphs: bool = False
 ) -> list[Setting]:
     """Unpatched, keep-all (the hooks' own cost), then each method at each budget (a fraction of `visual`); with
-    `graphs`, each of those again with graphed decode steps (keep-all's twin is the unpatched model graphed)."""
+    `graphs`, each of those again with CUDA graphs (decode steps and vision tower; keep-all's twin is the unpatched
+    model graphed)."""
     pdrop_layers = tuple(sorted({2, depth // 4, depth // 2}))  # 2 / 8 / 16 on 32 layers
     params = {"fastv": {"k": 2}, "pdrop": {"layers": pdrop_layers}}
     rows = [Setting("unpatched"), Setting("keep-all (hook cost)", "fastv", {"k": 2, "ratio": 1.0})]
@@ -317,8 +318,8 @@ def measure(
                     {"shape": shape.name, "batch": batch, "setting": setting.label, "skipped": str(unreachable)}
                 )
         # the encoder runs in every round for the unpatched model (the reference of the settings that leave it
-        # alone) and under the patch of the methods that read its attention
-        encoding = {grid[0].label} | watching
+        # alone) and under the patch of the methods that read its attention or replay it from a graph
+        encoding = {grid[0].label} | watching | {setting.label for setting in grid if setting.cuda_graphs}
         times: dict[str, list[float]] = {setting.label: [] for setting in grid}
         vision_times: dict[str, list[float]] = {label: [] for label in encoding}
         stats: dict[str, object] = {}
@@ -457,7 +458,8 @@ def parser() -> argparse.ArgumentParser:
                         help="none: only the unpatched model and the keep-all patch (the hooks' cost)")  # fmt: skip
     parser.add_argument("--fractions", type=float, nargs="+", default=list(FRACTIONS),
                         help="budgets, as fractions of each shape's visual tokens (192/128/64 of 576)")  # fmt: skip
-    parser.add_argument("--graphs", action="store_true", help="also time every setting with graphed decode steps")
+    parser.add_argument("--graphs", action="store_true",
+                        help="also time every setting with CUDA graphs (decode steps, vision tower)")  # fmt: skip
     parser.add_argument("--attention", default="sdpa")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--device", default="cuda")

@@ -49,6 +49,12 @@ class Adapter:
         raise NotImplementedError
 
     @property
+    def pixel_tower(self) -> tuple[nn.Module, tuple[int, ...]] | None:
+        """The vision tower where one forward of pixels alone runs it (a CUDA graph can replay it), with the
+        indices of the hidden states the model reads from it; None where its forward reads sizes on the host."""
+        return None
+
+    @property
     def vision_attention(self) -> nn.Module:
         """The vision-tower attention module whose input gives the vision signal (`integrations.vision`)."""
         raise NotImplementedError

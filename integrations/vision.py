@@ -90,7 +90,13 @@ def select_tower_tokens(tower: nn.Module, signal: torch.Tensor, strategy: str) -
 
 
 class TowerAttention:
-    """For the LLaVA families: the signal of their CLIP or SigLIP `vision_tower`, at the `vision_feature_layer`."""
+    """For the LLaVA families: the signal of their CLIP or SigLIP `vision_tower`, at the `vision_feature_layer`;
+    and the tower as a forward of pixels alone, read at that layer."""
+
+    @property
+    def pixel_tower(self) -> tuple[nn.Module, tuple[int, ...]]:
+        layers = self.config.vision_feature_layer
+        return self.model.base_model.vision_tower, (layers,) if isinstance(layers, int) else tuple(layers)
 
     @property
     def vision_attention(self) -> nn.Module:

@@ -13,6 +13,7 @@ from transformers import Cache
 from mmtoken.accounting.stats import Stats, cache_bytes, measure_stats
 from mmtoken.engine.hooks import Engine
 from mmtoken.graphs.decode import DecodeGraphs
+from mmtoken.graphs.vision import VisionGraphs
 from mmtoken.integrations import adapter_for
 from mmtoken.integrations.vision import VisionWatch
 from mmtoken.methods import Method, build
@@ -26,22 +27,25 @@ _GRAPHED_ATTENTION = ("sdpa", "eager")
 class Handle:
     """A method attached to a model. `stats` holds the numbers of the latest prefill (None before one); with
     `timing`, its prefill time too (measured between two device synchronisations, so off by default). With
-    `cuda_graphs`, decode steps replay CUDA graphs over KV caches of the pruned sizes (`mmtoken.graphs`)."""
+    `cuda_graphs`, decode steps replay CUDA graphs over KV caches of the pruned sizes, and so does a CLIP or SigLIP
+    vision tower for the methods that do not read its attention (`mmtoken.graphs`)."""
 
     def __init__(self, model: nn.Module, method: Method, timing: bool = False, cuda_graphs: bool = False) -> None:
         adapter = adapter_for(model)
         implementation = adapter.language_model.config._attn_implementation
         if implementation not in _SUPPORTED_ATTENTION:
             raise ValueError(f"attention {implementation!r} is not supported; use one of {_SUPPORTED_ATTENTION}")
-        self.graphs = None
-        if cuda_graphs:
-            if implementation not in _GRAPHED_ATTENTION or next(model.parameters()).device.type != "cuda":
-                raise ValueError(f"cuda_graphs needs a model on a CUDA device with attention in {_GRAPHED_ATTENTION}")
-            self.graphs = DecodeGraphs(model, adapter.language_model, capture=True)
+        if cuda_graphs and (implementation not in _GRAPHED_ATTENTION or next(model.parameters()).device.type != "cuda"):
+            raise ValueError(f"cuda_graphs needs a model on a CUDA device with attention in {_GRAPHED_ATTENTION}")
         depth = len(adapter.decoder_layers)
         method.check_depth(depth)
         self.model, self.method, self.config, self.depth = model, method, adapter.language_model.config, depth
         watch = VisionWatch(adapter) if any(step.needs_vision for step in method.steps) else None
+        self.graphs: list[DecodeGraphs | VisionGraphs] = []
+        if cuda_graphs:
+            self.graphs.append(DecodeGraphs(model, adapter.language_model, capture=True))
+            if adapter.pixel_tower is not None and watch is None:
+                self.graphs.append(VisionGraphs(*adapter.pixel_tower, capture=True))
         self.engine = Engine(model, adapter, method, self, watch, timing)
         self._latest: tuple[CallState, float | None] | None = None
         self._stats: Stats | None = None
@@ -75,12 +79,12 @@ class Handle:
 
     def attach(self) -> None:
         self.engine.attach()
-        if self.graphs is not None:
-            self.graphs.attach()
+        for graphs in self.graphs:
+            graphs.attach()
 
     def remove(self) -> None:
-        if self.graphs is not None:
-            self.graphs.detach()
+        for graphs in self.graphs:
+            graphs.detach()
         self.engine.detach()
         delattr(self.model, _ATTRIBUTE)
 
@@ -95,7 +99,8 @@ def patch(
 ) -> Handle:
     """Attach `method` (a name with parameters, a dict or YAML path, or a Method) to an already-loaded model;
     with `timing`, `handle.stats.prefill_seconds` measures each prefill; with `cuda_graphs` (a model on a CUDA
-    device, sdpa or eager attention), decode steps replay CUDA graphs over caches of the pruned sizes.
+    device, sdpa or eager attention), decode steps replay CUDA graphs over caches of the pruned sizes, and the
+    vision tower (CLIP or SigLIP) its own, one per pixel shape.
 
     Everything is checked before anything is attached: the method and its parameters, the model family, and
     that the schedule fits the model's depth.

@@ -15,6 +15,7 @@ from transformers.utils import import_utils
 import mmtoken
 from mmtoken.compat import cache_of, with_cache
 from mmtoken.graphs.cache import CAPACITY_STEP
+from mmtoken.graphs.vision import VisionGraphs
 from mmtoken.kernels.decode_attention import decode_attention, reference
 from mmtoken.zoo.tiny import tiny_model
 
@@ -123,6 +124,25 @@ def test_graphed_decode_equals_eager(family, video, method):
             runs.append(greedy_run(model, batch, 2 * CAPACITY_STEP + 1))
     assert torch.equal(runs[1][0], runs[0][0])
     torch.testing.assert_close(runs[1][1], runs[0][1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "llava_onevision"])
+def test_graphed_vision_tower_equals_eager_and_replays_one_capture(family):
+    """Two generations of one batch: the tower is captured once and replayed, with the eager tower's results; a
+    method that watches the tower's attention (VisionZip) keeps it eager."""
+    model = on_gpu(family, "sdpa")
+    batch = to_gpu(inputs(family, False, batch=2))
+    with mmtoken.patched(model, "fastv", k=2, ratio=0.4):
+        expected = greedy_run(model, batch)
+    with mmtoken.patched(model, "fastv", k=2, ratio=0.4, cuda_graphs=True) as handle:
+        first, second = greedy_run(model, batch), greedy_run(model, batch)
+        (tower_graphs,) = [graphs for graphs in handle.graphs if isinstance(graphs, VisionGraphs)]
+        assert len(tower_graphs._graphs) == 1
+    for run in (first, second):
+        assert torch.equal(run[0], expected[0])
+        torch.testing.assert_close(run[1], expected[1], rtol=1e-4, atol=1e-4)
+    with mmtoken.patched(model, "visionzip", ratio=0.5, cuda_graphs=True) as handle:
+        assert not any(isinstance(graphs, VisionGraphs) for graphs in handle.graphs)
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,8 @@ from mmtoken.compat import cache_of, with_cache
 from mmtoken.engine.request import compact, request_of
 from mmtoken.graphs.cache import CAPACITY_STEP, FixedCache, capacity_for
 from mmtoken.graphs.decode import DecodeGraphs
+from mmtoken.graphs.vision import VisionGraphs
+from mmtoken.integrations import adapter_for
 
 METHODS = {
     "keep-all": {"method": "fastv", "k": 2, "ratio": 1.0},
@@ -103,6 +105,33 @@ def test_a_fixed_cache_refuses_what_its_fixed_steps_cannot_follow():
             model(input_ids=two_tokens, attention_mask=mask, **with_cache(cache), use_cache=True)
         assert request_of(cache).generated == 0  # refused before the request counted the tokens
         graphs.detach()
+
+
+TOWER_CASES = [(family, video) for family, video in CASES if adapter_for(model_and_processor(family)[0]).pixel_tower]
+
+
+@pytest.mark.parametrize(
+    ("family", "video"), TOWER_CASES, ids=[f"{f}-{'video' if v else 'image'}" for f, v in TOWER_CASES]
+)
+def test_a_vision_tower_handing_back_only_what_the_model_reads_generates_the_same(family, video):
+    """The graphed tower's outputs, run eagerly: copies of the states the model reads and None for the other hidden
+    states. Generation must not change, so the model reads nothing that is left out."""
+    model, _ = model_and_processor(family)
+    batch = inputs(family, video, batch=2)
+    tower, read = adapter_for(model).pixel_tower
+    with mmtoken.patched(model, "fastv", k=2, ratio=0.4):
+        tokens, logits = greedy_run(model, batch)
+        graphs = VisionGraphs(tower, read, capture=False)
+        graphs.attach()
+        outputs = []
+        handle = tower.register_forward_hook(lambda module, args, output: outputs.append(output))
+        graphed_tokens, graphed_logits = greedy_run(model, batch)
+        handle.remove()
+        graphs.detach()
+    assert torch.equal(graphed_tokens, tokens)
+    torch.testing.assert_close(graphed_logits, logits, rtol=0, atol=0)
+    states = outputs[0].hidden_states
+    assert [i for i, state in enumerate(states) if state is not None] == sorted(i % len(states) for i in read)
 
 
 def test_cuda_graphs_need_a_cuda_device():
