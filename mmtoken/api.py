@@ -13,6 +13,7 @@ from transformers import Cache
 from mmtoken.accounting.stats import Stats, cache_bytes, measure_stats
 from mmtoken.engine.hooks import Engine
 from mmtoken.graphs.decode import DecodeGraphs
+from mmtoken.graphs.prefill import PrefillGraphs
 from mmtoken.graphs.vision import VisionGraphs
 from mmtoken.integrations import adapter_for
 from mmtoken.integrations.vision import VisionWatch
@@ -27,8 +28,8 @@ _GRAPHED_ATTENTION = ("sdpa", "eager")
 class Handle:
     """A method attached to a model. `stats` holds the numbers of the latest prefill (None before one); with
     `timing`, its prefill time too (measured between two device synchronisations, so off by default). With
-    `cuda_graphs`, decode steps replay CUDA graphs over KV caches of the pruned sizes, and so does a CLIP or SigLIP
-    vision tower for the methods that do not read its attention (`mmtoken.graphs`)."""
+    `cuda_graphs`, prefills and decode steps replay CUDA graphs (decode steps over KV caches of the pruned sizes),
+    and so does a CLIP or SigLIP vision tower for the methods that do not read its attention (`mmtoken.graphs`)."""
 
     def __init__(self, model: nn.Module, method: Method, timing: bool = False, cuda_graphs: bool = False) -> None:
         adapter = adapter_for(model)
@@ -41,9 +42,10 @@ class Handle:
         method.check_depth(depth)
         self.model, self.method, self.config, self.depth = model, method, adapter.language_model.config, depth
         watch = VisionWatch(adapter) if any(step.needs_vision for step in method.steps) else None
-        self.graphs: list[DecodeGraphs | VisionGraphs] = []
+        self.graphs: list[DecodeGraphs | PrefillGraphs | VisionGraphs] = []
         if cuda_graphs:
             self.graphs.append(DecodeGraphs(model, adapter.language_model, capture=True))
+            self.graphs.append(PrefillGraphs(adapter.language_model, capture=True))
             if adapter.pixel_tower is not None and watch is None:
                 self.graphs.append(VisionGraphs(*adapter.pixel_tower, capture=True))
         self.engine = Engine(model, adapter, method, self, watch, timing)
@@ -83,7 +85,7 @@ class Handle:
             graphs.attach()
 
     def remove(self) -> None:
-        for graphs in self.graphs:
+        for graphs in reversed(self.graphs):
             graphs.detach()
         self.engine.detach()
         delattr(self.model, _ATTRIBUTE)
@@ -99,8 +101,9 @@ def patch(
 ) -> Handle:
     """Attach `method` (a name with parameters, a dict or YAML path, or a Method) to an already-loaded model;
     with `timing`, `handle.stats.prefill_seconds` measures each prefill; with `cuda_graphs` (a model on a CUDA
-    device, sdpa or eager attention), decode steps replay CUDA graphs over caches of the pruned sizes, and the
-    vision tower (CLIP or SigLIP) its own, one per pixel shape.
+    device, sdpa or eager attention), the language model's prefill (one graph per prefill signature, for methods
+    whose counts are planned), its decode steps (over caches of the pruned sizes) and the vision tower (CLIP or
+    SigLIP, one per pixel shape) replay CUDA graphs.
 
     Everything is checked before anything is attached: the method and its parameters, the model family, and
     that the schedule fits the model's depth.

@@ -15,8 +15,10 @@ from transformers.utils import import_utils
 import mmtoken
 from mmtoken.compat import cache_of, with_cache
 from mmtoken.graphs.cache import CAPACITY_STEP
+from mmtoken.graphs.prefill import PrefillGraphs
 from mmtoken.graphs.vision import VisionGraphs
 from mmtoken.kernels.decode_attention import decode_attention, reference
+from mmtoken.state import PIXELS
 from mmtoken.zoo.tiny import tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -124,6 +126,33 @@ def test_graphed_decode_equals_eager(family, video, method):
             runs.append(greedy_run(model, batch, 2 * CAPACITY_STEP + 1))
     assert torch.equal(runs[1][0], runs[0][0])
     torch.testing.assert_close(runs[1][1], runs[0][1], rtol=1e-4, atol=1e-4)
+
+
+def other_media(batch):
+    return {key: value.flip(-1) if key in PIXELS.values() else value for key, value in batch.items()}
+
+
+PREFILL_GRAPHED = {**GRAPHED, "pdrop": {"method": "pdrop", "layers": (2, 4)}}
+
+
+@pytest.mark.parametrize(("family", "video"), CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("method", sorted(PREFILL_GRAPHED))
+def test_graphed_prefill_equals_eager_for_other_media_of_one_signature(family, video, method):
+    """A signature's first prefill runs eagerly, the second is captured and the third replayed, each with other
+    media than the one before: the tokens and logits of the eager patch. ATP decides its counts on the device, so
+    its prefill stays eager."""
+    model = on_gpu(family, "sdpa")
+    batch = to_gpu(inputs(family, video, batch=2))
+    prompts = [batch, other_media(batch), batch, other_media(batch)]
+    with mmtoken.patched(model, **PREFILL_GRAPHED[method]):
+        expected = [greedy_run(model, prompt) for prompt in prompts]
+    with mmtoken.patched(model, cuda_graphs=True, **PREFILL_GRAPHED[method]) as handle:
+        runs = [greedy_run(model, prompt) for prompt in prompts]
+        (prefill,) = [graphs for graphs in handle.graphs if isinstance(graphs, PrefillGraphs)]
+        assert len(prefill._graphs) == (0 if method == "atp" else 1)
+    for (tokens, logits), (eager_tokens, eager_logits) in zip(runs, expected, strict=True):
+        assert torch.equal(tokens, eager_tokens)
+        torch.testing.assert_close(logits, eager_logits, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("family", ["llava", "llava_next", "llava_onevision"])

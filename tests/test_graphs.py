@@ -14,8 +14,10 @@ from mmtoken.compat import cache_of, with_cache
 from mmtoken.engine.request import compact, request_of
 from mmtoken.graphs.cache import CAPACITY_STEP, FixedCache, capacity_for
 from mmtoken.graphs.decode import DecodeGraphs
+from mmtoken.graphs.prefill import PrefillGraphs
 from mmtoken.graphs.vision import VisionGraphs
 from mmtoken.integrations import adapter_for
+from mmtoken.state import PIXELS
 
 METHODS = {
     "keep-all": {"method": "fastv", "k": 2, "ratio": 1.0},
@@ -105,6 +107,40 @@ def test_a_fixed_cache_refuses_what_its_fixed_steps_cannot_follow():
             model(input_ids=two_tokens, attention_mask=mask, **with_cache(cache), use_cache=True)
         assert request_of(cache).generated == 0  # refused before the request counted the tokens
         graphs.detach()
+
+
+PREFILL_METHODS = {
+    **METHODS,
+    "pdrop": {"method": "pdrop", "layers": (2, 4)},
+    "visionzip": {"method": "visionzip", "ratio": 0.5},
+}
+
+
+def other_media(batch):
+    """The same prompt with other pixels: every count the same, so the same prefill signature, other tokens kept."""
+    return {key: value.flip(-1) if key in PIXELS.values() else value for key, value in batch.items()}
+
+
+@pytest.mark.parametrize(("family", "video"), CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("method", sorted(PREFILL_METHODS))
+def test_prefills_over_fixed_inputs_equal_the_plain_patch(family, video, method):
+    """The graphed prefill's path run eagerly: a signature's first prefill plain, then over the graph's fixed
+    arguments and inputs with the results copied out, for other media of the same signature and back; generation
+    (decode steps reading the copied token sets) must not change."""
+    model, _ = model_and_processor(family)
+    batch = inputs(family, video, batch=2)
+    prompts = [batch, other_media(batch), batch]
+    with mmtoken.patched(model, **PREFILL_METHODS[method]) as handle:
+        expected = [greedy_run(model, prompt) for prompt in prompts]
+        graphs = PrefillGraphs(handle.engine.adapter.language_model, capture=False)
+        graphs.attach()
+        runs = [greedy_run(model, prompt) for prompt in prompts]
+        assert len(graphs._graphs) == 1
+        graphs.detach()
+    assert not torch.equal(expected[1][1], expected[0][1])  # the other media change the answer's logits
+    for (tokens, logits), (plain_tokens, plain_logits) in zip(runs, expected, strict=True):
+        assert torch.equal(tokens, plain_tokens)
+        torch.testing.assert_close(logits, plain_logits, rtol=1e-5, atol=1e-5)
 
 
 TOWER_CASES = [(family, video) for family, video in CASES if adapter_for(model_and_processor(family)[0]).pixel_tower]

@@ -1,6 +1,9 @@
-"""The attention of a graphed decode step under sdpa: the fixed cache's one-query attention kernel
-(`mmtoken.kernels.decode_attention`), registered with transformers' attention interface under `FIXED_CACHE` and
-switched on only while a step over a fixed cache runs (so prefill and other requests keep sdpa)."""
+"""Attention under sdpa while a graph runs, registered with transformers' attention interfaces and switched on only
+for the length of a graphed call (other calls keep sdpa):
+- `FIXED_CACHE`, a decode step over a fixed cache: the one-query attention kernel (`mmtoken.kernels.decode_attention`);
+- `GRAPHED_PREFILL`, a prefill: sdpa over a mask that is always built, since the mask sdpa would skip is decided by
+  reading the padding mask on the host, which a graph cannot do.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from mmtoken.kernels.decode_attention import decode_attention
 
 FIXED_CACHE = "mmtoken_fixed_cache"
+GRAPHED_PREFILL = "mmtoken_graphed_prefill"
 
 
 def fixed_cache_attention(
@@ -36,17 +40,25 @@ def fixed_cache_attention(
     return out.transpose(1, 2).contiguous(), None
 
 
+def built_sdpa_mask(*args: object, allow_is_causal_skip: bool = True, **kwargs: object) -> torch.Tensor | None:
+    """sdpa's mask, never skipped for `is_causal`."""
+    return sdpa_mask(*args, allow_is_causal_skip=False, **kwargs)
+
+
 AttentionInterface.register(FIXED_CACHE, fixed_cache_attention)
 AttentionMaskInterface.register(FIXED_CACHE, sdpa_mask)
+AttentionInterface.register(GRAPHED_PREFILL, sdpa_attention_forward)
+AttentionMaskInterface.register(GRAPHED_PREFILL, built_sdpa_mask)
 
 
 @contextmanager
-def fixed_cache_attention_in(config: PretrainedConfig) -> Iterator[None]:
-    """While the block runs, layers of `config` that use sdpa attend through `fixed_cache_attention`."""
+def attention_in(config: PretrainedConfig, implementation: str) -> Iterator[None]:
+    """While the block runs, layers of `config` that use sdpa attend through `implementation` (`FIXED_CACHE` or
+    `GRAPHED_PREFILL`)."""
     if config._attn_implementation != "sdpa":
         yield
         return
-    config._attn_implementation_internal = FIXED_CACHE
+    config._attn_implementation_internal = implementation
     try:
         yield
     finally:

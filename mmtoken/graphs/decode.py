@@ -22,7 +22,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from mmtoken.compat import cache_in, cache_of, replace_cache, with_cache
 from mmtoken.engine.request import give_to, request_of
-from mmtoken.graphs.attention import fixed_cache_attention_in
+from mmtoken.graphs.attention import FIXED_CACHE, attention_in
 from mmtoken.graphs.cache import FixedBuffers, FixedCache, Lease, groups_of, signature
 
 Forward = Callable[[torch.Tensor, torch.Tensor, Cache], torch.Tensor]
@@ -128,7 +128,7 @@ class DecodeGraphs:
         return step
 
     def _step_forward(self, embeds: torch.Tensor, positions: torch.Tensor | None, cache: Cache) -> torch.Tensor:
-        with fixed_cache_attention_in(self.language_model.config):
+        with attention_in(self.language_model.config, FIXED_CACHE):
             out = self._original(inputs_embeds=embeds, position_ids=positions, attention_mask=None, use_cache=True,
                                  **with_cache(cache))  # fmt: skip
         return out.last_hidden_state

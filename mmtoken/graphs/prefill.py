@@ -1,0 +1,227 @@
+"""Prefills replayed from CUDA graphs: once the cuts before the language model are made, a fixed-budget method's
+prefill has static shapes (every count is planned on the CPU), so the language model's whole forward, with the
+engine's layer hooks and their cuts inside it, is captured once per *prefill signature* and replayed.
+
+The signature is everything the forward's Python reads on the host: the batch, the prompt's length and each row's
+text and visual counts, what the cut before the language model kept, and the shapes of the arguments. A signature
+runs eagerly the first time, watched for host synchronisations (a scorer that reads the device from the host
+cannot be graphed, and stays eager); the second time it is captured, then replayed.
+
+A graph reads fixed memory: the arguments, and the request's state that the hooks read (token kinds, padding, the
+tokens the language model receives), are copied into the graph's own before each replay; what the hooks build
+inside the graph (the token sets of later layers, the KV cache, the last hidden state) is copied out into the
+request's own after it.
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+from transformers.modeling_outputs import BaseModelOutputWithPast
+
+from mmtoken.compat import CACHE_NAMES, cache_in, with_cache
+from mmtoken.engine.request import PrefillScratch, Request, active
+from mmtoken.graphs.attention import GRAPHED_PREFILL, attention_in
+from mmtoken.scorers.base import decides_count
+from mmtoken.state import TokenSet
+
+MAX_GRAPHS = 8  # captured signatures kept per patch; the oldest goes first
+
+
+def _cloned(tokens: TokenSet) -> TokenSet:
+    weight = None if tokens.weight is None else tokens.weight.clone()
+    return TokenSet(tokens.position.clone(), tokens.slot.clone(), tokens.valid.clone(), list(tokens.visual_counts),
+                    tokens.complete, weight)  # fmt: skip
+
+
+@dataclass
+class _RequestInputs:
+    """The tensors of a request's state that the layer hooks read: token kinds and padding by prompt position, the
+    tokens the language model receives, and the vision signal."""
+
+    kinds: torch.Tensor
+    padding: torch.Tensor
+    received: TokenSet
+    signal: torch.Tensor | None
+
+    @classmethod
+    def of(cls, request: Request) -> _RequestInputs:
+        call = request.call
+        return cls(call.kinds, call.padding, call.sets[0], call.vision_signal)
+
+    def cloned(self) -> _RequestInputs:
+        signal = None if self.signal is None else self.signal.clone()
+        return _RequestInputs(self.kinds.clone(), self.padding.clone(), _cloned(self.received), signal)
+
+    def tensors(self) -> list[torch.Tensor]:
+        received = self.received
+        listed = [self.kinds, self.padding, received.position, received.slot, received.valid, received.weight]
+        return [tensor for tensor in [*listed, self.signal] if tensor is not None]
+
+    def put(self, request: Request) -> None:
+        call = request.call
+        call.kinds, call.padding, call.vision_signal = self.kinds, self.padding, self.signal
+        call.sets[0] = self.received
+
+
+@dataclass
+class _PrefillGraph:
+    """One prefill signature's graph: its fixed arguments and request inputs, the cache and last hidden state it
+    writes, the token sets its hooks build (by first layer), and the prefill scratch of the capture, whose planned
+    counts on the device the graph reads."""
+
+    arguments: dict[str, object]
+    inputs: _RequestInputs
+    graph: torch.cuda.CUDAGraph | None = None
+    cache: DynamicCache | None = None
+    hidden: torch.Tensor | None = None
+    sets: dict[int, TokenSet] = field(default_factory=dict)
+    scratch: PrefillScratch | None = None
+
+
+def _signature(request: Request, kwargs: dict) -> tuple | None:
+    """What the prefill's Python reads on the host (None where a graph cannot hold the call)."""
+    if kwargs.get("output_hidden_states") or kwargs.get("output_attentions"):
+        return None
+    call, received = request.call, request.call.sets[0]
+    arguments = tuple(
+        (name, (tuple(value.shape), value.dtype) if torch.is_tensor(value) else value)
+        for name, value in sorted(kwargs.items())
+        if name not in CACHE_NAMES
+    )
+    key = (tuple(call.text_counts), tuple(call.visual_counts), call.prompt_length, tuple(received.visual_counts),
+           len(received), received.complete, call.vision_signal is None, arguments)  # fmt: skip
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def _counts_planned(request: Request) -> bool:
+    """Whether every cut inside the language model keeps a planned count (none decides it on the device)."""
+    plan = request.prefill.plan
+    return not any(decides_count(cut.scorer) for layer, cuts in plan.cuts.items() if layer > 0 for cut in cuts)
+
+
+class PrefillGraphs:
+    """Runs the language model's prefill under the patch from CUDA graphs, one per prefill signature, with
+    `capture`; without, the same path (fixed arguments and inputs copied in, results copied out) run eagerly, which
+    the CPU tests compare with the plain patch."""
+
+    def __init__(self, language_model: nn.Module, capture: bool) -> None:
+        self.language_model = language_model
+        self.pool = torch.cuda.graph_pool_handle() if capture else None
+        self._forward_inside: Callable[..., object] | None = None
+        self._wraps_an_override = False
+        self._graphs: OrderedDict[tuple, _PrefillGraph] = OrderedDict()
+        self._seen: set[tuple] = set()
+        self._eager: set[tuple] = set()
+        self._lock = threading.Lock()
+
+    def attach(self) -> None:
+        self._wraps_an_override = "forward" in vars(self.language_model)  # the decode graphs' over the model's
+        self._forward_inside = self.language_model.forward
+        self.language_model.forward = self._forward
+
+    def detach(self) -> None:
+        if self._wraps_an_override:
+            self.language_model.forward = self._forward_inside
+        else:
+            del self.language_model.forward
+        self._graphs.clear()
+
+    def _run(self, kwargs: dict, cache: object) -> object:
+        with attention_in(self.language_model.config, GRAPHED_PREFILL):
+            return self._forward_inside(**{**kwargs, **with_cache(cache)})
+
+    def _forward(self, *args: object, **kwargs: object) -> object:
+        cache = cache_in(kwargs)
+        request = active()
+        if args or cache is None or not request.in_prefill or cache.get_seq_length() > 0:
+            return self._forward_inside(*args, **kwargs)
+        key = _signature(request, kwargs)
+        if key is None or key in self._eager:
+            return self._forward_inside(*args, **kwargs)
+        with self._lock:
+            if key not in self._graphs:
+                if key not in self._seen:
+                    self._seen.add(key)
+                    return self._first_run(key, kwargs, cache)
+                if not _counts_planned(request):
+                    self._eager.add(key)
+                    return self._forward_inside(*args, **kwargs)
+                self._graphs[key] = self._prepare(request, kwargs)
+                while len(self._graphs) > MAX_GRAPHS:
+                    self._graphs.popitem(last=False)
+            self._graphs.move_to_end(key)
+            return self._replay(self._graphs[key], request, kwargs, cache)
+
+    def _first_run(self, key: tuple, kwargs: dict, cache: object) -> object:
+        """An eager prefill; where it synchronises with the host, its signature stays eager."""
+        if self.pool is None:
+            return self._run(kwargs, cache)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                output = self._run(kwargs, cache)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        if any("synchroniz" in str(warning.message) for warning in caught):
+            self._eager.add(key)
+        return output
+
+    def _prepare(self, request: Request, kwargs: dict) -> _PrefillGraph:
+        arguments = {name: value.clone() if torch.is_tensor(value) else value for name, value in kwargs.items()
+                     if name not in CACHE_NAMES}  # fmt: skip
+        prepared = _PrefillGraph(arguments, _RequestInputs.of(request).cloned())
+        if self.pool is not None:
+            self._record(prepared, request, capture=True)
+        return prepared
+
+    def _record(self, prepared: _PrefillGraph, request: Request, capture: bool) -> None:
+        """Run the forward over the fixed arguments and inputs (captured into a graph, or eagerly): the hooks read
+        the inputs through the request's state, and what they build inside is kept as the graph's."""
+        own = _RequestInputs.of(request)
+        prepared.inputs.put(request)
+        prepared.cache = DynamicCache(config=self.language_model.config)
+        try:
+            if capture:
+                prepared.graph = torch.cuda.CUDAGraph()
+                gc.disable()  # a collection inside the capture could free CUDA objects, which invalidates it
+                try:
+                    with torch.cuda.graph(prepared.graph, pool=self.pool):
+                        prepared.hidden = self._run(prepared.arguments, prepared.cache).last_hidden_state
+                finally:
+                    gc.enable()
+            else:
+                prepared.hidden = self._run(prepared.arguments, prepared.cache).last_hidden_state
+            prepared.sets = {start: tokens for start, tokens in request.call.sets.items() if start > 0}
+            prepared.scratch = request.prefill
+        finally:
+            own.put(request)
+
+    def _replay(self, prepared: _PrefillGraph, request: Request, kwargs: dict, cache: object) -> object:
+        for name, value in prepared.arguments.items():
+            if torch.is_tensor(value):
+                value.copy_(kwargs[name])
+        for fixed, own in zip(prepared.inputs.tensors(), _RequestInputs.of(request).tensors(), strict=True):
+            fixed.copy_(own)
+        if prepared.graph is None:
+            self._record(prepared, request, capture=False)
+        else:
+            prepared.graph.replay()
+        for start, tokens in prepared.sets.items():
+            request.call.sets[start] = _cloned(tokens)
+        for index, layer in enumerate(prepared.cache.layers):
+            cache.update(layer.keys, layer.values, index)
+        return BaseModelOutputWithPast(last_hidden_state=prepared.hidden.clone(), **with_cache(cache))
