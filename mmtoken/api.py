@@ -45,7 +45,7 @@ class Handle:
         self.graphs: list[DecodeGraphs | PrefillGraphs | VisionGraphs] = []
         if cuda_graphs:
             self.graphs.append(DecodeGraphs(model, adapter.language_model, capture=True))
-            self.graphs.append(PrefillGraphs(adapter.language_model, capture=True))
+            self.graphs.append(PrefillGraphs(adapter.language_model, method, capture=True))
             if adapter.pixel_tower is not None and watch is None:
                 self.graphs.append(VisionGraphs(*adapter.pixel_tower, capture=True))
         self.engine = Engine(model, adapter, method, self, watch, timing)

@@ -132,11 +132,14 @@ def test_prefills_over_fixed_inputs_equal_the_plain_patch(family, video, method)
     prompts = [batch, other_media(batch), batch]
     with mmtoken.patched(model, **PREFILL_METHODS[method]) as handle:
         expected = [greedy_run(model, prompt) for prompt in prompts]
-        graphs = PrefillGraphs(handle.engine.adapter.language_model, capture=False)
+        graphs = PrefillGraphs(handle.engine.adapter.language_model, handle.method, capture=False)
+        known = set(graphs.signatures())  # of this model's other cases
         graphs.attach()
-        runs = [greedy_run(model, prompt) for prompt in prompts]
-        assert len(graphs._graphs) == 1
-        graphs.detach()
+        try:
+            runs = [greedy_run(model, prompt) for prompt in prompts]
+        finally:
+            graphs.detach()
+        assert len(set(graphs.signatures()) - known) == 1
     assert not torch.equal(expected[1][1], expected[0][1])  # the other media change the answer's logits
     for (tokens, logits), (plain_tokens, plain_logits) in zip(runs, expected, strict=True):
         assert torch.equal(tokens, plain_tokens)

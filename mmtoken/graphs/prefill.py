@@ -18,6 +18,7 @@ from __future__ import annotations
 import gc
 import threading
 import warnings
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,10 +31,11 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 from mmtoken.compat import CACHE_NAMES, cache_in, with_cache
 from mmtoken.engine.request import PrefillScratch, Request, active
 from mmtoken.graphs.attention import GRAPHED_PREFILL, attention_in
+from mmtoken.methods.base import Method
 from mmtoken.scorers.base import decides_count
 from mmtoken.state import TokenSet
 
-MAX_GRAPHS = 8  # captured signatures kept per patch; the oldest goes first
+MAX_GRAPHS = 8  # captured signatures kept per language model; the least recently used goes first
 
 
 def _cloned(tokens: TokenSet) -> TokenSet:
@@ -112,20 +114,40 @@ def _counts_planned(request: Request) -> bool:
     return not any(decides_count(cut.scorer) for layer, cuts in plan.cuts.items() if layer > 0 for cut in cuts)
 
 
+@dataclass
+class _Known:
+    """What a language model's prefills taught: the graphs captured (by method and signature, most recently used
+    last), the signatures seen once, and those that stay eager. It outlives a patch, as the decode graphs' pool:
+    a graph reads only the model's weights and its own memory, so a later patch of the same method replays it."""
+
+    pool: object
+    graphs: OrderedDict[tuple, _PrefillGraph] = field(default_factory=OrderedDict)
+    seen: set[tuple] = field(default_factory=set)
+    eager: set[tuple] = field(default_factory=set)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+_KNOWN: weakref.WeakKeyDictionary[nn.Module, dict[bool, _Known]] = weakref.WeakKeyDictionary()
+
+
 class PrefillGraphs:
-    """Runs the language model's prefill under the patch from CUDA graphs, one per prefill signature, with
+    """Runs the language model's prefill under `method` from CUDA graphs, one per prefill signature, with
     `capture`; without, the same path (fixed arguments and inputs copied in, results copied out) run eagerly, which
     the CPU tests compare with the plain patch."""
 
-    def __init__(self, language_model: nn.Module, capture: bool) -> None:
-        self.language_model = language_model
-        self.pool = torch.cuda.graph_pool_handle() if capture else None
+    def __init__(self, language_model: nn.Module, method: Method, capture: bool) -> None:
+        self.language_model, self.method = language_model, repr(method)
+        by_capture = _KNOWN.setdefault(language_model, {})
+        if capture not in by_capture:
+            by_capture[capture] = _Known(torch.cuda.graph_pool_handle() if capture else None)
+        self.known = by_capture[capture]
+        self.pool = self.known.pool
         self._forward_inside: Callable[..., object] | None = None
         self._wraps_an_override = False
-        self._graphs: OrderedDict[tuple, _PrefillGraph] = OrderedDict()
-        self._seen: set[tuple] = set()
-        self._eager: set[tuple] = set()
-        self._lock = threading.Lock()
+
+    def signatures(self) -> list[tuple]:
+        """The prefill signatures of this method that have a graph."""
+        return [key[1:] for key in self.known.graphs if key[0] == self.method]
 
     def attach(self) -> None:
         self._wraps_an_override = "forward" in vars(self.language_model)  # the decode graphs' over the model's
@@ -137,7 +159,6 @@ class PrefillGraphs:
             self.language_model.forward = self._forward_inside
         else:
             del self.language_model.forward
-        self._graphs.clear()
 
     def _run(self, kwargs: dict, cache: object) -> object:
         with attention_in(self.language_model.config, GRAPHED_PREFILL):
@@ -148,22 +169,23 @@ class PrefillGraphs:
         request = active()
         if args or cache is None or not request.in_prefill or cache.get_seq_length() > 0:
             return self._forward_inside(*args, **kwargs)
-        key = _signature(request, kwargs)
-        if key is None or key in self._eager:
+        signature = _signature(request, kwargs)
+        known, key = self.known, (self.method, signature)
+        if signature is None or key in known.eager:
             return self._forward_inside(*args, **kwargs)
-        with self._lock:
-            if key not in self._graphs:
-                if key not in self._seen:
-                    self._seen.add(key)
+        with known.lock:
+            if key not in known.graphs:
+                if key not in known.seen:
+                    known.seen.add(key)
                     return self._first_run(key, kwargs, cache)
                 if not _counts_planned(request):
-                    self._eager.add(key)
+                    known.eager.add(key)
                     return self._forward_inside(*args, **kwargs)
-                self._graphs[key] = self._prepare(request, kwargs)
-                while len(self._graphs) > MAX_GRAPHS:
-                    self._graphs.popitem(last=False)
-            self._graphs.move_to_end(key)
-            return self._replay(self._graphs[key], request, kwargs, cache)
+                known.graphs[key] = self._prepare(request, kwargs)
+                while len(known.graphs) > MAX_GRAPHS:
+                    known.graphs.popitem(last=False)
+            known.graphs.move_to_end(key)
+            return self._replay(known.graphs[key], request, kwargs, cache)
 
     def _first_run(self, key: tuple, kwargs: dict, cache: object) -> object:
         """An eager prefill; where it synchronises with the host, its signature stays eager."""
@@ -177,7 +199,7 @@ class PrefillGraphs:
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         if any("synchroniz" in str(warning.message) for warning in caught):
-            self._eager.add(key)
+            self.known.eager.add(key)
         return output
 
     def _prepare(self, request: Request, kwargs: dict) -> _PrefillGraph:

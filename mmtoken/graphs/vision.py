@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import gc
 import threading
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -28,6 +29,19 @@ class _TowerGraph:
     output: ModelOutput
 
 
+@dataclass
+class _TowerGraphs:
+    """A tower's graphs by pixel shape and options, and the lock their replays take. They outlive a patch (a graph
+    reads only the tower's weights and its own memory), so every later patch replays them."""
+
+    pool: object
+    graphs: dict[tuple, _TowerGraph] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+_TOWERS: weakref.WeakKeyDictionary[nn.Module, _TowerGraphs] = weakref.WeakKeyDictionary()
+
+
 class VisionGraphs:
     """Runs a vision tower's forward from CUDA graphs, one per pixel shape and call options, with `capture`; eagerly
     without (the same copies of the same outputs, which the CPU tests compare with the unpatched model). `read` are
@@ -35,17 +49,17 @@ class VisionGraphs:
 
     def __init__(self, tower: nn.Module, read: tuple[int, ...], capture: bool) -> None:
         self.tower, self.read = tower, read
-        self.pool = torch.cuda.graph_pool_handle() if capture else None
+        self.pool = None
+        if capture:
+            self.known = _TOWERS.setdefault(tower, _TowerGraphs(torch.cuda.graph_pool_handle()))
+            self.pool = self.known.pool
         self._original = type(tower).forward.__get__(tower)
-        self._graphs: dict[tuple, _TowerGraph] = {}
-        self._lock = threading.Lock()
 
     def attach(self) -> None:
         self.tower.forward = self._forward
 
     def detach(self) -> None:
         del self.tower.forward
-        self._graphs.clear()
 
     def _forward(self, pixel_values: torch.Tensor, **options: object) -> ModelOutput:
         if self.pool is None:
@@ -53,10 +67,10 @@ class VisionGraphs:
         if any(torch.is_tensor(value) for value in options.values()):
             return self._original(pixel_values, **options)  # options that are data: no graph can hold them
         key = (tuple(pixel_values.shape), pixel_values.dtype, tuple(sorted(options.items())))
-        with self._lock:
-            graph = self._graphs.get(key)
+        with self.known.lock:
+            graph = self.known.graphs.get(key)
             if graph is None:
-                graph = self._graphs[key] = self._capture(pixel_values, options)
+                graph = self.known.graphs[key] = self._capture(pixel_values, options)
             graph.pixels.copy_(pixel_values)
             graph.graph.replay()
             return self._copies(graph.output)
