@@ -4,9 +4,10 @@ Shapes: LLaVA-1.5-7B with one image, LLaVA-OneVision-7B with a 32-frame video, Q
 image and with a 32-frame video. Inputs come from the families' real processor classes at the checkpoints' input
 sizes (with a word-level tokenizer: token ids are all the speed depends on). For each shape, batch size and
 setting (unpatched, keep-all, method x budget) it measures: the vision encoder (unpatched, or under the patch for
-methods that read its attention, VisionZip and HoliTom, and for settings with CUDA graphs), the prefill on encoded features (the model's forward with
-its vision encoder answering from a cache), and a `generate()` of 32 new tokens from pixels, which gives time to
-first token (TTFT), time per output token (TPOT), peak memory and the KV cache's bytes. Times are medians of
+methods that read its attention, VisionZip and HoliTom, and for settings with CUDA graphs), the prefill on encoded
+features (the model's forward with its vision encoder answering from a cache), and a `generate()` of 32 new tokens
+from pixels, which gives time to first token (TTFT), time per output token (TPOT), peak memory and the KV cache's
+bytes. Times are medians of
 repeated runs after warm-up (CUDA events for encoder and prefill); settings are timed in turn, round after round,
 so drift hits them all alike (a prefill speedup is the median of each round's ratio to the unpatched run of that
 round). Every number is also a ratio against the unpatched model of the same run, next to the ceiling the FLOPs
@@ -262,12 +263,14 @@ def _prefill(model: torch.nn.Module, inputs: dict, encoded: Encoded) -> torch.Te
         return model(**inputs, **with_cache(cache), use_cache=True, logits_to_keep=1).logits
 
 
-def _encoded_prefill(model: torch.nn.Module, inputs: dict, features: Encoded | None, device: str) -> tuple:
+def _encoded_prefill(
+    model: torch.nn.Module, inputs: dict, features: Encoded | None, device: str, signal: bool = False
+) -> tuple:
     """(vision ms, prefill ms): the prefill on `features`, or, where they are None, on what the vision encoder gives
-    under the running patch with the signal its method reads (VisionZip's, HoliTom's), timed too."""
+    under the running patch (with the `signal` its method reads, VisionZip's, HoliTom's), timed too."""
     vision_ms = None
     if features is None:
-        vision_ms, features = timed(partial(encode, model, inputs, signal=True), device)
+        vision_ms, features = timed(partial(encode, model, inputs, signal=signal), device)
     prefill_ms, _ = timed(partial(_prefill, model, inputs, features), device)
     return vision_ms, prefill_ms
 
@@ -326,7 +329,7 @@ def measure(
         for round_index in track(range(warmup + repeats), description=f"{shape.name}, batch {batch}: prefill"):
             for setting in grid:
                 given = None if setting.label in encoding else features
-                run = partial(_encoded_prefill, model, inputs, given, device)
+                run = partial(_encoded_prefill, model, inputs, given, device, setting.label in watching)
                 (encoder_ms, prefill_ms), stats[setting.label] = _under(model, setting, run)
                 if round_index >= warmup:
                     times[setting.label].append(prefill_ms)

@@ -79,6 +79,18 @@ class Handle:
         column in its patch grid (column -1 for a token without a grid cell: LLaVA's CLS or image_newline)."""
         return None if self._latest is None else self._latest[0].visual_geometry()
 
+    @contextmanager
+    def eager_vision_tower(self) -> Iterator[None]:
+        """While open, the vision tower runs eagerly, not from its graphs (so hooks inside it see every call)."""
+        towers = [graphs for graphs in self.graphs if isinstance(graphs, VisionGraphs)]
+        for graphs in towers:
+            graphs.detach()
+        try:
+            yield
+        finally:
+            for graphs in towers:
+                graphs.attach()
+
     def attach(self) -> None:
         self.engine.attach()
         for graphs in self.graphs:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -62,7 +62,8 @@ def encode(model: nn.Module, inputs: dict, signal: bool = False) -> Encoded:
     watch = VisionWatch(adapter_for(model))
     watch.attach()
     try:
-        features = _features(model, inputs)
+        with nullcontext() if handle is None else handle.eager_vision_tower():
+            features = _features(model, inputs)
         return Encoded(features, watch.taken())
     finally:
         watch.detach()

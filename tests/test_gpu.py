@@ -14,6 +14,7 @@ from transformers.utils import import_utils
 
 import mmtoken
 from mmtoken.compat import cache_of, with_cache
+from mmtoken.encoding import encode
 from mmtoken.graphs.cache import CAPACITY_STEP
 from mmtoken.graphs.prefill import PrefillGraphs
 from mmtoken.graphs.vision import VisionGraphs
@@ -158,15 +159,19 @@ def test_graphed_prefill_equals_eager_for_other_media_of_one_signature(family, v
 @pytest.mark.parametrize("family", ["llava", "llava_next", "llava_onevision"])
 def test_graphed_vision_tower_equals_eager_and_replays_one_capture(family):
     """Two generations of one batch: the tower is captured once and replayed, with the eager tower's results; a
-    method that watches the tower's attention (VisionZip) keeps it eager."""
+    method that watches the tower's attention (VisionZip) keeps it eager, and so does an encoding asked for it."""
     model = on_gpu(family, "sdpa")
     batch = to_gpu(inputs(family, False, batch=2))
     with mmtoken.patched(model, "fastv", k=2, ratio=0.4):
         expected = greedy_run(model, batch)
+    signal = encode(model, batch, signal=True).signals
     with mmtoken.patched(model, "fastv", k=2, ratio=0.4, cuda_graphs=True) as handle:
         first, second = greedy_run(model, batch), greedy_run(model, batch)
         (tower_graphs,) = [graphs for graphs in handle.graphs if isinstance(graphs, VisionGraphs)]
         assert len(tower_graphs.known.graphs) == 1
+        # a signal asked of the graphed tower: it runs eagerly for it, so its attention is seen
+        graphed_signal = encode(model, batch, signal=True).signals
+    torch.testing.assert_close(graphed_signal, signal)
     for run in (first, second):
         assert torch.equal(run[0], expected[0])
         torch.testing.assert_close(run[1], expected[1], rtol=1e-4, atol=1e-4)
