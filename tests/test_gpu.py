@@ -16,7 +16,7 @@ import mmtoken
 from mmtoken.compat import cache_of, with_cache
 from mmtoken.encoding import encode
 from mmtoken.graphs.cache import CAPACITY_STEP
-from mmtoken.graphs.prefill import PrefillGraphs
+from mmtoken.graphs.prefill import SYNC_WARNING, PrefillGraphs
 from mmtoken.graphs.vision import VisionGraphs
 from mmtoken.kernels.decode_attention import decode_attention, reference
 from mmtoken.state import PIXELS
@@ -92,7 +92,7 @@ def _syncs_in_one_decode_step(model, batch) -> int:
                 model(input_ids=token, attention_mask=mask, use_cache=True, **with_cache(cache_of(out)))
         finally:
             torch.cuda.set_sync_debug_mode(0)
-    return sum("synchroniz" in str(warning.message) for warning in caught)
+    return sum(SYNC_WARNING in str(warning.message) for warning in caught)
 
 
 @pytest.mark.parametrize("rows", [1, 2])

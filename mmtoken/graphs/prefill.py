@@ -35,6 +35,7 @@ from mmtoken.methods.base import Method
 from mmtoken.scorers.base import decides_count
 from mmtoken.state import TokenSet
 
+SYNC_WARNING = "called a synchronizing CUDA operation"  # what torch's sync debug mode warns at each one
 MAX_GRAPHS = 8  # captured signatures kept per language model; the least recently used goes first
 
 
@@ -198,7 +199,7 @@ class PrefillGraphs:
                 output = self._run(kwargs, cache)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-        if any("synchroniz" in str(warning.message) for warning in caught):
+        if any(SYNC_WARNING in str(warning.message) for warning in caught):
             self.known.eager.add(key)
         return output
 
