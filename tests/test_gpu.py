@@ -136,14 +136,15 @@ def other_media(batch):
 PREFILL_GRAPHED = {**GRAPHED, "pdrop": {"method": "pdrop", "layers": (2, 4)}}
 
 
+@pytest.mark.parametrize("rows", [[1], [0, 1]], ids=["one row", "padded rows"])
 @pytest.mark.parametrize(("family", "video"), CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("method", sorted(PREFILL_GRAPHED))
-def test_graphed_prefill_equals_eager_for_other_media_of_one_signature(family, video, method):
+def test_graphed_prefill_equals_eager_for_other_media_of_one_signature(family, video, method, rows):
     """A signature's first prefill runs eagerly, the second is captured and the third replayed, each with other
     media than the one before: the tokens and logits of the eager patch. ATP decides its counts on the device, so
     its prefill stays eager."""
     model = on_gpu(family, "sdpa")
-    batch = to_gpu(inputs(family, video, batch=2))
+    batch = to_gpu(inputs(family, video, rows=rows))
     prompts = [batch, other_media(batch), batch, other_media(batch)]
     with mmtoken.patched(model, **PREFILL_GRAPHED[method]):
         expected = [greedy_run(model, prompt) for prompt in prompts]

@@ -121,14 +121,15 @@ def other_media(batch):
     return {key: value.flip(-1) if key in PIXELS.values() else value for key, value in batch.items()}
 
 
+@pytest.mark.parametrize("rows", [[1], [0, 1]], ids=["one row", "padded rows"])
 @pytest.mark.parametrize(("family", "video"), CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("method", sorted(PREFILL_METHODS))
-def test_prefills_over_fixed_inputs_equal_the_plain_patch(family, video, method):
+def test_prefills_over_fixed_inputs_equal_the_plain_patch(family, video, method, rows):
     """The graphed prefill's path run eagerly: a signature's first prefill plain, then over the graph's fixed
     arguments and inputs with the results copied out, for other media of the same signature and back; generation
     (decode steps reading the copied token sets) must not change."""
     model, _ = model_and_processor(family)
-    batch = inputs(family, video, batch=2)
+    batch = inputs(family, video, rows=rows)
     prompts = [batch, other_media(batch), batch]
     with mmtoken.patched(model, **PREFILL_METHODS[method]) as handle:
         expected = [greedy_run(model, prompt) for prompt in prompts]

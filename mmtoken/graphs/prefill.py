@@ -8,7 +8,8 @@ runs eagerly the first time, watched for host synchronisations (a scorer that re
 cannot be graphed, and stays eager); the second time it is captured, then replayed.
 
 A graph reads fixed memory: the arguments, and the request's state that the hooks read (token kinds, padding, the
-tokens the language model receives), are copied into the graph's own before each replay; what the hooks build
+tokens the language model receives), are copied into the graph's own before each replay (a prompt without
+padding goes without a mask, so that sdpa's causal kernel runs); what the hooks build
 inside the graph (the token sets of later layers, the KV cache, the last hidden state) is copied out into the
 request's own after it.
 """
@@ -170,6 +171,8 @@ class PrefillGraphs:
         request = active()
         if args or cache is None or not request.in_prefill or cache.get_seq_length() > 0:
             return self._forward_inside(*args, **kwargs)
+        if request.call.sets[0].complete:  # no padding: without a mask, sdpa runs causal (flash) inside the graph
+            kwargs = {**kwargs, "attention_mask": None}
         signature = _signature(request, kwargs)
         known, key = self.known, (self.method, signature)
         if signature is None or key in known.eager:
