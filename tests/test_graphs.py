@@ -12,12 +12,14 @@ from conftest import CASE_IDS, CASES, greedy_run, inputs, model_and_processor
 import mmtoken
 from mmtoken.compat import cache_of, with_cache
 from mmtoken.engine.request import compact, request_of
+from mmtoken.graphs import prefill
 from mmtoken.graphs.cache import CAPACITY_STEP, FixedCache, capacity_for
 from mmtoken.graphs.decode import DecodeGraphs
 from mmtoken.graphs.prefill import PrefillGraphs
 from mmtoken.graphs.vision import VisionGraphs
 from mmtoken.integrations import adapter_for
 from mmtoken.state import PIXELS
+from mmtoken.zoo.tiny import tiny_model
 
 METHODS = {
     "keep-all": {"method": "fastv", "k": 2, "ratio": 1.0},
@@ -145,6 +147,26 @@ def test_prefills_over_fixed_inputs_equal_the_plain_patch(family, video, method,
     for (tokens, logits), (plain_tokens, plain_logits) in zip(runs, expected, strict=True):
         assert torch.equal(tokens, plain_tokens)
         torch.testing.assert_close(logits, plain_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_a_prefill_of_many_tokens_stays_eager(monkeypatch):
+    """Prefills bound by arithmetic ran slower from a graph: above GRAPHED_TOKENS per layer (as planned, all rows
+    together) none is captured. Keep-all holds every token in every layer; FastV at 0.1 a tenth of the images."""
+    model, _ = tiny_model("llava")  # its own, so no other test's graphs
+    batch = inputs("llava", False, rows=[0, 1])
+    monkeypatch.setattr(prefill, "GRAPHED_TOKENS", 100)  # between FastV's mean of 77 and keep-all's 154
+    captured = {}
+    for name, ratio in (("keep-all", 1.0), ("fastv", 0.1)):
+        with mmtoken.patched(model, "fastv", k=2, ratio=ratio) as handle:
+            graphs = PrefillGraphs(handle.engine.adapter.language_model, handle.method, capture=False)
+            graphs.attach()
+            try:
+                for _ in range(3):
+                    greedy_run(model, batch, new_tokens=1)
+            finally:
+                graphs.detach()
+            captured[name] = len(graphs.signatures())
+    assert captured == {"keep-all": 0, "fastv": 1}
 
 
 TOWER_CASES = [(family, video) for family, video in CASES if adapter_for(model_and_processor(family)[0]).pixel_tower]

@@ -1,8 +1,8 @@
 """Attention under sdpa while a graph runs, registered with transformers' attention interfaces and switched on only
 for the length of a graphed call (other calls keep sdpa):
 - `FIXED_CACHE`, a decode step over a fixed cache: the one-query attention kernel (`mmtoken.kernels.decode_attention`);
-- `GRAPHED_PREFILL`, a prefill: sdpa over a mask that is always built, since the mask sdpa would skip is decided by
-  reading the padding mask on the host, which a graph cannot do.
+- `GRAPHED_PREFILL`, a prefill: sdpa over a mask that is built wherever there is a padding mask, since skipping it
+  would be decided by reading the padding mask on the host, which a graph cannot do.
 """
 
 from __future__ import annotations
@@ -40,9 +40,12 @@ def fixed_cache_attention(
     return out.transpose(1, 2).contiguous(), None
 
 
-def built_sdpa_mask(*args: object, allow_is_causal_skip: bool = True, **kwargs: object) -> torch.Tensor | None:
-    """sdpa's mask, never skipped for `is_causal`."""
-    return sdpa_mask(*args, allow_is_causal_skip=False, **kwargs)
+def built_sdpa_mask(
+    *args: object, allow_is_causal_skip: bool = True, attention_mask: torch.Tensor | None = None, **kwargs: object
+) -> torch.Tensor | None:
+    """sdpa's mask, skipped for `is_causal` only where there is no padding mask (the skip needs no host read)."""
+    skip = allow_is_causal_skip and attention_mask is None
+    return sdpa_mask(*args, attention_mask=attention_mask, allow_is_causal_skip=skip, **kwargs)
 
 
 AttentionInterface.register(FIXED_CACHE, fixed_cache_attention)

@@ -36,6 +36,10 @@ from mmtoken.methods.base import Method
 from mmtoken.scorers.base import decides_count
 from mmtoken.state import TokenSet
 
+# A prefill whose layers hold more tokens than this on average (all rows together) is bound by arithmetic, not
+# by kernel launches, and ran slower from a graph on an H200 (BENCHMARKS.md: LLaVA-1.5-7B keep-all at batch 8,
+# 4872 tokens, 0.89x; OneVision-7B keep-all, 6273 tokens, 0.68x), so it stays eager.
+GRAPHED_TOKENS = 2048
 SYNC_WARNING = "called a synchronizing CUDA operation"  # what torch's sync debug mode warns at each one
 MAX_GRAPHS = 8  # captured signatures kept per language model; the least recently used goes first
 
@@ -116,6 +120,18 @@ def _counts_planned(request: Request) -> bool:
     return not any(decides_count(cut.scorer) for layer, cuts in plan.cuts.items() if layer > 0 for cut in cuts)
 
 
+def _mean_tokens(request: Request) -> float:
+    """The tokens the prefill's layers hold on average, as planned, all rows together (each as long as the
+    longest)."""
+    call, plan = request.call, request.prefill.plan
+    visual, total = list(call.sets[0].visual_counts), 0
+    for layer in range(plan.depth):
+        for cut in plan.cuts.get(layer, []) if layer > 0 else []:
+            visual = [min(count, kept) for count, kept in zip(visual, cut.keep, strict=True)]
+        total += max(text + count for text, count in zip(call.text_counts, visual, strict=True))
+    return call.batch_size * total / plan.depth
+
+
 @dataclass
 class _Known:
     """What a language model's prefills taught: the graphs captured (by method and signature, most recently used
@@ -179,12 +195,12 @@ class PrefillGraphs:
             return self._forward_inside(*args, **kwargs)
         with known.lock:
             if key not in known.graphs:
+                if not _counts_planned(request) or _mean_tokens(request) > GRAPHED_TOKENS:
+                    known.eager.add(key)
+                    return self._forward_inside(*args, **kwargs)
                 if key not in known.seen:
                     known.seen.add(key)
                     return self._first_run(key, kwargs, cache)
-                if not _counts_planned(request):
-                    known.eager.add(key)
-                    return self._forward_inside(*args, **kwargs)
                 known.graphs[key] = self._prepare(request, kwargs)
                 while len(known.graphs) > MAX_GRAPHS:
                     known.graphs.popitem(last=False)
