@@ -11,7 +11,6 @@ outlives a patch: a graph reads only the fixed buffers, so one captured under on
 
 from __future__ import annotations
 
-import gc
 import weakref
 from collections.abc import Callable
 
@@ -24,6 +23,7 @@ from mmtoken.compat import cache_in, cache_of, replace_cache, with_cache
 from mmtoken.engine.request import give_to, request_of
 from mmtoken.graphs.attention import FIXED_CACHE, attention_in
 from mmtoken.graphs.cache import FixedBuffers, FixedCache, Lease, groups_of, signature
+from mmtoken.graphs.capture import capture, warm_up
 
 Forward = Callable[[torch.Tensor, torch.Tensor, Cache], torch.Tensor]
 _POOLS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, list[DecodeStep]]] = weakref.WeakKeyDictionary()
@@ -53,22 +53,15 @@ class DecodeStep:
     def _capture(self, forward: Forward, embeds: torch.Tensor, positions: torch.Tensor, cache: Cache, pool) -> None:
         self.inputs = (embeds.clone(), positions.clone())
         counters = [layer.filled.clone() for layer in self.buffers.layers]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # a warm-up run, as capture needs (its write is made again by the replay)
+
+        def step() -> torch.Tensor:
             self.buffers.begin_step()
-            forward(*self.inputs, cache)
-        torch.cuda.current_stream().wait_stream(side)
+            return forward(*self.inputs, cache)
+
+        warm_up(step)  # its write into the cache is made again by the replay
         for layer, counter in zip(self.buffers.layers, counters, strict=True):
             layer.filled.copy_(counter)
-        self.graph = torch.cuda.CUDAGraph()
-        self.buffers.begin_step()
-        gc.disable()  # a collection inside the capture could free CUDA objects, which invalidates it
-        try:
-            with torch.cuda.graph(self.graph, pool=pool):
-                self.output = forward(*self.inputs, cache)
-        finally:
-            gc.enable()
+        self.graph, self.output = capture(step, pool)
 
 
 class DecodeGraphs:

@@ -16,7 +16,6 @@ request's own after it.
 
 from __future__ import annotations
 
-import gc
 import threading
 import warnings
 import weakref
@@ -32,6 +31,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 from mmtoken.compat import CACHE_NAMES, cache_in, with_cache
 from mmtoken.engine.request import PrefillScratch, Request, active
 from mmtoken.graphs.attention import GRAPHED_PREFILL, attention_in
+from mmtoken.graphs.capture import capture
 from mmtoken.methods.base import Method
 from mmtoken.scorers.base import decides_count
 from mmtoken.state import TokenSet
@@ -227,26 +227,24 @@ class PrefillGraphs:
                      if name not in CACHE_NAMES}  # fmt: skip
         prepared = _PrefillGraph(arguments, _RequestInputs.of(request).cloned())
         if self.pool is not None:
-            self._record(prepared, request, capture=True)
+            self._record(prepared, request, captured=True)
         return prepared
 
-    def _record(self, prepared: _PrefillGraph, request: Request, capture: bool) -> None:
+    def _record(self, prepared: _PrefillGraph, request: Request, captured: bool) -> None:
         """Run the forward over the fixed arguments and inputs (captured into a graph, or eagerly): the hooks read
         the inputs through the request's state, and what they build inside is kept as the graph's."""
         own = _RequestInputs.of(request)
         prepared.inputs.put(request)
         prepared.cache = DynamicCache(config=self.language_model.config)
         try:
-            if capture:
-                prepared.graph = torch.cuda.CUDAGraph()
-                gc.disable()  # a collection inside the capture could free CUDA objects, which invalidates it
-                try:
-                    with torch.cuda.graph(prepared.graph, pool=self.pool):
-                        prepared.hidden = self._run(prepared.arguments, prepared.cache).last_hidden_state
-                finally:
-                    gc.enable()
+
+            def run() -> torch.Tensor:
+                return self._run(prepared.arguments, prepared.cache).last_hidden_state
+
+            if captured:
+                prepared.graph, prepared.hidden = capture(run, self.pool)
             else:
-                prepared.hidden = self._run(prepared.arguments, prepared.cache).last_hidden_state
+                prepared.hidden = run()
             prepared.sets = {start: tokens for start, tokens in request.call.sets.items() if start > 0}
             prepared.scratch = request.prefill
         finally:
@@ -259,7 +257,7 @@ class PrefillGraphs:
         for fixed, own in zip(prepared.inputs.tensors(), _RequestInputs.of(request).tensors(), strict=True):
             fixed.copy_(own)
         if prepared.graph is None:
-            self._record(prepared, request, capture=False)
+            self._record(prepared, request, captured=False)
         else:
             prepared.graph.replay()
         for start, tokens in prepared.sets.items():

@@ -10,7 +10,6 @@ watch the tower's attention (VisionZip, HoliTom) run eagerly.
 
 from __future__ import annotations
 
-import gc
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -18,6 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from transformers.utils import ModelOutput
+
+from mmtoken.graphs.capture import capture, warm_up
 
 
 @dataclass
@@ -77,18 +78,8 @@ class VisionGraphs:
 
     def _capture(self, pixel_values: torch.Tensor, options: dict) -> _TowerGraph:
         pixels = pixel_values.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # a warm-up run, as capture needs
-            self._original(pixels, **options)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        gc.disable()  # a collection inside the capture could free CUDA objects, which invalidates it
-        try:
-            with torch.cuda.graph(graph, pool=self.pool):
-                output = self._original(pixels, **options)
-        finally:
-            gc.enable()
+        warm_up(lambda: self._original(pixels, **options))
+        graph, output = capture(lambda: self._original(pixels, **options), self.pool)
         return _TowerGraph(pixels, graph, output)
 
     def _copies(self, output: ModelOutput) -> ModelOutput:
