@@ -211,13 +211,14 @@ class PrefillGraphs:
         """An eager prefill; where it synchronises with the host, its signature stays eager."""
         if self.pool is None:
             return self._run(kwargs, cache)
+        mode = torch.cuda.get_sync_debug_mode()  # the caller's, given back after
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             try:
                 output = self._run(kwargs, cache)
             finally:
-                torch.cuda.set_sync_debug_mode("default")
+                torch.cuda.set_sync_debug_mode(mode)
         if any(SYNC_WARNING in str(warning.message) for warning in caught):
             self.known.eager.add(key)
         return output
