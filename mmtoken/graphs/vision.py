@@ -78,8 +78,12 @@ class VisionGraphs:
 
     def _capture(self, pixel_values: torch.Tensor, options: dict) -> _TowerGraph:
         pixels = pixel_values.clone()
-        warm_up(lambda: self._original(pixels, **options))
-        graph, output = capture(lambda: self._original(pixels, **options), self.pool)
+
+        def run() -> ModelOutput:
+            return self._original(pixels, **options)
+
+        warm_up(run)
+        graph, output = capture(run, self.pool)
         return _TowerGraph(pixels, graph, output)
 
     def _copies(self, output: ModelOutput) -> ModelOutput:
