@@ -8,13 +8,14 @@ from dataclasses import dataclass
 
 import torch
 
+from mmtoken.kernels.gather_rows import gather_rows
+
 Reduced = tuple[torch.Tensor, torch.Tensor]  # the kept tokens' states and merge weights
 
 
 def gather_tokens(hidden: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
     """Tokens `local` (batch, n) of each row of a (batch or 1, length, dim) tensor."""
-    hidden = hidden.expand(local.shape[0], *hidden.shape[1:])
-    return hidden.gather(1, local[..., None].expand(-1, -1, hidden.shape[-1]))
+    return gather_rows(hidden[:, None], local)[:, 0]
 
 
 def merge_into(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor) -> Reduced:
@@ -38,13 +39,12 @@ def merge_into(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor)
 
 
 def compress(target: torch.Tensor) -> torch.Tensor:
-    """Follow chains of merges (a merges into b, b into c) until every token names a head."""
-    while True:
-        valid = target >= 0
-        onward = torch.where(valid, target[target.clamp(min=0)], target)
-        if torch.equal(onward, target):
-            return target
-        target = onward
+    """Follow chains of merges (a merges into b, b into c) until every token names a head (or -1, where its chain
+    leaves): each step doubles how far a token looks along its chain, so log2(n) steps reach every end, with no
+    wait on the host to check."""
+    for _ in range(max(len(target) - 1, 1).bit_length()):
+        target = torch.where(target >= 0, target[target.clamp(min=0)], target)
+    return target
 
 
 @dataclass

@@ -18,6 +18,7 @@ from mmtoken.encoding import encode
 from mmtoken.graphs.cache import CAPACITY_STEP
 from mmtoken.graphs.prefill import SYNC_WARNING, PrefillGraphs
 from mmtoken.graphs.vision import VisionGraphs
+from mmtoken.kernels import gather_rows, query_scores
 from mmtoken.kernels.decode_attention import decode_attention, reference
 from mmtoken.state import PIXELS
 from mmtoken.zoo.tiny import tiny_model
@@ -193,3 +194,30 @@ def test_decode_attention_kernel_equals_the_reference_at_real_shapes(batch, head
     allowed[:, capacity - 64 :] = False
     out = decode_attention(query, keys, values, allowed, 128**-0.5)
     torch.testing.assert_close(out, reference(query, keys, values, allowed, 128**-0.5), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize(
+    ("batch", "heads", "kv_heads", "length"),
+    [(1, 32, 32, 636), (8, 32, 32, 636), (1, 28, 4, 6272), (8, 28, 4, 6272)],
+    ids=["llava-1", "llava-8", "onevision-1", "onevision-8"],
+)
+def test_query_scores_kernel_equals_the_reference_at_real_shapes(batch, heads, kv_heads, length):
+    query = torch.randn(batch, heads, 128, device="cuda", dtype=torch.bfloat16)
+    keys = torch.randn(batch, length, kv_heads * 128, device="cuda", dtype=torch.bfloat16).view(batch, length, -1, 128)
+    angles = torch.rand(batch, length, 64, device="cuda") * 100
+    cos, sin = (torch.cat([f(angles)] * 2, -1).to(torch.bfloat16) for f in (torch.cos, torch.sin))
+    valid = torch.rand(batch, length, device="cuda") < 0.95
+    out = query_scores.query_scores(query, keys, cos, sin, valid, 128**-0.5)
+    expected = query_scores.reference(query, keys, cos, sin, valid, 128**-0.5)
+    torch.testing.assert_close(out, expected, rtol=5e-2, atol=1e-4)
+    top = expected.topk(64, dim=1).indices
+    assert (out.topk(64, dim=1).indices.sort(1).values == top.sort(1).values).float().mean() > 0.9
+
+
+@pytest.mark.parametrize(
+    ("source_shape", "rows"), [((8, 1, 636, 4096), 124), ((8, 32, 636, 128), 124), ((1, 4, 6272, 128), 700)]
+)
+def test_gather_rows_kernel_equals_the_reference_at_real_shapes(source_shape, rows):
+    source = torch.randn(*source_shape, device="cuda", dtype=torch.bfloat16)
+    index = torch.randint(0, source_shape[2], (source_shape[0], rows), device="cuda")
+    assert torch.equal(gather_rows.gather_rows(source, index), gather_rows.reference(source, index))

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from mmtoken.kernels import decode_attention as kernel
+from mmtoken.kernels import gather_rows, query_scores
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -50,3 +51,51 @@ def test_decode_attention_on_the_cpu_is_the_reference():
     assert torch.equal(
         kernel.decode_attention(query, keys, values, allowed, 0.3), kernel.reference(query, keys, values, allowed, 0.3)
     )
+
+
+@pytest.mark.parametrize(
+    ("source_shape", "rows"),
+    [((2, 1, 50, 40), 17), ((3, 4, 20, 16), 20), ((1, 2, 9, 130), 3)],
+)
+def test_gather_rows_kernel_equals_the_reference(source_shape, rows):
+    generator = torch.Generator().manual_seed(1)
+    source = torch.randn(*source_shape, generator=generator).to(DEVICE)
+    index = torch.randint(0, source_shape[2], (source_shape[0], rows), generator=generator).to(DEVICE)
+    assert torch.equal(gather_rows.kernel(source, index), gather_rows.reference(source, index))
+
+
+def test_gather_rows_kernel_takes_a_source_broadcast_over_the_batch():
+    source = torch.randn(1, 1, 12, 32).to(DEVICE)  # one table of rotary embeddings for every row
+    index = torch.tensor([[0, 5, 11], [3, 3, 2]]).to(DEVICE)
+    assert torch.equal(gather_rows.kernel(source, index), gather_rows.reference(source, index))
+
+
+def _scores_case(batch, heads, kv_heads, length, size, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    query = torch.randn(batch, heads, size, generator=generator)
+    keys = torch.randn(batch, length, kv_heads * size, generator=generator).view(batch, length, kv_heads, size)
+    angles = torch.rand(batch, length, size // 2, generator=generator) * 6
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    valid = torch.rand(batch, length, generator=generator) < 0.8
+    valid[:, -1] = True
+    return [t.to(DEVICE) for t in (query, keys, cos, sin, valid)]
+
+
+@pytest.mark.parametrize(
+    ("batch", "heads", "kv_heads", "length", "size"),
+    [(1, 4, 4, 70, 32), (2, 8, 2, 130, 64), (3, 3, 1, 5, 32)],
+)
+@pytest.mark.parametrize("rope", [True, False])
+def test_query_scores_kernel_equals_the_reference(batch, heads, kv_heads, length, size, rope):
+    query, keys, cos, sin, valid = _scores_case(batch, heads, kv_heads, length, size)
+    if not rope:
+        cos = sin = None
+    assert query_scores.applies(query)
+    result = query_scores.kernel(query, keys, cos, sin, valid, size**-0.5)
+    torch.testing.assert_close(result, query_scores.reference(query, keys, cos, sin, valid, size**-0.5))
+    assert (result[~valid] == 0).all()
+
+
+def test_query_scores_kernel_applies_to_head_sizes_that_are_powers_of_two_from_32():
+    assert query_scores.applies(torch.zeros(1, 2, 32)) and query_scores.applies(torch.zeros(1, 2, 128))
+    assert not query_scores.applies(torch.zeros(1, 2, 16)) and not query_scores.applies(torch.zeros(1, 2, 48))

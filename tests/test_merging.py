@@ -26,7 +26,17 @@ from mmtoken.state import VIDEO
 def _score_input(hidden: torch.Tensor, weight: torch.Tensor, keep: list[int]) -> ScoreInput:
     """Every token of every row a candidate, as at a cut before the language model of an all-visual prompt."""
     every = torch.ones(hidden.shape[:2], dtype=torch.bool)
-    return ScoreInput(hidden, None, None, every, every.clone(), lambda: None, weight=weight, keep=keep)
+    return ScoreInput(
+        hidden,
+        None,
+        None,
+        every,
+        every.clone(),
+        lambda: None,
+        weight=weight,
+        keep=keep,
+        visual_counts=[hidden.shape[1]] * len(hidden),
+    )
 
 
 def test_merge_into_takes_weighted_means_and_leaves_singletons_bit_for_bit():
@@ -43,12 +53,40 @@ def test_max_min_order_picks_the_isolated_token_then_one_per_cluster():
     noise = 0.01 * torch.tensor([[1.0, 2.0, 0.0], [0.0, 1.0, 2.0], [2.0, 0.0, 1.0]])
     x_cluster, y_cluster = directions[0] + noise, directions[1] + noise.flip(0)
     features = torch.cat([x_cluster, y_cluster, directions[2:]])  # 3 near-copies of x, 3 of y, one lonely z
-    order = max_min_order(features, 3).tolist()
+    order = max_min_order(features[None], torch.ones(1, 7, dtype=torch.bool), 3)[0].tolist()
     assert order[0] == 6
     assert {index // 3 for index in order[1:]} == {0, 1}
     chosen = features[order]
     unit = torch.nn.functional.normalize(chosen, dim=-1)
     assert (1 - unit @ unit.T + 2 * torch.eye(3)).min() > 0.9  # pairwise far apart: no two from one cluster
+
+
+def _greedy_max_min(features: torch.Tensor, count: int) -> list[int]:
+    """The max-min greedy order written out one pick at a time, as the DivPrune paper states it."""
+    unit = torch.nn.functional.normalize(features.double(), dim=-1)
+    distance = 1 - unit @ unit.T
+    isolation = [
+        min((distance[i, j] for j in range(len(features)) if j != i), default=math.inf) for i in range(len(features))
+    ]
+    picked = [max(range(len(features)), key=lambda i: isolation[i])]
+    while len(picked) < min(count, len(features)):
+        rest = [i for i in range(len(features)) if i not in picked]
+        picked.append(max(rest, key=lambda i: min(distance[i, j] for j in picked)))
+    return picked
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_max_min_order_of_a_batch_equals_the_greedy_pick_of_each_row(seed):
+    generator = torch.Generator().manual_seed(seed)
+    features = torch.randn(3, 12, 5, generator=generator)
+    candidates = torch.rand(3, 12, generator=generator) < 0.6
+    candidates[2] = False
+    candidates[2, 4] = True  # a row with one candidate runs out after it
+    order = max_min_order(features, candidates, 6)
+    for row in range(3):
+        index = candidates[row].nonzero().squeeze(1)
+        expected = index[_greedy_max_min(features[row, index], 6)].tolist()
+        assert order[row].tolist() == expected + [-1] * (6 - len(expected))
 
 
 def test_bipartite_matching_merges_the_most_similar_pairs_weighted_by_size():

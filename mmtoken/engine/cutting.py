@@ -45,6 +45,8 @@ def _score_input(call: CallState, tokens: TokenSet, hidden: torch.Tensor, keep: 
         kinds=call.kinds.gather(1, tokens.position),
         weight=tokens.weight,
         keep=keep,
+        text_counts=call.text_counts,
+        visual_counts=tokens.visual_counts,
         measure=lambda: call.vision_signal.gather(1, tokens.position),
     )
 

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import Cache
 
+from mmtoken.kernels.gather_rows import gather_rows
+
 
 @dataclass
 class CacheRecord:
@@ -50,5 +52,4 @@ class CacheRecord:
 def gather_entries(cache: Cache, layer: int, keep: torch.Tensor) -> None:
     """Keep the entries `keep` (batch, n) of `layer`'s keys and values, in that order, freeing the others."""
     entries = cache.layers[layer]
-    index = keep[:, None, :, None].expand(-1, entries.keys.shape[1], -1, entries.keys.shape[3])
-    entries.keys, entries.values = entries.keys.gather(2, index), entries.values.gather(2, index)
+    entries.keys, entries.values = gather_rows(entries.keys, keep), gather_rows(entries.values, keep)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mmtoken.kernels.query_scores import query_scores
 from mmtoken.scorers.base import ScoreInput
 
 
@@ -20,9 +21,10 @@ def rotate(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
 class LastQueryAttention:
     """Head-averaged softmax attention from the last prompt token to every token, at the mimicked layer.
 
-    Only the one query row is computed (layer norm, q/k projections, rotary embedding), so it costs O(n) and
-    never needs eager attention: FastV (arXiv 2403.06764) reads it at the layer before the cut, PyramidDrop
-    (arXiv 2410.17247) at the layer after it. `rope=False` leaves out the rotary embedding, as FEATHER proposes.
+    Only the one query row is computed (layer norm, q/k projections, rotary embedding; the softmax over the keys in
+    one Triton kernel on a GPU, `mmtoken.kernels.query_scores`), so it costs O(n) and never needs eager attention:
+    FastV (arXiv 2403.06764) reads it at the layer before the cut, PyramidDrop (arXiv 2410.17247) at the layer after
+    it. `rope=False` leaves out the rotary embedding, as FEATHER proposes.
     """
 
     layer_offset: int = 0
@@ -34,12 +36,8 @@ class LastQueryAttention:
         batch, length, _ = states.shape
         head_dim = attention.head_dim
         query = attention.q_proj(states[:, -1:]).view(batch, 1, -1, head_dim).transpose(1, 2)
-        keys = attention.k_proj(states).view(batch, length, -1, head_dim).transpose(1, 2)
+        keys = attention.k_proj(states).view(batch, length, -1, head_dim)
+        cos, sin = inputs.position_embeddings if self.rope else (None, None)
         if self.rope:
-            cos, sin = inputs.position_embeddings
             query = rotate(query, cos[:, -1:], sin[:, -1:])
-            keys = rotate(keys, cos, sin)
-        keys = keys.repeat_interleave(query.shape[1] // keys.shape[1], dim=1)
-        logits = (query @ keys.transpose(2, 3)).squeeze(2).float() * attention.scaling
-        logits = logits.masked_fill(~inputs.valid[:, None, :], float("-inf"))
-        return logits.softmax(dim=-1).mean(dim=1)
+        return query_scores(query[:, :, 0], keys, cos, sin, inputs.valid, attention.scaling)

@@ -27,13 +27,15 @@ def bipartite_targets(features: torch.Tensor, sizes: torch.Tensor, keep: int) ->
         first, second = alive[0::2], alive[1::2]
         unit = F.normalize(state, dim=-1)
         best, partner = (unit[first] @ unit[second].T).max(dim=1)
-        merging = best.argsort(descending=True, stable=True)[: min(len(alive) - keep, len(first))]
+        merged = min(len(alive) - keep, len(first))
+        merging = best.argsort(descending=True, stable=True)[:merged]
         source, destination = first[merging], second[partner[merging]]
         total = size.index_add(0, destination, size[source])
         weighted = (state * size[:, None]).index_add(0, destination, state[source] * size[source, None])
         state, size = weighted / total[:, None], total
         target[source] = destination
-        alive = alive[~torch.isin(alive, source)]
+        staying = (~torch.isin(alive, source)).int().argsort(descending=True, stable=True)[: len(alive) - merged]
+        alive = alive[staying]
     return compress(target)
 
 

@@ -21,9 +21,7 @@ def dominant_contextual_targets(
     target = torch.arange(length, device=signal.device)
     if dominant + contextual >= length:
         return target
-    rest = torch.ones(length, dtype=torch.bool, device=signal.device)
-    rest[signal.argsort(descending=True, stable=True)[:dominant]] = False
-    rest = rest.nonzero().squeeze(1)
+    rest = signal.argsort(descending=True, stable=True)[dominant:].sort().values
     if contextual == 0:
         target[rest] = -1
         return target

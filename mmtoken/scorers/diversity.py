@@ -10,23 +10,26 @@ import torch.nn.functional as F
 from mmtoken.scorers.base import ScoreInput
 
 
-def max_min_order(features: torch.Tensor, count: int) -> torch.Tensor:
-    """The first `count` rows of `features` (n, dim) in greedy max-min order under cosine distance: first the row
-    farthest from its nearest neighbour, then each time the row farthest from all rows picked so far."""
-    count = min(count, len(features))
-    if count == 0:
-        return torch.zeros(0, dtype=torch.long, device=features.device)
+def max_min_order(features: torch.Tensor, candidates: torch.Tensor, count: int) -> torch.Tensor:
+    """The first `count` candidates of each row of `features` (batch, n, dim; `candidates` batch, n) in greedy
+    max-min order under cosine distance: first the candidate farthest from its nearest neighbour, then each time the
+    candidate farthest from all those picked so far. Returns (batch, count) indices, -1 where a row has run out of
+    candidates. Every row takes its steps at once on the device, with no wait on the host."""
+    batch, length = candidates.shape
     unit = F.normalize(features.float(), dim=-1)
-    distance = 1 - unit @ unit.T
-    own = torch.eye(len(features), dtype=torch.bool, device=features.device)
-    isolation = distance.masked_fill(own, float("inf")).amin(1) if len(features) > 1 else distance[0]
-    picked = [int(isolation.argmax())]
-    closest = distance[picked[0]].clone()
-    for _ in range(count - 1):
-        closest[picked[-1]] = float("-inf")  # stays -inf through every later minimum
-        picked.append(int(closest.argmax()))
-        closest = torch.minimum(closest, distance[picked[-1]])
-    return torch.tensor(picked, device=features.device)
+    distance = 1 - unit @ unit.transpose(1, 2)
+    own = torch.eye(length, dtype=torch.bool, device=features.device)
+    others = distance.masked_fill(own | ~candidates[:, None, :], float("inf"))
+    isolation = others.amin(2).masked_fill(~candidates, float("-inf"))  # +inf for a row's only candidate
+    closest = torch.where(candidates, float("inf"), float("-inf"))  # picked and non-candidates stay -inf
+    picked = isolation.argmax(1, keepdim=True)
+    order = []
+    for _ in range(count):
+        order.append(torch.where(closest.gather(1, picked) > float("-inf"), picked, -1))
+        row = distance.gather(1, picked[..., None].expand(-1, -1, length)).squeeze(1)
+        closest = torch.minimum(closest, row).scatter_(1, picked, float("-inf"))
+        picked = closest.argmax(1, keepdim=True)
+    return torch.cat(order, 1) if order else torch.zeros(batch, 0, dtype=torch.long, device=features.device)
 
 
 @dataclass
@@ -37,9 +40,7 @@ class MaxMinDiversity:
     layer_offset: int | None = None
 
     def score(self, inputs: ScoreInput) -> torch.Tensor:
-        scores = torch.zeros(inputs.candidates.shape, device=inputs.candidates.device)
-        for row, count in enumerate(inputs.keep):
-            index = inputs.candidates[row].nonzero().squeeze(1)
-            order = max_min_order(inputs.hidden[row, index], count)
-            scores[row, index[order]] = torch.arange(len(order), 0, -1, device=scores.device, dtype=scores.dtype)
-        return scores
+        order = max_min_order(inputs.hidden, inputs.candidates, max(inputs.keep, default=0))
+        rank = torch.arange(order.shape[1], 0, -1, device=order.device, dtype=torch.float32).expand_as(order)
+        scores = torch.zeros(inputs.candidates.shape[0], inputs.candidates.shape[1] + 1, device=order.device)
+        return scores.scatter_(1, torch.where(order >= 0, order, scores.shape[1] - 1), rank)[:, :-1]

@@ -21,9 +21,10 @@ def row_targets(inputs: ScoreInput, assign: Callable[[int, torch.Tensor], torch.
     candidates and returns each one's target as a position in `index` (or -1); every other token stays."""
     batch, length = inputs.candidates.shape
     target = torch.arange(length, device=inputs.candidates.device).repeat(batch, 1)
-    for row in range(batch):
-        index = inputs.candidates[row].nonzero().squeeze(1)
-        if len(index):
+    order = inputs.candidates.int().argsort(dim=1, descending=True, stable=True)
+    for row, count in enumerate(inputs.visual_counts):
+        if count:
+            index = order[row, :count]
             local = assign(row, index)
             target[row, index] = torch.where(local >= 0, index[local.clamp(min=0)], -1)
     return target

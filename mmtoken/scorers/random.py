@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -21,9 +22,14 @@ class RandomScore:
     layer_offset: int | None = None
 
     def score(self, inputs: ScoreInput) -> torch.Tensor:
-        scores = torch.zeros(inputs.candidates.shape, device=inputs.candidates.device)
-        for row, candidates in enumerate(inputs.candidates):
-            index = candidates.nonzero().squeeze(1)
-            generator = torch.Generator().manual_seed(self.seed)
-            scores[row, index] = torch.rand(len(index), generator=generator).to(scores.device)
-        return scores
+        candidates = inputs.candidates
+        draws = _draws(self.seed, 1 << max(candidates.shape[1] - 1, 0).bit_length(), candidates.device)
+        rank = (candidates.long().cumsum(1) - 1).clamp(min=0)  # the k-th candidate of a row gets the k-th draw
+        return torch.where(candidates, draws[rank], 0.0)
+
+
+@functools.cache
+def _draws(seed: int, length: int, device: torch.device) -> torch.Tensor:
+    """`length` uniform draws from `seed`, kept on `device` so a cut never waits for a copy from the host. A longer
+    draw from the same seed starts with the same values, so a row's scores do not depend on the batch's length."""
+    return torch.rand(length, generator=torch.Generator().manual_seed(seed)).to(device)
