@@ -210,8 +210,8 @@ def test_query_scores_kernel_equals_the_reference_at_real_shapes(batch, heads, k
     out = query_scores.query_scores(query, keys, cos, sin, valid, 128**-0.5)
     expected = query_scores.reference(query, keys, cos, sin, valid, 128**-0.5)
     torch.testing.assert_close(out, expected, rtol=5e-2, atol=1e-4)
-    top = expected.topk(64, dim=1).indices
-    assert (out.topk(64, dim=1).indices.sort(1).values == top.sort(1).values).float().mean() > 0.9
+    kept = [torch.isin(a, b).float().mean() for a, b in zip(out.topk(64).indices, expected.topk(64).indices)]
+    assert min(kept) > 0.8  # bf16 rounding reorders near-equal scores, rarely more
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,7 @@ def bipartite_targets(features: torch.Tensor, sizes: torch.Tensor, keep: int) ->
     if keep <= 0:
         return torch.full_like(target, -1)
     state, size = features.float().clone(), sizes.float().clone()
-    alive = target.clone()
+    alive, gone = target.clone(), torch.zeros(length, dtype=torch.bool, device=features.device)
     while len(alive) > keep:
         first, second = alive[0::2], alive[1::2]
         unit = F.normalize(state, dim=-1)
@@ -34,8 +34,8 @@ def bipartite_targets(features: torch.Tensor, sizes: torch.Tensor, keep: int) ->
         weighted = (state * size[:, None]).index_add(0, destination, state[source] * size[source, None])
         state, size = weighted / total[:, None], total
         target[source] = destination
-        staying = (~torch.isin(alive, source)).int().argsort(descending=True, stable=True)[: len(alive) - merged]
-        alive = alive[staying]
+        staying = (~gone.index_fill_(0, source, True)[alive]).int().argsort(descending=True, stable=True)
+        alive = alive[staying[: len(alive) - merged]]
     return compress(target)
 
 
