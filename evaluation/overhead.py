@@ -2,9 +2,9 @@
 
 A method adds this to the prefill on top of the layers it shortens. Each cut runs on random hidden states of one
 decoder layer of the shape's language model (random weights, the checkpoint's sizes; the layer before the cut for
-scorers that mimic it), with the text and visual token counts of the speed harness's prompt, and is timed with
-CUDA events: the median of rounds, eagerly and, for the methods whose counts the budget fixes, replayed from a
-CUDA graph as a graphed prefill runs it. Methods that decide their counts read them on the host; they stay eager.
+scorers that mimic it), with the speed harness's text tokens and the visual tokens the earlier cuts left, and is
+timed with CUDA events: the median of rounds, eagerly and, for the methods whose counts the budget fixes, replayed
+from a CUDA graph as a graphed prefill runs it. Methods that decide their counts read them on the host; they stay eager.
 """
 
 from __future__ import annotations
@@ -35,10 +35,9 @@ SHAPES = {  # name: (text config of the checkpoint, media, frames, rows and colu
 }  # fmt: skip
 
 
-def cut_inputs(language: torch.nn.Module, batch: int, media: int, frames: int, side: int) -> Callable[[], ScoreInput]:
-    """A maker of fresh inputs (scorers memoise on them) for a cut over `TEXT_TOKENS` text tokens around `frames`
-    frames of `side` x `side` visual tokens, at `language`'s layer 1."""
-    visual = frames * side * side
+def cut_inputs(language: torch.nn.Module, batch: int, media: int, side: int, visual: int) -> Callable[[], ScoreInput]:
+    """A maker of fresh inputs (scorers memoise on them) for a cut over `TEXT_TOKENS` text tokens around the first
+    `visual` tokens of frames of `side` x `side` visual tokens, at `language`'s layer 1."""
     length = TEXT_TOKENS + visual
     device = language.embed_tokens.weight.device
     dtype = language.embed_tokens.weight.dtype
@@ -98,7 +97,6 @@ def measure(shape: str, batches: list[int], methods: list[str], fractions: tuple
     depth, visual = text_config["num_hidden_layers"], frames * side * side
     rows = []
     for batch in batches:
-        make_inputs = cut_inputs(language, batch, media, frames, side)
         for setting in track(settings(depth, visual, methods, fractions)[2:], description=f"{shape}, batch {batch}"):
             try:
                 method = mmtoken.methods.build(setting.method, **setting.params)
@@ -107,15 +105,18 @@ def measure(shape: str, batches: list[int], methods: list[str], fractions: tuple
             except ValueError as unreachable:
                 rows.append({"shape": shape, "batch": batch, "setting": setting.label, "skipped": str(unreachable)})
                 continue
+            alive = visual
             for number, cut in enumerate(cuts):
                 scorer, reducer = cut.scorer or method.scorer, cut.reducer or method.reducer
-                run = _cut_runner(make_inputs, scorer, reducer, min(round(cut.keep), visual))
+                make_inputs = cut_inputs(language, batch, media, side, alive)
+                run = _cut_runner(make_inputs, scorer, reducer, min(round(cut.keep), alive))
                 row = {"shape": shape, "batch": batch, "setting": setting.label, "cut": number, "layer": cut.layer,
                        "keep": round(cut.keep), "eager_ms": _median_ms(run, repeats, device)}  # fmt: skip
                 row["graphed_ms"] = None
                 if device.startswith("cuda") and not decides_count(scorer):
                     row["graphed_ms"] = _median_ms(_graphed(run), repeats, device)
                 rows.append(row)
+                alive = min(round(cut.keep), alive)
     return rows
 
 

@@ -55,6 +55,11 @@ class Adapter:
         return None
 
     @property
+    def frame_pooling(self) -> nn.Module | None:
+        """The module whose `apply_pooling` pools video frames (LLaVA-OneVision), None where frames are not pooled."""
+        return None
+
+    @property
     def vision_attention(self) -> nn.Module:
         """The vision-tower attention module whose input gives the vision signal (`integrations.vision`)."""
         raise NotImplementedError

@@ -24,6 +24,10 @@ class LlavaNextAdapter(TowerAttention, Adapter):
         vision = self.config.vision_config
         return vision.image_size // vision.patch_size
 
+    @property
+    def frame_pooling(self) -> torch.nn.Module | None:
+        return self.model.base_model if self.config.model_type == "llava_onevision" else None
+
     def split_run(self, kind: int, embeddings: torch.Tensor, positions: torch.Tensor | None) -> list[torch.Tensor]:
         newline = (embeddings == self.model.model.image_newline.to(embeddings.dtype)).all(-1).cpu()
         ends = (newline.nonzero().flatten() + 1).tolist()

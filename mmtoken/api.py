@@ -13,6 +13,7 @@ from transformers import Cache
 from mmtoken.accounting.stats import Stats, cache_bytes, measure_stats
 from mmtoken.engine.hooks import Engine
 from mmtoken.graphs.decode import DecodeGraphs
+from mmtoken.graphs.pooling import MatrixPooling
 from mmtoken.graphs.prefill import PrefillGraphs
 from mmtoken.graphs.vision import VisionGraphs
 from mmtoken.integrations import adapter_for
@@ -29,7 +30,8 @@ class Handle:
     """A method attached to a model. `stats` holds the numbers of the latest prefill (None before one); with
     `timing`, its prefill time too (measured between two device synchronisations, so off by default). With
     `cuda_graphs`, prefills and decode steps replay CUDA graphs (decode steps over KV caches of the pruned sizes),
-    and so does a CLIP or SigLIP vision tower for the methods that do not read its attention (`mmtoken.graphs`)."""
+    and so does a CLIP or SigLIP vision tower for the methods that do not read its attention, and LLaVA-OneVision
+    pools video frames with two matrix products (`mmtoken.graphs`)."""
 
     def __init__(self, model: nn.Module, method: Method, timing: bool = False, cuda_graphs: bool = False) -> None:
         adapter = adapter_for(model)
@@ -42,12 +44,14 @@ class Handle:
         method.check_depth(depth)
         self.model, self.method, self.config, self.depth = model, method, adapter.language_model.config, depth
         watch = VisionWatch(adapter) if any(step.needs_vision for step in method.steps) else None
-        self.graphs: list[DecodeGraphs | PrefillGraphs | VisionGraphs] = []
+        self.graphs: list[DecodeGraphs | PrefillGraphs | VisionGraphs | MatrixPooling] = []
         if cuda_graphs:
             self.graphs.append(DecodeGraphs(model, adapter.language_model, capture=True))
             self.graphs.append(PrefillGraphs(adapter.language_model, method, capture=True))
             if adapter.pixel_tower is not None and watch is None:
                 self.graphs.append(VisionGraphs(*adapter.pixel_tower, capture=True))
+            if adapter.frame_pooling is not None:
+                self.graphs.append(MatrixPooling(adapter.frame_pooling))
         self.engine = Engine(model, adapter, method, self, watch, timing)
         self._latest: tuple[CallState, float | None] | None = None
         self._stats: Stats | None = None

@@ -39,11 +39,11 @@ def merge_into(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor)
 
 
 def compress(target: torch.Tensor) -> torch.Tensor:
-    """Follow chains of merges (a merges into b, b into c) until every token names a head (or -1, where its chain
-    leaves): each step doubles how far a token looks along its chain, so log2(n) steps reach every end, with no
-    wait on the host to check."""
-    for _ in range(max(len(target) - 1, 1).bit_length()):
-        target = torch.where(target >= 0, target[target.clamp(min=0)], target)
+    """Follow chains of merges (a merges into b, b into c) along the last axis until every token names a head (or
+    -1, where its chain leaves): each step doubles how far a token looks along its chain, so log2(n) steps reach
+    every end, with no wait on the host to check."""
+    for _ in range(max(target.shape[-1] - 1, 1).bit_length()):
+        target = torch.where(target >= 0, target.gather(-1, target.clamp(min=0)), target)
     return target
 
 

@@ -15,6 +15,7 @@ from mmtoken.engine.request import compact, request_of
 from mmtoken.graphs import prefill
 from mmtoken.graphs.cache import CAPACITY_STEP, FixedCache, capacity_for
 from mmtoken.graphs.decode import DecodeGraphs
+from mmtoken.graphs.pooling import MatrixPooling
 from mmtoken.graphs.prefill import PrefillGraphs
 from mmtoken.graphs.vision import VisionGraphs
 from mmtoken.integrations import adapter_for
@@ -201,3 +202,35 @@ def test_cuda_graphs_need_a_cuda_device():
     with pytest.raises(ValueError, match="cuda_graphs needs a model on a CUDA device"):
         mmtoken.patch(model, "fastv", k=2, cuda_graphs=True)
     assert not hasattr(model, "_mmtoken_handle")
+
+
+@pytest.mark.parametrize("side", [27, 6, 5])
+def test_matrix_pooling_equals_transformers_bilinear_pooling(side):
+    model, _ = tiny_model("llava_onevision")
+    base = model.model
+    vision = base.config.vision_config
+    pooling = MatrixPooling(base)
+    pooling.side = side  # the tiny tower's grid is small; the production one is 27 x 27
+    features = torch.randn(3, side * side, 40)
+    vision.image_size, saved = side * vision.patch_size, vision.image_size
+    try:
+        expected = type(base).apply_pooling(base, features)
+    finally:
+        vision.image_size = saved
+    torch.testing.assert_close(pooling.pool(features), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_matrix_pooling_serves_the_models_video_features_while_attached():
+    model, _ = tiny_model("llava_onevision")
+    batch = inputs("llava_onevision", video=True)
+    with torch.no_grad():
+        expected = model.model.get_video_features(batch["pixel_values_videos"]).pooler_output
+        pooling = MatrixPooling(adapter_for(model).frame_pooling)
+        pooling.attach()
+        try:
+            assert model.model.apply_pooling == pooling.pool
+            pooled = model.model.get_video_features(batch["pixel_values_videos"]).pooler_output
+        finally:
+            pooling.detach()
+    torch.testing.assert_close(pooled, expected, rtol=1e-5, atol=1e-6)
+    assert "apply_pooling" not in vars(model.model)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mmtoken.kernels import decode_attention as kernel
-from mmtoken.kernels import gather_rows, query_scores
+from mmtoken.kernels import gather_rows, max_min, query_scores
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -99,3 +99,17 @@ def test_query_scores_kernel_equals_the_reference(batch, heads, kv_heads, length
 def test_query_scores_kernel_applies_to_head_sizes_that_are_powers_of_two_from_32():
     assert query_scores.applies(torch.zeros(1, 2, 32)) and query_scores.applies(torch.zeros(1, 2, 128))
     assert not query_scores.applies(torch.zeros(1, 2, 16)) and not query_scores.applies(torch.zeros(1, 2, 48))
+
+
+@pytest.mark.parametrize(("batch", "length", "count"), [(1, 9, 4), (3, 40, 12), (2, 130, 140)])
+def test_max_min_kernel_equals_the_reference(batch, length, count):
+    generator = torch.Generator().manual_seed(2)
+    unit = torch.nn.functional.normalize(torch.randn(batch, length, 8, generator=generator), dim=-1)
+    distance = (1 - unit @ unit.transpose(1, 2)).to(DEVICE)
+    candidates = (torch.rand(batch, length, generator=generator) < 0.7).to(DEVICE)
+    candidates[0] = False
+    candidates[0, length // 2] = True  # one candidate: the row runs out after its first pick
+    first = torch.where(candidates, torch.rand(batch, length).to(DEVICE), -1.0).argmax(1, keepdim=True)
+    expected = max_min.reference(distance, candidates, first, count)
+    assert torch.equal(max_min.kernel(distance, candidates, first, count), expected)
+    assert (expected[0, 1:] == -1).all()

@@ -93,7 +93,7 @@ def test_bipartite_matching_merges_the_most_similar_pairs_weighted_by_size():
     a, b, c = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), torch.tensor([-1.0, 0.2])
     features = torch.stack([a, a * 1.1, b, b * 0.9 + 0.01 * a, c])  # sets A = 0, 2, 4 and B = 1, 3
     sizes = torch.tensor([3.0, 1.0, 1.0, 1.0, 1.0])
-    target = bipartite_targets(features, sizes, keep=3)
+    target = bipartite_targets(features[None], sizes[None], keep=3)[0]
     assert target.tolist() == [1, 1, 3, 3, 4]
     inputs = _score_input(features[None], sizes[None], [3])
     grouping = BipartiteMerge()
@@ -106,11 +106,18 @@ def test_bipartite_matching_merges_the_most_similar_pairs_weighted_by_size():
 @pytest.mark.parametrize("keep", [1, 2, 5, 9])
 def test_bipartite_rounds_reach_the_kept_count_and_conserve_weight(keep):
     features, sizes = torch.randn(17, 4), torch.rand(17) + 0.5
-    target = bipartite_targets(features, sizes, keep)
+    target = bipartite_targets(features[None], sizes[None], keep)[0]
     heads = (target == torch.arange(17)).nonzero().flatten()
     assert len(heads) == keep and torch.isin(target, heads).all()
     _, weight = merge_into(features[None], sizes[None], target[None])
     assert torch.isclose(weight[0, heads].sum(), sizes.sum())
+
+
+def test_bipartite_rounds_of_a_batch_equal_each_row_alone():
+    features, sizes = torch.randn(4, 23, 5), torch.rand(4, 23) + 0.5
+    together = bipartite_targets(features, sizes, 6)
+    for row in range(4):
+        assert torch.equal(together[row], bipartite_targets(features[row : row + 1], sizes[row : row + 1], 6)[0])
 
 
 def test_visionzip_keeps_dominant_tokens_and_merges_the_rest_into_evenly_spaced_seeds():

@@ -7,45 +7,51 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from mmtoken.ops import compress
+from mmtoken.ops import compress, gather_tokens
 from mmtoken.scorers.base import ScoreInput
-from mmtoken.scorers.groups import Grouping, row_targets
+from mmtoken.scorers.groups import Grouping, grouped_targets, pick_rows
 
 
 def bipartite_targets(features: torch.Tensor, sizes: torch.Tensor, keep: int) -> torch.Tensor:
-    """Merge targets (positions in `features`, n x dim) that leave `keep` tokens, by rounds of bipartite soft
-    matching (Bolya et al., arXiv 2210.09461): the tokens alive are split alternately into sets A and B, each A token
-    finds its most cosine-similar B token, and the A tokens with the most similar partners merge into them, at most
-    |A| per round. A merged token's features are the `sizes`-weighted mean of its members for the next round."""
-    length = len(features)
-    target = torch.arange(length, device=features.device)
+    """Merge targets (positions in each row of `features`, rows x n x dim) that leave `keep` tokens in every row, by
+    rounds of bipartite soft matching (Bolya et al., arXiv 2210.09461): the tokens alive are split alternately into
+    sets A and B, each A token finds its most cosine-similar B token, and the A tokens with the most similar partners
+    merge into them, at most |A| per round. A merged token's features are the `sizes`-weighted mean of its members
+    for the next round. All rows take their rounds at once."""
+    rows, length, dim = features.shape
+    target = torch.arange(length, device=features.device).repeat(rows, 1)
     if keep <= 0:
         return torch.full_like(target, -1)
     state, size = features.float().clone(), sizes.float().clone()
-    alive, gone = target.clone(), torch.zeros(length, dtype=torch.bool, device=features.device)
-    while len(alive) > keep:
-        first, second = alive[0::2], alive[1::2]
+    alive, gone = target.clone(), torch.zeros_like(target, dtype=torch.bool)
+    while alive.shape[1] > keep:
+        first, second = alive[:, 0::2], alive[:, 1::2]
         unit = F.normalize(state, dim=-1)
-        best, partner = (unit[first] @ unit[second].T).max(dim=1)
-        merged = min(len(alive) - keep, len(first))
-        merging = best.argsort(descending=True, stable=True)[:merged]
-        source, destination = first[merging], second[partner[merging]]
-        total = size.index_add(0, destination, size[source])
-        weighted = (state * size[:, None]).index_add(0, destination, state[source] * size[source, None])
-        state, size = weighted / total[:, None], total
-        target[source] = destination
-        staying = (~gone.index_fill_(0, source, True)[alive]).int().argsort(descending=True, stable=True)
-        alive = alive[staying[: len(alive) - merged]]
+        best, partner = (gather_tokens(unit, first) @ gather_tokens(unit, second).transpose(1, 2)).max(dim=2)
+        merged = min(alive.shape[1] - keep, first.shape[1])
+        merging = best.argsort(dim=1, descending=True, stable=True)[:, :merged]
+        source, destination = first.gather(1, merging), second.gather(1, partner.gather(1, merging))
+        moved = size.gather(1, source)
+        total = size.scatter_add(1, destination, moved)
+        addition = gather_tokens(state, source) * moved[..., None]
+        weighted = (state * size[..., None]).scatter_add(1, destination[..., None].expand(-1, -1, dim), addition)
+        state, size = weighted / total[..., None], total
+        target.scatter_(1, source, destination)
+        staying = (~gone.scatter_(1, source, True).gather(1, alive)).int().argsort(dim=1, descending=True, stable=True)
+        alive = alive.gather(1, staying[:, : alive.shape[1] - merged])
     return compress(target)
 
 
 @dataclass
 class BipartiteMerge(Grouping):
     """Each row's visual tokens merge by ToMe's bipartite soft matching on their states, weighted by their merge
-    weights, until the row keeps its planned count (AIM, arXiv 2412.03248, does this to the projected features)."""
+    weights, until the row keeps its planned count (AIM, arXiv 2412.03248, does this to the projected features).
+    Rows with as many tokens that keep as many match together."""
 
     def group(self, inputs: ScoreInput) -> torch.Tensor:
-        def assign(row: int, index: torch.Tensor) -> torch.Tensor:
-            return bipartite_targets(inputs.hidden[row, index], inputs.weight[row, index], inputs.keep[row])
+        def assign(rows: list[int], index: torch.Tensor) -> torch.Tensor:
+            features = gather_tokens(pick_rows(inputs.hidden, rows), index)
+            sizes = pick_rows(inputs.weight, rows).gather(1, index)
+            return bipartite_targets(features, sizes, inputs.keep[rows[0]])
 
-        return row_targets(inputs, assign)
+        return grouped_targets(inputs, assign)

@@ -7,29 +7,23 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from mmtoken.kernels.max_min import greedy_order
 from mmtoken.scorers.base import ScoreInput
 
 
 def max_min_order(features: torch.Tensor, candidates: torch.Tensor, count: int) -> torch.Tensor:
     """The first `count` candidates of each row of `features` (batch, n, dim; `candidates` batch, n) in greedy
     max-min order under cosine distance: first the candidate farthest from its nearest neighbour, then each time the
-    candidate farthest from all those picked so far. Returns (batch, count) indices, -1 where a row has run out of
-    candidates. Every row takes its steps at once on the device, with no wait on the host."""
-    batch, length = candidates.shape
+    candidate farthest from all those picked so far (`mmtoken.kernels.max_min`). Returns (batch, count) indices, -1
+    where a row has run out of candidates. Every row takes its steps at once on the device, with no wait on the host."""
+    length = candidates.shape[1]
     unit = F.normalize(features.float(), dim=-1)
     distance = 1 - unit @ unit.transpose(1, 2)
     own = torch.eye(length, dtype=torch.bool, device=features.device)
     others = distance.masked_fill(own | ~candidates[:, None, :], float("inf"))
     isolation = others.amin(2).masked_fill(~candidates, float("-inf"))  # +inf for a row's only candidate
-    closest = torch.where(candidates, float("inf"), float("-inf"))  # picked and non-candidates stay -inf
-    picked = isolation.argmax(1, keepdim=True)
-    order = []
-    for _ in range(count):
-        order.append(torch.where(closest.gather(1, picked) > float("-inf"), picked, -1))
-        row = distance.gather(1, picked[..., None].expand(-1, -1, length)).squeeze(1)
-        closest = torch.minimum(closest, row).scatter_(1, picked, float("-inf"))
-        picked = closest.argmax(1, keepdim=True)
-    return torch.cat(order, 1) if order else torch.zeros(batch, 0, dtype=torch.long, device=features.device)
+    first = isolation.argmax(1, keepdim=True)
+    return greedy_order(distance, candidates, first, count)
 
 
 @dataclass

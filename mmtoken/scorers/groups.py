@@ -16,18 +16,39 @@ import torch
 from mmtoken.scorers.base import ScoreInput
 
 
-def row_targets(inputs: ScoreInput, assign: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """(batch, n) targets built one row at a time: `assign(row, index)` gets the set indices `index` of the row's
-    candidates and returns each one's target as a position in `index` (or -1); every other token stays."""
+def pick_rows(tensor: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """The batch rows `rows` of `tensor`: the tensor itself when they are all of them, in order."""
+    return tensor if rows == list(range(len(tensor))) else torch.stack([tensor[row] for row in rows])
+
+
+def grouped_targets(inputs: ScoreInput, assign: Callable[[list[int], torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """(batch, n) targets built for rows that have as many candidates and keep as many tokens at once:
+    `assign(rows, index)` gets the set indices `index` (len(rows), count) of those rows' candidates and returns each
+    one's target as a position in its row of `index` (or -1); every other token stays."""
     batch, length = inputs.candidates.shape
     target = torch.arange(length, device=inputs.candidates.device).repeat(batch, 1)
     order = inputs.candidates.int().argsort(dim=1, descending=True, stable=True)
-    for row, count in enumerate(inputs.visual_counts):
+    groups: dict[tuple[int, int], list[int]] = {}
+    for row, key in enumerate(zip(inputs.visual_counts, inputs.keep or [0] * batch, strict=True)):
+        groups.setdefault(key, []).append(row)
+    for (count, _), rows in groups.items():
         if count:
-            index = order[row, :count]
-            local = assign(row, index)
-            target[row, index] = torch.where(local >= 0, index[local.clamp(min=0)], -1)
+            index = pick_rows(order, rows)[:, :count]
+            local = assign(rows, index)
+            named = torch.where(local >= 0, index.gather(1, local.clamp(min=0)), -1)
+            if len(rows) == batch:
+                target.scatter_(1, index, named)
+            else:
+                for place, row in enumerate(rows):
+                    target[row, index[place]] = named[place]
     return target
+
+
+def row_targets(inputs: ScoreInput, assign: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """`grouped_targets` for an `assign(row, index)` that takes one row at a time."""
+    return grouped_targets(
+        inputs, lambda rows, index: torch.stack([assign(*pair) for pair in zip(rows, index, strict=True)])
+    )
 
 
 @dataclass
