@@ -53,6 +53,9 @@ def settings(rows: list[dict]) -> dict[str, list[dict]]:
             for key in ("avg_visual_tokens", "flops_ratio_paper", "flops_ratio_exact"):
                 entry[key] = sum(cell[key] * weight for cell, weight in zip(cells, weights, strict=True)) / sum(weights)
             entry["prefill_ms"] = statistics.median(cell["prefill_ms"] for cell in cells)
+            if all("kv_bytes" in cell for cell in cells):  # rows of sweeps from before KV bytes were recorded lack it
+                entry["kv_bytes"] = sum(cell["kv_bytes"] * weight for cell, weight in zip(cells, weights, strict=True))
+                entry["kv_bytes"] /= sum(weights)
             entry["device"], entry["batch_size"] = (
                 cells[0]["device"],
                 json.loads(cells[0]["key"])["model"].get("batch_size", 1),
@@ -75,6 +78,8 @@ def _add_relative(entries: list[dict]) -> None:
             shared = [task for task in entry["scores"] if baseline["scores"].get(task)]
             ratios = [entry["scores"][task] / baseline["scores"][task] for task in shared]
             entry["relative"] = 100 * statistics.mean(ratios) if ratios else None
+            if "kv_bytes" in entry and "kv_bytes" in baseline:
+                entry["kv_percent"] = 100 * entry["kv_bytes"] / baseline["kv_bytes"]
 
 
 def _fraction_tasks(entries: list[dict]) -> set[str]:
@@ -94,8 +99,9 @@ def markdown_table(model: str, entries: list[dict]) -> str:
         return f"{100 * value:.1f}" if task in percent else f"{value:.1f}"
 
     names = [task.removeprefix("mmtoken_probe_") + (" %" if task in percent else "") for task in tasks]
+    with_kv = any("kv_percent" in entry for entry in entries)
     header = ["method", "budget", *names, "mean", "vs unpatched %", "visual tokens", "FLOPs % paper / exact",
-              "prefill ms"]  # fmt: skip
+              *(["KV %"] if with_kv else []), "prefill ms"]  # fmt: skip
     lines = [f"### {model}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for entry in entries:
         budget = "-" if entry["budget"] is None else str(entry["budget"])
@@ -106,8 +112,9 @@ def markdown_table(model: str, entries: list[dict]) -> str:
             scores = [shown(task, entry["scores"][task]) if task in entry["scores"] else "" for task in tasks]
             mean = shown(tasks[0], entry["mean"]) if all(task in percent for task in tasks) else f"{entry['mean']:.1f}"
             relative = "" if entry.get("relative") is None else f"{entry['relative']:.1f}"
+            kv = [f"{entry['kv_percent']:.1f}" if "kv_percent" in entry else "-"] if with_kv else []
             values = [method, budget, *scores, mean, relative, f"{entry['avg_visual_tokens']:.0f}",
-                      f"{100 * entry['flops_ratio_paper']:.1f} / {100 * entry['flops_ratio_exact']:.1f}",
+                      f"{100 * entry['flops_ratio_paper']:.1f} / {100 * entry['flops_ratio_exact']:.1f}", *kv,
                       f"{entry['prefill_ms']:.0f}"]  # fmt: skip
         lines.append("| " + " | ".join(values) + " |")
     return "\n".join(lines)

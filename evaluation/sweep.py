@@ -8,6 +8,8 @@ Config keys (see benchmarks/sweeps/probe-llava.yaml):
     output: results/sweeps/NAME.jsonl   # where rows go (shards: NAME.shard-I-of-N.jsonl beside it)
     models: [{pretrained: probe-llava, device: cpu, dtype: float32, batch_size: 1}]   # MmtokenModel arguments
     methods: {none: {}, fastv: {}, pdrop: {layers: [2, 8, 16]}}                       # `none`: unpatched
+    #   a key that names no method labels the entry whose `method` it gives: {snapkv 25%: {method: snapkv,
+    #   ratio: 0.25}}; KV presses keep a share of the cache, not a budget, so `budgets` pass them by
     budgets: [192, 128, 64]             # average visual tokens per layer; `none` runs once, unbudgeted
     tasks: [mmtoken_probe_count, mme]   # lmms-eval tasks or groups; the probe tasks are always included
     limit: 16                           # samples per task (lmms-eval's --limit); omit for all
@@ -32,7 +34,8 @@ import yaml
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mmtoken.evaluation.probe_tasks import tasks_path
-from mmtoken.methods import build
+from mmtoken.methods import METHODS, build
+from mmtoken.methods.base import ON_CACHE
 
 _KEYS = {"output", "models", "methods", "budgets", "tasks", "limit", "include_path", "seed"}
 _MODEL_KEYS = {"pretrained", "device", "dtype", "attn_implementation", "batch_size", "max_num_frames"}
@@ -76,14 +79,32 @@ def load_config(path: Path) -> dict:
     for model in config["models"]:
         if "pretrained" not in model or set(model) - _MODEL_KEYS:
             raise ValueError(f"{path}: a model needs `pretrained` and takes only {sorted(_MODEL_KEYS)}, got {model}")
-    budgets = config.get("budgets") or []
-    for name, params in config["methods"].items():
-        if name != UNPATCHED:
-            if not budgets and "budget" not in (params or {}):
-                raise ValueError(f"{path}: method {name} has no budget; give `budgets` or a budget of its own")
-            for budget in budgets or [None]:
-                build(name, **_with_budget(params or {}, budget))
+    for label, params in config["methods"].items():
+        if label != UNPATCHED:
+            name, params = method_of(label, params)
+            budgets = _budgets(config, label, name)
+            if budgets == [None] and "budget" not in params and not _is_press(name):
+                raise ValueError(f"{path}: method {label} has no budget; give `budgets` or a budget of its own")
+            for budget in budgets:
+                build(name, **_with_budget(params, budget))
     return config
+
+
+def method_of(label: str, params: dict | None) -> tuple[str, dict]:
+    """The method a sweep entry runs and its parameters: the entry's `method` where it gives one, else its key."""
+    params = dict(params or {})
+    return params.pop("method", label), params
+
+
+def _is_press(name: str) -> bool:
+    return name in METHODS and METHODS[name].stage == ON_CACHE
+
+
+def _budgets(config: dict, label: str, name: str) -> list[float | None]:
+    """The budgets a method entry runs at: the config's, once without for the unpatched model and the KV presses."""
+    if label == UNPATCHED or _is_press(name) or not config.get("budgets"):
+        return [None]
+    return config["budgets"]
 
 
 def _with_budget(params: dict, budget: int | None) -> dict:
@@ -96,7 +117,7 @@ def cells(config: dict) -> list[Cell]:
     out = []
     for model in config["models"]:
         for method, params in config["methods"].items():
-            budgets = [None] if method == UNPATCHED or not config.get("budgets") else config["budgets"]
+            budgets = [None] if method == UNPATCHED else _budgets(config, method, method_of(method, params)[0])
             for budget in budgets:
                 for task in config["tasks"]:
                     out.append(Cell(model, method, params or {}, budget, task, config.get("limit")))
@@ -175,11 +196,12 @@ def run_cell(cell: Cell, manager: object, seed: int) -> dict | None:
     from mmtoken.evaluation.lmms_model import MmtokenModel
 
     started = time.perf_counter()
-    params = _with_budget(cell.params, cell.budget)
+    name, params = method_of(cell.method, cell.params)
+    params = _with_budget(params, cell.budget)
     row = {"key": cell.key, "model": cell.model["pretrained"], "method": cell.method, "params": cell.params,
            "budget": cell.budget, "task": cell.task, "limit": cell.limit}  # fmt: skip
     try:
-        lm = MmtokenModel(**cell.model, method=cell.method, **params)
+        lm = MmtokenModel(**cell.model, method=name, **params)
     except ValueError as unreachable:  # the schedule does not fit the model
         return {**row, "skipped": str(unreachable)}
     row["params"], model = lm.params, lm.model  # with the model's method defaults filled in
@@ -209,6 +231,7 @@ def run_cell(cell: Cell, manager: object, seed: int) -> dict | None:
         "flops_ratio_paper": statistics.mean(stat["flops_ratio_paper"] for stat in stats),
         "flops_ratio_exact": statistics.mean(stat["flops_ratio_exact"] for stat in stats),
         "prefill_ms": statistics.median(stat["prefill_ms"] for stat in stats),
+        "kv_bytes": statistics.mean(stat["kv_bytes"] for stat in stats),
         "device": str(model.device),
         "seconds": time.perf_counter() - started,
         "lmms_eval": version("lmms_eval"),

@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on the CPU, in the interpreter
 
 from mmtoken.methods import METHODS
-from mmtoken.methods.base import CurveMethod, Examples
+from mmtoken.methods.base import ON_CACHE, CurveMethod, Examples
 from mmtoken.zoo import load
 from mmtoken.zoo.tiny import FAMILIES, VIDEO_FAMILIES, tiny_inputs, tiny_model
 
@@ -29,7 +29,11 @@ CASE_IDS = [f"{family}-{'video' if video else 'image'}" for family, video in CAS
 # The curve methods (pmod, gsearch, psigmoid) are left out to spare test time: they reach the engine as PyramidDrop
 # does (cuts ranked by its scorer, here at every layer where a per-layer curve falls); test_methods checks batch ==
 # rows and their counts on a model (and fails for a curve method it does not check), test_parts their curves.
-INVARIANT_METHODS = sorted(name for name, cls in METHODS.items() if not issubclass(cls, CurveMethod))
+# The KV presses cut no tokens; tests/test_kv.py holds them to the same invariants, on their caches.
+INVARIANT_METHODS = sorted(
+    name for name, cls in METHODS.items() if not issubclass(cls, CurveMethod) and cls.stage != ON_CACHE
+)
+PRESSES = sorted(name for name, cls in METHODS.items() if cls.stage == ON_CACHE)
 
 
 def examples(method: str) -> Examples:

@@ -116,7 +116,9 @@ PREFILL_METHODS = {
     **METHODS,
     "pdrop": {"method": "pdrop", "layers": (2, 4)},
     "visionzip": {"method": "visionzip", "ratio": 0.5},
-}
+    "pdrop + valuenorm": {"method": "pipeline",
+                          "stages": ({"method": "pdrop", "layers": (2, 4)}, {"method": "valuenorm", "ratio": 0.5})},
+}  # fmt: skip
 
 
 def other_media(batch):
@@ -168,6 +170,23 @@ def test_a_prefill_of_many_tokens_stays_eager(monkeypatch):
                 graphs.detach()
             captured[name] = len(graphs.signatures())
     assert captured == {"keep-all": 0, "fastv": 1}
+
+
+def test_a_press_that_reads_the_prompts_last_queries_prefills_eagerly():
+    """SnapKV's queries come from the layer hooks, which a replayed graph does not run."""
+    model, _ = tiny_model("qwen2_vl")  # its own, so no other test's graphs
+    batch = inputs("qwen2_vl", False, rows=[0, 1])
+    with mmtoken.patched(model, "snapkv", ratio=0.5) as handle:
+        expected = greedy_run(model, batch)
+        graphs = PrefillGraphs(handle.engine.adapter.language_model, handle.method, capture=False)
+        graphs.attach()
+        try:
+            runs = [greedy_run(model, batch) for _ in range(3)]
+        finally:
+            graphs.detach()
+    assert graphs.signatures() == []
+    for tokens, logits in runs:
+        assert torch.equal(tokens, expected[0]) and torch.equal(logits, expected[1])
 
 
 TOWER_CASES = [(family, video) for family, video in CASES if adapter_for(model_and_processor(family)[0]).pixel_tower]

@@ -17,12 +17,12 @@ from mmtoken.evaluation import report, sweep
 
 CONFIG = {
     "models": [{"pretrained": "probe-llava", "device": "cpu", "dtype": "float32", "batch_size": 2}],
-    "methods": {"none": {}, "random": {}, "uniform": {}, "fastv": {}},
+    "methods": {"none": {}, "random": {}, "uniform": {}, "fastv": {}, "kv 50%": {"method": "kvrandom", "ratio": 0.5}},
     "budgets": [192, 64],
     "tasks": ["mmtoken_probe_count"],
     "limit": 2,
 }
-CELLS = 1 + 3 * 2
+CELLS = 1 + 3 * 2 + 1  # the KV press runs once: it keeps a share of the cache, not a budget
 
 
 def _run(config: Path, env: dict) -> subprocess.Popen:
@@ -87,6 +87,11 @@ def test_report_tables_and_plots(swept, tmp_path):
     assert rows[("random", "64")][header.index("count %")] == f"{100 * score:.1f}"
     assert f"{100 * random64['flops_ratio_exact']:.1f}" in rows[("random", "64")][header.index("FLOPs % paper / exact")]
     assert rows[("fastv", "64")][2].startswith("unreachable")
+    assert unpatched[header.index("KV %")] == "100.0" and rows[("random", "64")][header.index("KV %")] != "-"
+    pressed = rows[("kv 50%", "-")]
+    assert (
+        float(pressed[header.index("KV %")]) < 100 and pressed[header.index("FLOPs % paper / exact")] == "100.0 / 100.0"
+    )
     for name in ("flops", "prefill"):
         figure = tmp_path / "figures" / f"probe-llava-{name}.png"
         assert figure.stat().st_size > 10_000

@@ -25,9 +25,10 @@ from torch import nn
 from mmtoken.compat import cache_in, cache_of
 from mmtoken.engine.cutting import cuts_at
 from mmtoken.engine.plan import Plan
+from mmtoken.engine.pressing import press_cache
 from mmtoken.engine.request import PrefillScratch, Request, activate, active, give_to, request_of
 from mmtoken.engine.slicing import shortened_padding_mask, slice_decode, slice_prefill
-from mmtoken.methods.base import Method
+from mmtoken.methods.base import ON_CACHE, Method
 from mmtoken.ops import gather_last
 from mmtoken.state import CallState, TokenSet
 
@@ -92,6 +93,7 @@ class Engine:
         self.layers = adapter.decoder_layers
         self.depth = len(self.layers)
         self.steps = method.steps
+        self.window = max((step.press.window for step in self.steps if step.stage == ON_CACHE), default=0)
         self.implementation = adapter.language_model.config._attn_implementation
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
@@ -149,7 +151,7 @@ class Engine:
         activate(None)
         cache = cache_of(output)
         if request.in_prefill:
-            request.prefill = None
+            scratch, request.prefill = request.prefill, None
             seconds = None
             if self.timing:
                 _synchronize(request.call.kinds.device)
@@ -159,6 +161,7 @@ class Engine:
                 request.record_layers(self.depth)
                 if request_of(cache) is None:  # a cache the language model made itself
                     give_to(cache, request)
+                press_cache(request, cache, scratch, self.layers, self.steps)
         if cache is not None:
             self.recorder.stepped(cache)
 
@@ -209,6 +212,12 @@ class Engine:
             if len(request.call.sets) > 1:  # else every layer so far sees what the model received
                 slice_prefill(request, index, kwargs, self.implementation)
             request.prefill.previous = (module, hidden, kwargs["position_embeddings"])
+            if self.window:
+                cos, sin = kwargs["position_embeddings"]
+                request.prefill.windows[index] = (
+                    hidden[:, -self.window :],
+                    (cos[:, -self.window :], sin[:, -self.window :]),
+                )
         else:
             slice_decode(request, index, hidden, kwargs, self.implementation)
         return (hidden, *args[1:]), kwargs

@@ -5,7 +5,8 @@ engine's layer hooks and their cuts inside it, is captured once per *prefill sig
 The signature is everything the forward's Python reads on the host: the batch, the prompt's length and each row's
 text and visual counts, what the cut before the language model kept, and the shapes of the arguments. A signature
 runs eagerly the first time, watched for host synchronisations (a scorer that reads the device from the host
-cannot be graphed, and stays eager); the second time it is captured, then replayed.
+cannot be graphed, and stays eager); the second time it is captured, then replayed. A method whose KV press
+reads the prompt's last queries (SnapKV) prefills eagerly.
 
 A graph reads fixed memory: the arguments, and the request's state that the hooks read (token kinds, padding, the
 tokens the language model receives), are copied into the graph's own before each replay (a prompt without
@@ -32,7 +33,7 @@ from mmtoken.compat import CACHE_NAMES, cache_in, with_cache
 from mmtoken.engine.request import PrefillScratch, Request, active
 from mmtoken.graphs.attention import GRAPHED_PREFILL, attention_in
 from mmtoken.graphs.capture import capture
-from mmtoken.methods.base import Method
+from mmtoken.methods.base import ON_CACHE, Method
 from mmtoken.scorers.base import decides_count
 from mmtoken.state import TokenSet
 
@@ -155,6 +156,8 @@ class PrefillGraphs:
 
     def __init__(self, language_model: nn.Module, method: Method, capture: bool) -> None:
         self.language_model, self.method = language_model, repr(method)
+        # a press that reads the prompt's last queries takes them from the layer hooks, which a replay skips
+        self.eager = any(step.stage == ON_CACHE and step.press.window for step in method.steps)
         by_capture = _KNOWN.setdefault(language_model, {})
         if capture not in by_capture:
             by_capture[capture] = _Known(torch.cuda.graph_pool_handle() if capture else None)
@@ -185,7 +188,7 @@ class PrefillGraphs:
     def _forward(self, *args: object, **kwargs: object) -> object:
         cache = cache_in(kwargs)
         request = active()
-        if args or cache is None or not request.in_prefill or cache.get_seq_length() > 0:
+        if self.eager or args or cache is None or not request.in_prefill or cache.get_seq_length() > 0:
             return self._forward_inside(*args, **kwargs)
         if request.call.sets[0].complete:  # no padding: without a mask, sdpa runs causal (flash) inside the graph
             kwargs = {**kwargs, "attention_mask": None}

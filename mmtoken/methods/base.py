@@ -11,13 +11,14 @@ from functools import cache
 from numbers import Integral, Real
 from typing import ClassVar, Union, get_args, get_origin, get_type_hints
 
+from mmtoken.kv import Press
 from mmtoken.reducers import Drop, GroupMean, Reducer
 from mmtoken.schedules import Cut, single_cut_keep
 from mmtoken.schedules.curves import curve_cuts
 from mmtoken.scorers import LastQueryAttention, Scorer
 from mmtoken.scorers.groups import GroupHeads, Grouping
 
-BEFORE_LLM, AT_LAYER = "before_llm", "at_layer"
+BEFORE_LLM, AT_LAYER, ON_CACHE = "before_llm", "at_layer", "on_cache"
 BEFORE_AND_AT_LAYER = f"{BEFORE_LLM}+{AT_LAYER}"
 
 
@@ -244,3 +245,33 @@ class CurveMethod(Method):
     @property
     def scorer(self) -> Scorer:
         return LastQueryAttention(layer_offset=0)
+
+
+@dataclass
+class CachePress(Method):
+    """Base of the methods that compact the KV cache once the prefill is done (stage `on_cache`): in every decoder
+    layer but the first (whose cache length transformers reads for the next tokens' positions), the `ratio` of the
+    visual entries that `press` scores best stay, with every text entry; with `visual_only=False`, the `ratio` of
+    all entries. They cut no tokens, so the prefill computes what it computes unpatched; the memory of the entries
+    that leave is freed."""
+
+    stage: ClassVar[str] = ON_CACHE
+    ratio: float = 0.25
+    visual_only: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 < self.ratio <= 1:
+            raise ValueError(
+                f"{self.name}: ratio is the share of the KV entries that stay, in (0, 1], got {self.ratio}"
+            )
+
+    def cuts(self, depth: int, visual: int) -> list[Cut]:
+        return []
+
+    def named_layers(self, depth: int) -> tuple[int, ...]:
+        return ()
+
+    @property
+    def press(self) -> Press:
+        raise NotImplementedError

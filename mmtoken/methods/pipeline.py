@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
-from mmtoken.methods.base import BEFORE_LLM, Examples, Method, check_budget
+from mmtoken.methods.base import BEFORE_LLM, ON_CACHE, Examples, Method, check_budget
 from mmtoken.methods.registry import build, register
 
 COMPOSED = "composed"
@@ -42,6 +42,10 @@ class Pipeline(Method):
         methods = [build(stage) for stage in self.stages]
         if self.budget is not None:
             check_budget(self.budget)
+            if methods[-1].stage == ON_CACHE:
+                last = methods[-1].name
+                raise ValueError(f"pipeline: a budget goes to the last stage, and {last} keeps a share of the KV "
+                                 "cache, not visual tokens: give the budget to the stage before it")  # fmt: skip
             inside = [method.name for method in methods[:-1] if method.stage != BEFORE_LLM]
             if inside:
                 raise ValueError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from mmtoken.kernels.query_scores import query_scores
 from mmtoken.scorers.base import ScoreInput
@@ -15,6 +16,16 @@ def rotate(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
     from transformers.models.llama.modeling_llama import rotate_half  # imported on use: `mmtoken methods` stays light
 
     return states * cos.unsqueeze(1) + rotate_half(states) * sin.unsqueeze(1)
+
+
+def rotated_queries(layer: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The queries (batch, heads, n, head_dim) that decoder `layer` makes of its inputs `hidden` (batch, n, dim),
+    with the rotary embedding (`cos`, `sin`) of their positions."""
+    attention = layer.self_attn
+    states = layer.input_layernorm(hidden)
+    batch, length, _ = states.shape
+    query = attention.q_proj(states).view(batch, length, -1, attention.head_dim).transpose(1, 2)
+    return rotate(query, cos, sin)
 
 
 @dataclass

@@ -1,0 +1,40 @@
+"""Pressing the KV cache once the prefill is done: each `on_cache` step scores every decoder layer's entries but
+the first layer's, keeps its share of each row's, and frees the others (`compact`)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import Cache
+
+from mmtoken.engine.request import PrefillScratch, Request, compact
+from mmtoken.engine.select import select
+from mmtoken.kv import PressInput
+from mmtoken.methods.base import ON_CACHE, CachePress, Method
+from mmtoken.scorers.attention import rotated_queries
+from mmtoken.state import TEXT
+
+
+def press_cache(request: Request, cache: Cache, scratch: PrefillScratch, layers: nn.ModuleList,
+                steps: list[Method]) -> None:  # fmt: skip
+    """Apply every `on_cache` step of `steps`, in order, to `cache`, which `request`'s prefill just filled."""
+    for step in steps:
+        if step.stage == ON_CACHE:
+            for index in range(1, len(layers)):
+                _press_layer(request, cache, index, layers[index], step, scratch.windows.get(index))
+
+
+def _press_layer(request: Request, cache: Cache, index: int, layer: nn.Module, step: CachePress,
+                 window: tuple[torch.Tensor, tuple] | None) -> None:  # fmt: skip
+    entries, record, received = cache.layers[index], request.records[index], request.call.sets[0]
+    valid = record.entries_valid()
+    visual = (request.call.kinds.gather(1, received.position.gather(1, record.slot)) != TEXT) & valid
+    queries = None
+    if step.press.window:
+        hidden, (cos, sin) = window
+        queries = rotated_queries(layer, hidden, cos, sin)
+    inputs = PressInput(entries.keys, entries.values, valid, visual, queries, layer.self_attn.scaling)
+    candidates = visual if step.visual_only else valid
+    keep = (candidates.sum(1).float() * step.ratio).round().long()
+    local, _ = select(step.press.score(inputs), candidates, valid, keep)
+    compact(cache, index, local)

@@ -1,0 +1,163 @@
+"""KV presses (`mmtoken.kv`, stage `on_cache`): the invariants of the token methods, held on the KV cache, and each
+press's score against an explicit computation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import CASE_IDS, CASES, PRESSES, greedy_run, inputs, model_and_processor, unpatched
+
+import mmtoken
+from mmtoken.kv import PressInput
+from mmtoken.kv.snapkv import SnapKV
+from mmtoken.kv.value_norm import ValueNorm
+from mmtoken.state import TEXT
+
+PRESS_CASES = [
+    pytest.param(case, press, id=f"{case_id}-{press}")
+    for press in PRESSES
+    for case, case_id in zip(CASES, CASE_IDS, strict=True)
+]
+
+
+def _prefill_cache(model, batch):
+    with torch.no_grad():
+        return model(**batch, use_cache=True).past_key_values
+
+
+@pytest.mark.parametrize(("case", "press"), PRESS_CASES)
+def test_a_press_that_keeps_every_entry_equals_unpatched(case, press):
+    family, video = case
+    model, _ = model_and_processor(family)
+    batch = inputs(family, video, batch=2)
+    _, expected_tokens = unpatched(family, video)
+    with torch.no_grad():
+        _, expected_logits = greedy_run(model, batch)
+        with mmtoken.patched(model, press, ratio=1.0, visual_only=False):
+            tokens, logits = greedy_run(model, batch)
+    assert torch.equal(tokens, expected_tokens)
+    assert (logits - expected_logits).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize(("case", "press"), PRESS_CASES)
+@pytest.mark.parametrize("visual_only", [True, False], ids=["visual", "all"])
+def test_a_pressed_padded_batch_equals_rows_alone(case, press, visual_only):
+    family, video = case
+    model, _ = model_and_processor(family)
+    batch = inputs(family, video, batch=2)
+    rows = [inputs(family, video, rows=[row]) for row in range(2)]
+    with mmtoken.patched(model, press, ratio=0.4, visual_only=visual_only), torch.no_grad():
+        together, logits = greedy_run(model, batch)
+        alone = [greedy_run(model, row) for row in rows]
+    assert torch.equal(together, torch.cat([tokens for tokens, _ in alone]))
+    assert (logits - torch.cat([row_logits for _, row_logits in alone])).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize(("case", "press"), PRESS_CASES)
+def test_sdpa_equals_eager_when_pressed(case, press):
+    family, video = case
+    batch = inputs(family, video, batch=2)
+    outputs = []
+    for attention in ("sdpa", "eager"):
+        model, _ = model_and_processor(family, attention)
+        with mmtoken.patched(model, press, ratio=0.4), torch.no_grad():
+            outputs.append(greedy_run(model, batch)[0])
+    assert torch.equal(*outputs)
+
+
+@pytest.mark.parametrize(("family", "video"), CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("press", ["snapkv", "valuenorm"])
+def test_pressing_keeps_the_text_and_its_share_of_the_visual_entries_bit_for_bit(family, video, press):
+    model, _ = model_and_processor(family)
+    batch = inputs(family, video, rows=[0])
+    full = _prefill_cache(model, batch)
+    window = (
+        {"window": 1} if press == "snapkv" else {}
+    )  # the tiny prompts end in few text tokens; SnapKV keeps its window
+    with mmtoken.patched(model, press, ratio=0.3, **window):
+        pressed = _prefill_cache(model, batch)
+    kinds = mmtoken.integrations.adapter_for(model).call_state(batch["input_ids"], batch["attention_mask"], batch).kinds
+    visual = int((kinds != TEXT).sum())
+    text = kinds.shape[1] - visual
+    assert torch.equal(pressed.layers[0].keys, full.layers[0].keys)  # the first layer is left whole
+    for index in range(1, len(full.layers)):
+        keys, values = pressed.layers[index].keys[0], pressed.layers[index].values[0]
+        assert keys.shape[1] == text + round(0.3 * visual)  # the memory of the others is gone, not masked
+        matches = (keys[:, :, None] == full.layers[index].keys[0][:, None]).all(-1).all(0)  # (kept, all)
+        assert (matches.sum(1) == 1).all()
+        kept = matches.int().argmax(1)
+        assert torch.equal(kept, kept.sort().values)  # in their original order
+        assert torch.isin((kinds[0] == TEXT).nonzero().flatten(), kept).all()  # every text entry stays
+        assert torch.equal(values, full.layers[index].values[0][:, kept])
+
+
+def test_pressing_after_pruning_in_a_pipeline_shrinks_the_cache_further():
+    model, _ = model_and_processor("qwen2_vl")
+    batch = inputs("qwen2_vl", True, batch=2)
+    stages = ({"method": "pdrop", "layers": (2, 4), "ratio": 0.5}, {"method": "snapkv", "ratio": 0.5})
+    with torch.no_grad():
+        with mmtoken.patched(model, "pdrop", layers=(2, 4), ratio=0.5):
+            pruned = _prefill_cache(model, batch)
+        with mmtoken.patched(model, "pipeline", stages=stages):
+            both = _prefill_cache(model, batch)
+            tokens, _ = greedy_run(model, batch)
+    for index in range(1, len(pruned.layers)):
+        assert both.layers[index].keys.shape[2] < pruned.layers[index].keys.shape[2]
+    assert tokens.shape == (2, 4)
+
+
+def _explicit_snapkv(keys, queries, valid, scaling, kernel):
+    batch, kv_heads, length, _ = keys.shape
+    heads, window = queries.shape[1], queries.shape[2]
+    keys = keys.repeat_interleave(heads // kv_heads, dim=1)
+    total = torch.zeros(batch, length)
+    for row in range(batch):
+        for head in range(heads):
+            for step in range(window):
+                at = length - window + step
+                logits = (keys[row, head, : at + 1] @ queries[row, head, step]) * scaling
+                logits = logits.masked_fill(~valid[row, : at + 1], float("-inf"))
+                total[row, : at + 1] += logits.softmax(0) / (heads * window)
+    padded = torch.nn.functional.pad(total, (kernel // 2, kernel // 2), value=float("-inf"))
+    pooled = padded.unfold(1, kernel, 1).amax(-1)
+    pooled[:, length - window :] = float("inf")
+    return pooled
+
+
+def test_snapkv_scores_are_the_windows_attention_pooled_over_neighbours():
+    generator = torch.Generator().manual_seed(0)
+    keys, values = torch.randn(2, 2, 20, 8, generator=generator), torch.randn(2, 2, 20, 8, generator=generator)
+    queries = torch.randn(2, 4, 3, 8, generator=generator)
+    valid = torch.ones(2, 20, dtype=torch.bool)
+    valid[1, :4] = False  # left padding
+    inputs_ = PressInput(keys, values, valid, valid.clone(), queries, 0.3)
+    expected = _explicit_snapkv(keys, queries, valid, 0.3, 5)
+    torch.testing.assert_close(SnapKV(window=3, kernel=5).score(inputs_), expected)
+
+
+def test_value_norm_scores_each_entrys_value_norm_over_heads():
+    values = torch.randn(1, 3, 6, 4)
+    inputs_ = PressInput(
+        torch.zeros_like(values), values, torch.ones(1, 6, dtype=torch.bool), torch.ones(1, 6, dtype=torch.bool)
+    )
+    torch.testing.assert_close(ValueNorm().score(inputs_), values.norm(dim=-1).mean(1))
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"method": "snapkv", "ratio": 0.0}, "share of the KV entries that stay"),
+        ({"method": "valuenorm", "ratio": 1.5}, "share of the KV entries that stay"),
+        ({"method": "snapkv", "window": 0}, "window must be >= 1"),
+        ({"method": "snapkv", "kernel": 4}, "kernel must be an odd number"),
+        (
+            {"method": "pipeline", "stages": ({"method": "pooling"}, {"method": "snapkv"}), "budget": 64},
+            "keeps a share of the KV cache",
+        ),
+    ],
+)
+def test_a_press_that_cannot_meet_its_parameters_is_refused_before_any_work(params, message):
+    model, _ = model_and_processor("llava")
+    with pytest.raises(ValueError, match=message):
+        mmtoken.patch(model, params)
+    assert not model._forward_pre_hooks
