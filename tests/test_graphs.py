@@ -27,6 +27,7 @@ METHODS = {
     "fastv": {"method": "fastv", "k": 2, "ratio": 0.4},
     "pooling + pdrop": {"method": "pipeline",
                         "stages": ({"method": "pooling", "stride": 2}, {"method": "pdrop", "layers": (2, 4)})},
+    "valuenorm": {"method": "valuenorm", "ratio": 0.5},  # a pressed cache, made fixed at its pressed sizes
 }  # fmt: skip
 
 

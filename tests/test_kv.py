@@ -82,7 +82,9 @@ def test_pressing_keeps_the_text_and_its_share_of_the_visual_entries_bit_for_bit
     assert torch.equal(pressed.layers[0].keys, full.layers[0].keys)  # the first layer is left whole
     for index in range(1, len(full.layers)):
         keys, values = pressed.layers[index].keys[0], pressed.layers[index].values[0]
-        assert keys.shape[1] == text + round(0.3 * visual)  # the memory of the others is gone, not masked
+        assert keys.shape[1] == text + round(0.3 * visual)  # the memory of the others is gone, not masked:
+        for held in (pressed.layers[index].keys, pressed.layers[index].values):  # no view into a full-size buffer
+            assert held.untyped_storage().nbytes() == held.numel() * held.element_size()
         matches = (keys[:, :, None] == full.layers[index].keys[0][:, None]).all(-1).all(0)  # (kept, all)
         assert (matches.sum(1) == 1).all()
         kept = matches.int().argmax(1)
