@@ -10,6 +10,7 @@ from conftest import CASE_IDS, CASES, PRESSES, greedy_run, inputs, model_and_pro
 import mmtoken
 from mmtoken.kv import PressInput
 from mmtoken.kv.snapkv import SnapKV
+from mmtoken.kv.temporal import TemporalRedundancy
 from mmtoken.kv.value_norm import ValueNorm
 from mmtoken.state import TEXT
 
@@ -163,3 +164,21 @@ def test_a_press_that_cannot_meet_its_parameters_is_refused_before_any_work(para
     with pytest.raises(ValueError, match=message):
         mmtoken.patch(model, params)
     assert not model._forward_pre_hooks
+
+
+def test_temporal_redundancy_scores_the_distance_to_the_latest_frame_at_the_same_place():
+    generator = torch.Generator().manual_seed(1)
+    latest = torch.randn(1, 2, 4, 8, generator=generator)  # frame 1: 2 x 2 places, two key-value heads
+    earlier = latest.clone()
+    earlier[:, :, 2:] = torch.randn(1, 2, 2, 8, generator=generator)  # frame 0 repeats the first row only
+    keys = torch.cat([torch.randn(1, 2, 1, 8, generator=generator), earlier, latest], dim=2)  # text, frame 0, 1
+    places = [(frame, row, column) for frame in range(2) for row in range(2) for column in range(2)]
+    geometry = torch.tensor([[[-1, -1, -1, -1]] + [[0, *place] for place in places]])
+    visual = geometry[..., 0] >= 0
+    inputs_ = PressInput(keys, keys, torch.ones_like(visual), visual, geometry=geometry)
+    scores = TemporalRedundancy().score(inputs_)[0]
+    unit = torch.nn.functional.normalize(keys[0], dim=-1)
+    expected = 1 - (unit[:, 1:5] * unit[:, 5:9]).sum(-1).mean(0)
+    torch.testing.assert_close(scores[1:5], expected)
+    assert scores[1:3].abs().max() < 1e-6 and (scores[3:5] > 0.1).all()  # repeated places score 0
+    assert (scores[5:] == 3.0).all()  # the latest frame stays first

@@ -28,12 +28,14 @@ def _press_layer(request: Request, cache: Cache, index: int, layer: nn.Module, s
                  window: tuple[torch.Tensor, tuple] | None) -> None:  # fmt: skip
     entries, record, received = cache.layers[index], request.records[index], request.call.sets[0]
     valid = record.entries_valid()
-    visual = (request.call.kinds.gather(1, received.position.gather(1, record.slot)) != TEXT) & valid
+    positions = received.position.gather(1, record.slot)
+    visual = (request.call.kinds.gather(1, positions) != TEXT) & valid
     queries = None
     if step.press.window:
         hidden, (cos, sin) = window
         queries = rotated_queries(layer, hidden, cos, sin)
-    inputs = PressInput(entries.keys, entries.values, valid, visual, queries, layer.self_attn.scaling)
+    geometry = request.call.geometry.gather(1, positions[..., None].expand(-1, -1, 4))
+    inputs = PressInput(entries.keys, entries.values, valid, visual, queries, layer.self_attn.scaling, geometry)
     candidates = visual if step.visual_only else valid
     keep = (candidates.sum(1).float() * step.ratio).round().long()
     local, _ = select(step.press.score(inputs), candidates, valid, keep)

@@ -15,8 +15,8 @@ class PressInput:
     `keys` and `values` (batch, key-value heads, n, head dim) are what the layer's cache holds (keys rotated);
     `valid` (batch, n) marks the entries of real tokens (not padding or fillers) and `visual` those of visual
     tokens. `queries` (batch, heads, window, head dim), rotated, are the layer's queries of the prompt's last
-    `window` tokens, the cache's last entries, for presses that read them (None for the others), and `scaling` the
-    layer's attention scale.
+    `window` tokens, the cache's last entries, for presses that read them (None for the others), `scaling` the
+    layer's attention scale, and `geometry` (batch, n, 4) each entry's media, frame, row and column (-1 for text).
     """
 
     keys: torch.Tensor
@@ -25,6 +25,7 @@ class PressInput:
     visual: torch.Tensor
     queries: torch.Tensor | None = None
     scaling: float = 1.0
+    geometry: torch.Tensor | None = None
 
 
 class Press(Protocol):
