@@ -8,6 +8,7 @@ import torch
 from conftest import CASE_IDS, CASES, PRESSES, greedy_run, inputs, model_and_processor, unpatched
 
 import mmtoken
+from mmtoken.compat import cache_in
 from mmtoken.kv import PressInput
 from mmtoken.kv.snapkv import SnapKV
 from mmtoken.kv.temporal import TemporalRedundancy
@@ -182,3 +183,86 @@ def test_temporal_redundancy_scores_the_distance_to_the_latest_frame_at_the_same
     torch.testing.assert_close(scores[1:5], expected)
     assert scores[1:3].abs().max() < 1e-6 and (scores[3:5] > 0.1).all()  # repeated places score 0
     assert (scores[5:] == 3.0).all()  # the latest frame stays first
+
+
+STREAMING_FAMILIES = [family for family, video in CASES if video]
+
+
+def _twice(batch):
+    """The batch's one row twice: two rows of one layout, as a streaming prefill takes them."""
+    return {key: torch.cat([value, value]) if torch.is_tensor(value) else value for key, value in batch.items()}
+
+
+@pytest.mark.parametrize("family", STREAMING_FAMILIES)
+def test_a_streaming_prefill_with_room_for_every_entry_equals_unpatched(family):
+    model, _ = model_and_processor(family)
+    batch = inputs(family, True, rows=[0])
+    with torch.no_grad():
+        expected_tokens, expected_logits = greedy_run(model, batch)
+        with mmtoken.patched(model, "valuenorm", capacity=10**6, chunk_frames=1):
+            tokens, logits = greedy_run(model, batch)
+    assert torch.equal(tokens, expected_tokens)
+    assert (logits - expected_logits).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("family", STREAMING_FAMILIES)
+@pytest.mark.parametrize("press", ["snapkv", "valuenorm", "kvtemporal"])
+def test_a_streaming_prefill_never_holds_more_than_its_capacity_and_one_chunk(family, press):
+    model, _ = model_and_processor(family)
+    batch = inputs(family, True, rows=[0])
+    kinds = mmtoken.integrations.adapter_for(model).call_state(batch["input_ids"], batch["attention_mask"], batch).kinds
+    text, capacity = int((kinds == TEXT).sum()), 3
+    held = []
+
+    def watch(module, args, kwargs):  # what layer 1's cache holds as each chunk enters it
+        layers = cache_in(kwargs).layers
+        held.append(layers[1].get_seq_length() if len(layers) > 1 else 0)
+
+    layer = mmtoken.integrations.adapter_for(model).decoder_layers[1]
+    hook = layer.register_forward_pre_hook(watch, with_kwargs=True)
+    try:
+        with mmtoken.patched(model, press, capacity=capacity, chunk_frames=1), torch.no_grad():
+            cache = model(**batch, use_cache=True).past_key_values
+    finally:
+        hook.remove()
+    assert len(held) >= 2  # one call of the layer per chunk: the prompt went in several (Qwen pairs 4 frames)
+    assert max(held) <= text + capacity  # before each chunk: the text so far and the capacity, never the video
+    assert cache.layers[1].get_seq_length() <= text + capacity < cache.layers[0].get_seq_length()
+
+
+@pytest.mark.parametrize("family", STREAMING_FAMILIES)
+def test_a_streamed_batch_equals_its_rows_alone(family):
+    model, _ = model_and_processor(family)
+    row = inputs(family, True, rows=[0])
+    with mmtoken.patched(model, "snapkv", capacity=4, chunk_frames=1), torch.no_grad():
+        alone, alone_logits = greedy_run(model, row)
+        together, logits = greedy_run(model, _twice(row))
+    assert torch.equal(together, torch.cat([alone, alone]))
+    assert (logits - torch.cat([alone_logits, alone_logits])).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"method": "valuenorm", "chunk_frames": 2}, "keeps a fixed capacity"),
+        ({"method": "valuenorm", "capacity": 4, "ratio": 0.5}, "give one of ratio, capacity"),
+        ({"method": "valuenorm", "capacity": 4, "chunk_frames": 0}, "chunk_frames must be >= 1"),
+        ({"method": "pipeline", "stages": ({"method": "pdrop", "layers": (2, 4)},
+                                           {"method": "snapkv", "capacity": 4, "chunk_frames": 1})},
+         "takes one press and no token method"),
+    ],
+)  # fmt: skip
+def test_a_streaming_prefill_that_cannot_run_is_refused_at_patch_time(params, message):
+    model, _ = model_and_processor("qwen2_vl")
+    with pytest.raises(ValueError, match=message):
+        mmtoken.patch(model, params)
+    assert not model._forward_pre_hooks
+
+
+def test_a_streaming_prefill_refuses_padded_rows_before_the_model_runs():
+    model, _ = model_and_processor("qwen2_vl")
+    batch = inputs("qwen2_vl", True, batch=2)
+    with mmtoken.patched(model, "valuenorm", capacity=4, chunk_frames=1), pytest.raises(ValueError, match="padding"):
+        model(**batch)
+    with pytest.raises(ValueError, match="does not take a streaming prefill"):
+        mmtoken.patch(model, "valuenorm", capacity=4, chunk_frames=1, cuda_graphs=True)

@@ -28,6 +28,7 @@ from mmtoken.engine.plan import Plan
 from mmtoken.engine.pressing import press_cache
 from mmtoken.engine.request import PrefillScratch, Request, activate, active, give_to, request_of
 from mmtoken.engine.slicing import shortened_padding_mask, slice_decode, slice_prefill
+from mmtoken.engine.streaming import StreamingPrefill, mask_chunk
 from mmtoken.methods.base import ON_CACHE, Method
 from mmtoken.ops import gather_last
 from mmtoken.state import CallState, TokenSet
@@ -94,6 +95,11 @@ class Engine:
         self.depth = len(self.layers)
         self.steps = method.steps
         self.window = max((step.press.window for step in self.steps if step.stage == ON_CACHE), default=0)
+        streaming = [step for step in self.steps if step.stage == ON_CACHE and step.chunk_frames is not None]
+        if streaming and (len(streaming) > 1 or any(step.stage != ON_CACHE for step in self.steps)):
+            raise ValueError("a streaming prefill (chunk_frames) runs the prompt in chunks, so it takes one press "
+                             "and no token method, whose cuts need the whole prompt at once")  # fmt: skip
+        self.streaming = StreamingPrefill(adapter.language_model, self.layers, streaming[0]) if streaming else None
         self.implementation = adapter.language_model.config._attn_implementation
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
@@ -107,8 +113,12 @@ class Engine:
             self._handles.append(layer.register_forward_pre_hook(partial(self._on_layer, index), with_kwargs=True))
         if self.watch is not None:
             self.watch.attach()
+        if self.streaming is not None:
+            self.streaming.attach()
 
     def detach(self) -> None:
+        if self.streaming is not None:
+            self.streaming.detach()
         for handle in self._handles:
             handle.remove()
         self._handles = []
@@ -136,6 +146,8 @@ class Engine:
         if input_ids is None:
             raise ValueError("mmtoken needs input_ids to find the visual tokens; inputs_embeds alone are not enough")
         call = self.adapter.call_state(input_ids, kwargs.get("attention_mask"), kwargs)
+        if self.streaming is not None and call.padding.any():
+            raise ValueError("a streaming prefill (chunk_frames) takes rows without padding: send rows of one length")
         plan = Plan(self.steps, self.depth)
         plan.extend(call.visual_counts, 0, 0, call.kinds.device)
         request = Request(call, PrefillScratch(plan))
@@ -158,7 +170,8 @@ class Engine:
                 seconds = time.perf_counter() - request.started
             self.recorder.prefilled(request.call, seconds)
             if cache is not None:
-                request.record_layers(self.depth)
+                if request.records is None:  # a streaming prefill kept them chunk by chunk
+                    request.record_layers(self.depth)
                 if request_of(cache) is None:  # a cache the language model made itself
                     give_to(cache, request)
                 press_cache(request, cache, scratch, self.layers, self.steps)
@@ -211,6 +224,8 @@ class Engine:
                     request.call.sets[index] = tokens
             if len(request.call.sets) > 1:  # else every layer so far sees what the model received
                 slice_prefill(request, index, kwargs, self.implementation)
+            elif request.records is not None:  # a streaming prefill's chunk after the first
+                mask_chunk(request, index, hidden, kwargs, self.implementation)
             request.prefill.previous = (module, hidden, kwargs["position_embeddings"])
             if self.window:
                 cos, sin = kwargs["position_embeddings"]

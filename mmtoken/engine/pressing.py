@@ -19,13 +19,16 @@ def press_cache(request: Request, cache: Cache, scratch: PrefillScratch, layers:
                 steps: list[Method]) -> None:  # fmt: skip
     """Apply every `on_cache` step of `steps`, in order, to `cache`, which `request`'s prefill just filled."""
     for step in steps:
-        if step.stage == ON_CACHE:
+        if step.stage == ON_CACHE and step.chunk_frames is None:  # a streaming press pressed after every chunk
             for index in range(1, len(layers)):
-                _press_layer(request, cache, index, layers[index], step, scratch.windows.get(index))
+                press_layer(request, cache, index, layers[index], step, scratch.windows.get(index))
 
 
-def _press_layer(request: Request, cache: Cache, index: int, layer: nn.Module, step: CachePress,
-                 window: tuple[torch.Tensor, tuple] | None) -> None:  # fmt: skip
+def press_layer(request: Request, cache: Cache, index: int, layer: nn.Module, step: CachePress,
+                window: tuple[torch.Tensor, tuple] | None) -> None:  # fmt: skip
+    """Keep the entries of decoder layer `index`'s cache that `step`'s press scores best, its share of each row's
+    candidates (`window`: the layer's inputs of the prompt's last tokens and their rotary tables, for presses that
+    read their queries)."""
     entries, record, received = cache.layers[index], request.records[index], request.call.sets[0]
     valid = record.entries_valid()
     positions = received.position.gather(1, record.slot)
@@ -37,6 +40,6 @@ def _press_layer(request: Request, cache: Cache, index: int, layer: nn.Module, s
     geometry = request.call.geometry.gather(1, positions[..., None].expand(-1, -1, 4))
     inputs = PressInput(entries.keys, entries.values, valid, visual, queries, layer.self_attn.scaling, geometry)
     candidates = visual if step.visual_only else valid
-    keep = (candidates.sum(1).float() * step.ratio).round().long()
+    keep = step.kept(candidates.sum(1))
     local, _ = select(step.press.score(inputs), candidates, valid, keep)
     compact(cache, index, local)

@@ -11,6 +11,8 @@ from functools import cache
 from numbers import Integral, Real
 from typing import ClassVar, Union, get_args, get_origin, get_type_hints
 
+import torch
+
 from mmtoken.kv import Press
 from mmtoken.reducers import Drop, GroupMean, Reducer
 from mmtoken.schedules import Cut, single_cut_keep
@@ -249,22 +251,42 @@ class CurveMethod(Method):
 
 @dataclass
 class CachePress(Method):
-    """Base of the methods that compact the KV cache once the prefill is done (stage `on_cache`): in every decoder
-    layer but the first (whose cache length transformers reads for the next tokens' positions), the `ratio` of the
-    visual entries that `press` scores best stay, with every text entry; with `visual_only=False`, the `ratio` of
-    all entries. They cut no tokens, so the prefill computes what it computes unpatched; the memory of the entries
-    that leave is freed."""
+    """Base of the methods that compact the KV cache (stage `on_cache`): in every decoder layer but the first (whose
+    cache length transformers reads for the next tokens' positions), the visual entries that `press` scores best
+    stay, with every text entry: the `ratio` of them (default 0.25), or at most `capacity` of them per row. With
+    `visual_only=False` the share is of all entries. After the prefill by default; with `chunk_frames` (and a
+    `capacity`), the prompt is prefilled that many frames at a time and the cache pressed after every chunk
+    (`mmtoken.engine.streaming`), so no layer but the first holds more than the capacity and one chunk. Presses cut
+    no tokens: the prefill computes what it computes unpatched (chunked: over the pressed cache of the chunks
+    before); the memory of the entries that leave is freed."""
 
     stage: ClassVar[str] = ON_CACHE
-    ratio: float = 0.25
+    ratio: float | None = None
+    capacity: int | None = None
     visual_only: bool = True
+    chunk_frames: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0 < self.ratio <= 1:
+        if self.ratio is not None and self.capacity is not None:
+            raise ValueError(f"{self.name}: give one of ratio, capacity")
+        if self.ratio is not None and not 0 < self.ratio <= 1:
             raise ValueError(
                 f"{self.name}: ratio is the share of the KV entries that stay, in (0, 1], got {self.ratio}"
             )
+        if self.capacity is not None and self.capacity < 0:
+            raise ValueError(f"{self.name}: capacity is a number of KV entries per row, >= 0, got {self.capacity}")
+        if self.chunk_frames is not None:
+            if self.chunk_frames < 1:
+                raise ValueError(f"{self.name}: chunk_frames must be >= 1, got {self.chunk_frames}")
+            if self.capacity is None:
+                raise ValueError(f"{self.name}: a streaming prefill (chunk_frames) keeps a fixed capacity: give one")
+
+    def kept(self, candidates: torch.Tensor) -> torch.Tensor:
+        """How many entries each row keeps of its `candidates` (a count per row, on the device)."""
+        if self.capacity is not None:
+            return candidates.clamp(max=self.capacity)
+        return (candidates.float() * (0.25 if self.ratio is None else self.ratio)).round().long()
 
     def cuts(self, depth: int, visual: int) -> list[Cut]:
         return []

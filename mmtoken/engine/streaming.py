@@ -1,0 +1,109 @@
+"""Streaming chunked prefill: a video's prompt prefilled a few frames at a time, each chunk attending to the
+pressed cache of the chunks before it, which is pressed again after every chunk. So no decoder layer but the first
+ever holds more than the press's `capacity` of visual entries plus one chunk, however long the video.
+
+The language model's forward is run once per chunk (the decoder layers' hooks see every chunk; the language
+model's own hook saw the whole prompt, once), with the chunk's original positions, no mask (rows without padding,
+so the model's causal mask over the pressed cache is the right one) and the request's cache. The cache's record
+of each layer grows by the chunk's entries and shrinks at each press, as decode steps later read it. The first
+layer keeps every entry: transformers reads its length for the next tokens' positions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from mmtoken.compat import CACHE_NAMES, cache_in, with_cache
+from mmtoken.engine.masks import decode_mask
+from mmtoken.engine.pressing import press_layer
+from mmtoken.engine.record import CacheRecord
+from mmtoken.engine.request import Request, active, give_to
+from mmtoken.methods.base import CachePress
+from mmtoken.state import TEXT
+
+
+def chunk_bounds(request: Request, frames_per_chunk: int) -> list[int]:
+    """Where each chunk of the prompt ends: a chunk holds `frames_per_chunk` frames of the prompt's media (an image
+    is one frame) and the text before them; the last one also holds the text after the last frame. Rows must share
+    their layout."""
+    call = request.call
+    geometry, kinds = call.geometry.cpu(), call.kinds.cpu()
+    if not all(
+        torch.equal(geometry[row], geometry[0]) and torch.equal(kinds[row], kinds[0]) for row in range(len(kinds))
+    ):
+        raise ValueError("streaming prefill: every row must lay out its prompt alike (same media at the same places)")
+    visual = (kinds[0] != TEXT).tolist()
+    frames = list(zip(geometry[0, :, 0].tolist(), geometry[0, :, 1].tolist(), strict=True))
+    bounds, seen, last = [], 0, None
+    for position, (is_visual, frame) in enumerate(zip(visual, frames, strict=True)):
+        if is_visual and frame != last:
+            if seen and seen % frames_per_chunk == 0:
+                bounds.append(position)
+            seen, last = seen + 1, frame
+    return [*bounds, call.prompt_length]
+
+
+def mask_chunk(request: Request, index: int, hidden: torch.Tensor, kwargs: dict, implementation: str) -> None:
+    """Hand decoder layer `index` the mask of the chunk `hidden` over its pressed cache: every entry of the chunks
+    before, causal within the chunk. The first layer, which holds every entry, has the model's own."""
+    held = request.records[index].slot.shape[1]
+    if held != request.records[0].slot.shape[1]:
+        chunk = hidden.shape[1]
+        kwargs["attention_mask"] = decode_mask(None, held + chunk, chunk, implementation, hidden.dtype, hidden.device)
+
+
+class StreamingPrefill:
+    """Runs the prefill of `language_model` chunk by chunk for a method whose press streams (`CachePress`
+    with `chunk_frames`), pressing every layer but the first after each chunk."""
+
+    def __init__(self, language_model: nn.Module, layers: nn.ModuleList, press: CachePress) -> None:
+        self.language_model, self.layers, self.press = language_model, layers, press
+        self._inner: Callable[..., object] | None = None
+
+    def attach(self) -> None:
+        self._inner = self.language_model.forward
+        self.language_model.forward = self._forward
+
+    def detach(self) -> None:
+        del self.language_model.forward
+
+    def _forward(self, *args: object, **kwargs: object) -> object:
+        request, cache = active(), cache_in(kwargs)
+        if args or not request.in_prefill or (cache is not None and cache.get_seq_length() > 0):
+            return self._inner(*args, **kwargs)
+        if cache is None:  # the model would make its own; the chunks need one to share, which the caller gets back
+            cache = DynamicCache(config=self.language_model.config)
+            give_to(cache, request)
+        embeds = kwargs.pop("inputs_embeds")
+        batch, length = embeds.shape[:2]
+        positions = kwargs.pop("position_ids", None)
+        if positions is None:
+            positions = torch.arange(length, device=embeds.device).expand(batch, -1)
+        rest = {name: value for name, value in kwargs.items()
+                if name not in (*CACHE_NAMES, "attention_mask", "cache_position")}  # fmt: skip
+        start, records = 0, None
+        for end in chunk_bounds(request, self.press.chunk_frames):
+            output = self._inner(inputs_embeds=embeds[:, start:end], position_ids=positions[..., start:end],
+                                 attention_mask=None, **with_cache(cache), **rest)  # fmt: skip
+            records = self._grown(records, len(self.layers), batch, start, end, embeds.device)
+            request.records = records
+            for index in range(1, len(self.layers)):
+                press_layer(request, cache, index, self.layers[index], self.press, request.prefill.windows.get(index))
+            records = request.records
+            start = end
+        return output
+
+    @staticmethod
+    def _grown(records: list[CacheRecord] | None, depth: int, batch: int, start: int, end: int,
+               device: torch.device) -> list[CacheRecord]:  # fmt: skip
+        """Each layer's record with the chunk's entries, at received slots `start` to `end`, appended."""
+        slots = torch.arange(start, end, device=device).expand(batch, -1)
+        valid = torch.ones(batch, end - start, dtype=torch.bool, device=device)
+        if records is None:
+            return [CacheRecord(slots, valid, True, end) for _ in range(depth)]
+        return [CacheRecord(torch.cat([record.slot, slots], 1), torch.cat([record.valid, valid], 1), True, end)
+                for record in records]  # fmt: skip
