@@ -106,7 +106,7 @@ def test_list_methods_names_parameters_stage_and_paper():
     assert listed["fastv"]["parameters"] == {"keep": None, "ratio": None, "budget": None, "k": 2}
     assert listed["pdrop"]["parameters"]["layers"] == (8, 16, 24)
     assert listed["pdrop"]["stage"] == "at_layer" and listed["random"]["stage"] == "before_llm"
-    assert listed["snapkv"]["stage"] == "on_cache" and listed["snapkv"]["parameters"]["ratio"] == 0.25
+    assert listed["snapkv"]["stage"] == "on_cache" and listed["snapkv"]["parameters"]["window"] == 8
     assert all(
         entry["paper"].startswith("arXiv") for name, entry in listed.items() if name not in ("pipeline", "kvrandom")
     )
