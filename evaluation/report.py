@@ -19,13 +19,17 @@ SIMPLE_BASELINES = ("random", "uniform", "pooling")
 
 
 def read_rows(paths: list[Path]) -> list[dict]:
-    """Rows of every file, the last row of a cell winning."""
-    rows = {}
+    """Rows of every file, the last row of a cell winning. Each row's `table` is its model, or where several files
+    hold the model, the model and the file's name: sweeps of other samples and settings never share a table."""
+    rows, files_of = {}, {}
     for path in paths:
         for line in Path(path).read_text().splitlines():
             if line.strip():
                 row = json.loads(line)
-                rows[row["key"]] = row
+                rows[row["key"]] = {**row, "sweep": Path(path).stem}
+                files_of.setdefault(row["model"], set()).add(Path(path).stem)
+    for row in rows.values():
+        row["table"] = row["model"] if len(files_of[row["model"]]) == 1 else f"{row['model']}, {row['sweep']}"
     return list(rows.values())
 
 
@@ -37,10 +41,11 @@ def _scores(row: dict) -> dict[str, float]:
 
 
 def settings(rows: list[dict]) -> dict[str, list[dict]]:
-    """Per model, one entry per (method, budget): the scores of all its cells' tasks and their measured costs."""
+    """Per table (`read_rows`), one entry per (method, budget): the scores of all its cells' tasks and their
+    measured costs."""
     grouped: dict[tuple, list[dict]] = {}
     for row in rows:
-        grouped.setdefault((row["model"], row["method"], row["budget"]), []).append(row)
+        grouped.setdefault((row.get("table", row["model"]), row["method"], row["budget"]), []).append(row)
     out: dict[str, list[dict]] = {}
     for (model, method, budget), cells in grouped.items():
         entry = {"method": method, "budget": budget}
@@ -188,6 +193,8 @@ def report(paths: list[Path], markdown: Path, figures: Path, command: str) -> st
         label = "mean score, %" if percent else "mean score"
         plots = {"flops": ("FLOPs", "flops_ratio_exact", 100, "language-model prefill FLOPs, % of unpatched (exact)"),
                  "prefill": ("prefill time", "prefill_ms", 1, "measured prefill, ms (median)")}  # fmt: skip
+        if measured and all("kv_percent" in entry for entry in measured):
+            plots["kv"] = ("KV cache", "kv_percent", 1, "KV cache after generation, % of unpatched")
         links = []
         for name, (cost, key, factor, xlabel) in plots.items():
             series: dict[str, list[tuple[float, float]]] = {}
