@@ -266,3 +266,14 @@ def test_a_streaming_prefill_refuses_padded_rows_before_the_model_runs():
         model(**batch)
     with pytest.raises(ValueError, match="does not take a streaming prefill"):
         mmtoken.patch(model, "valuenorm", capacity=4, chunk_frames=1, cuda_graphs=True)
+
+
+def test_a_demo_column_under_a_press_reports_the_smaller_cache():
+    from mmtoken.demos.comparison import run_column  # the demo's own column, without its browser
+
+    model, processor = model_and_processor("qwen2_vl")
+    batch = inputs("qwen2_vl", True, rows=[0])
+    keep_all = run_column(model, processor, batch, {"method": "snapkv", "ratio": 1.0}, 4)
+    pressed = run_column(model, processor, batch, {"method": "snapkv", "ratio": 0.25}, 4)
+    assert pressed["kv_bytes"] < keep_all["kv_bytes"]
+    assert pressed["avg_visual_tokens"] == keep_all["avg_visual_tokens"]  # a press cuts no tokens
