@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CASE_IDS, CASES, PRESSES, greedy_run, inputs, model_and_processor, unpatched
+from conftest import CASE_IDS, CASES, PRESSES, examples, greedy_run, inputs, model_and_processor, unpatched
 
 import mmtoken
 from mmtoken.compat import cache_in
 from mmtoken.kv import PressInput
+from mmtoken.kv.bilevel import bilevel_groups, frame_chunks
 from mmtoken.kv.snapkv import SnapKV
 from mmtoken.kv.temporal import TemporalRedundancy
 from mmtoken.kv.value_norm import ValueNorm
@@ -35,20 +36,22 @@ def test_a_press_that_keeps_every_entry_equals_unpatched(case, press):
     _, expected_tokens = unpatched(family, video)
     with torch.no_grad():
         _, expected_logits = greedy_run(model, batch)
-        with mmtoken.patched(model, press, ratio=1.0, visual_only=False):
+        with mmtoken.patched(model, press, **examples(press).keep_all):
             tokens, logits = greedy_run(model, batch)
     assert torch.equal(tokens, expected_tokens)
     assert (logits - expected_logits).abs().max() < 1e-4
 
 
 @pytest.mark.parametrize(("case", "press"), PRESS_CASES)
-@pytest.mark.parametrize("visual_only", [True, False], ids=["visual", "all"])
-def test_a_pressed_padded_batch_equals_rows_alone(case, press, visual_only):
+@pytest.mark.parametrize("share", [{"ratio": 0.4}, {"ratio": 0.4, "visual_only": False}, {"capacity": 3}],
+                         ids=["visual", "all", "capacity"])  # fmt: skip
+def test_a_pressed_padded_batch_equals_rows_alone(case, press, share):
     family, video = case
     model, _ = model_and_processor(family)
     batch = inputs(family, video, batch=2)
     rows = [inputs(family, video, rows=[row]) for row in range(2)]
-    with mmtoken.patched(model, press, ratio=0.4, visual_only=visual_only), torch.no_grad():
+    params = examples(press).cutting if press == "bilevel" else share  # bi-level keeps chunks, not a share
+    with mmtoken.patched(model, press, **params), torch.no_grad():
         together, logits = greedy_run(model, batch)
         alone = [greedy_run(model, row) for row in rows]
     assert torch.equal(together, torch.cat([tokens for tokens, _ in alone]))
@@ -62,7 +65,7 @@ def test_sdpa_equals_eager_when_pressed(case, press):
     outputs = []
     for attention in ("sdpa", "eager"):
         model, _ = model_and_processor(family, attention)
-        with mmtoken.patched(model, press, ratio=0.4), torch.no_grad():
+        with mmtoken.patched(model, press, **examples(press).cutting), torch.no_grad():
             outputs.append(greedy_run(model, batch)[0])
     assert torch.equal(*outputs)
 
@@ -154,6 +157,8 @@ def test_value_norm_scores_each_entrys_value_norm_over_heads():
         ({"method": "valuenorm", "ratio": 1.5}, "share of the KV entries that stay"),
         ({"method": "snapkv", "window": 0}, "window must be >= 1"),
         ({"method": "snapkv", "kernel": 4}, "kernel must be an odd number"),
+        ({"method": "bilevel", "ratio": 0.5}, "keeps whole chunks of a video"),
+        ({"method": "bilevel", "pool": -1}, "top and pool >= 0"),
         (
             {"method": "pipeline", "stages": ({"method": "pooling"}, {"method": "snapkv"}), "budget": 64},
             "keeps a share of the KV cache",
@@ -277,3 +282,40 @@ def test_a_demo_column_under_a_press_reports_the_smaller_cache():
     pressed = run_column(model, processor, batch, {"method": "snapkv", "ratio": 0.25}, 4)
     assert pressed["kv_bytes"] < keep_all["kv_bytes"]
     assert pressed["avg_visual_tokens"] == keep_all["avg_visual_tokens"]  # a press cuts no tokens
+
+
+def test_frame_chunks_count_frames_across_media_and_skip_text():
+    places = [[-1, -1, -1, -1]] + [[0, frame, 0, 0] for frame in range(3) for _ in range(2)] + [[-1, -1, -1, -1]]
+    places += [[1, 0, 0, 0], [1, 1, 0, 0]]  # a second video: its frames follow the first's
+    geometry = torch.tensor([places])
+    visual = geometry[..., 0] >= 0
+    assert frame_chunks(geometry, visual, 2).tolist() == [[-1, 0, 0, 0, 0, 1, 1, -1, 1, 2]]
+
+
+def test_bilevel_keeps_the_chunk_the_question_attends_to_and_pools_the_others():
+    generator = torch.Generator().manual_seed(3)
+    keys = torch.randn(1, 1, 10, 8, generator=generator) * 0.1
+    keys[0, 0, 5:9] = 3 * torch.ones(8)  # chunk 1 (entries 5-8) is what the last query looks at
+    queries = torch.ones(1, 1, 1, 8)
+    valid = torch.ones(1, 10, dtype=torch.bool)
+    chunk = torch.tensor([[-1, 0, 0, 0, 0, 1, 1, 1, 1, -1]])
+    inputs_ = PressInput(keys, keys, valid, chunk >= 0, queries, 1.0)
+    assert bilevel_groups(inputs_, chunk, top=1, pool=2).tolist() == [[0, 1, 1, 2, 2, 3, 4, 5, 6, 7]]
+    assert bilevel_groups(inputs_, chunk, top=1, pool=0).tolist() == [[0, -1, -1, -1, -1, 1, 2, 3, 4, 5]]
+
+
+@pytest.mark.parametrize("family", STREAMING_FAMILIES)
+def test_bilevel_pools_each_layers_entries_into_the_means_of_their_groups(family):
+    model, _ = model_and_processor(family)
+    batch = inputs(family, True, rows=[0])
+    full = _prefill_cache(model, batch)
+    with mmtoken.patched(model, "bilevel", chunk=1, top=0, pool=2):
+        pooled = _prefill_cache(model, batch)
+    kinds = mmtoken.integrations.adapter_for(model).call_state(batch["input_ids"], batch["attention_mask"], batch).kinds
+    assert torch.equal(pooled.layers[0].keys, full.layers[0].keys)
+    visual = int((kinds != TEXT).sum())
+    assert pooled.layers[1].keys.shape[2] < kinds.shape[1] - visual // 2 + visual  # pairs became one entry each
+    first_visual = int((kinds[0] != TEXT).nonzero()[0])
+    expected = full.layers[1].keys[0, :, first_visual : first_visual + 2].float().mean(1).to(full.layers[1].keys.dtype)
+    torch.testing.assert_close(pooled.layers[1].keys[0, :, first_visual], expected)
+    assert torch.equal(pooled.layers[1].keys[0, :, :first_visual], full.layers[1].keys[0, :, :first_visual])

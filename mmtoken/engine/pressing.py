@@ -7,10 +7,12 @@ import torch
 from torch import nn
 from transformers import Cache
 
-from mmtoken.engine.request import PrefillScratch, Request, compact
+from mmtoken.engine.request import PrefillScratch, Request, compact, pool
 from mmtoken.engine.select import select
 from mmtoken.kv import PressInput
+from mmtoken.kv.bilevel import bilevel_groups, frame_chunks
 from mmtoken.methods.base import ON_CACHE, CachePress, Method
+from mmtoken.methods.bilevel import BiLevel
 from mmtoken.scorers.attention import rotated_queries
 from mmtoken.state import TEXT
 
@@ -28,7 +30,7 @@ def press_layer(request: Request, cache: Cache, index: int, layer: nn.Module, st
                 window: tuple[torch.Tensor, tuple] | None) -> None:  # fmt: skip
     """Keep the entries of decoder layer `index`'s cache that `step`'s press scores best, its share of each row's
     candidates (`window`: the layer's inputs of the prompt's last tokens and their rotary tables, for presses that
-    read their queries)."""
+    read their queries); for bi-level KV, pool the chunks that are not kept dense."""
     entries, record, received = cache.layers[index], request.records[index], request.call.sets[0]
     valid = record.entries_valid()
     positions = received.position.gather(1, record.slot)
@@ -39,7 +41,11 @@ def press_layer(request: Request, cache: Cache, index: int, layer: nn.Module, st
         queries = rotated_queries(layer, hidden, cos, sin)
     geometry = request.call.geometry.gather(1, positions[..., None].expand(-1, -1, 4))
     inputs = PressInput(entries.keys, entries.values, valid, visual, queries, layer.self_attn.scaling, geometry)
+    if isinstance(step, BiLevel):
+        chunk = frame_chunks(geometry, visual, step.chunk)
+        pool(cache, index, bilevel_groups(inputs, chunk, step.top, step.pool))
+        return
     candidates = visual if step.visual_only else valid
     keep = step.kept(candidates.sum(1))
-    local, _ = select(step.press.score(inputs), candidates, valid, keep)
-    compact(cache, index, local)
+    local, kept = select(step.press.score(inputs), candidates, valid, keep)
+    compact(cache, index, local, ~kept)

@@ -39,12 +39,14 @@ class CacheRecord:
             self._room[:, : self.valid.shape[1]] = self.valid
         return self._room[:, :entries]
 
-    def gathered(self, keep: torch.Tensor) -> CacheRecord:
-        """The record of entries `keep` (batch, n) of all it holds; reads the device once, to know whether all
-        are valid."""
+    def gathered(self, keep: torch.Tensor, fillers: torch.Tensor | None = None) -> CacheRecord:
+        """The record of entries `keep` (batch, n) of all it holds, those where `fillers` is True made invalid (no
+        query sees them); reads the device once, to know whether all are valid."""
         batch, first = self.slot.shape[0], self.next_slot
         tail = torch.arange(first, first + self.appended, device=self.slot.device).expand(batch, -1)
         valid = self.entries_valid().gather(1, keep)
+        if fillers is not None:
+            valid = valid & ~fillers
         slot = torch.cat([self.slot, tail], 1).gather(1, keep)
         return CacheRecord(slot, valid, bool(valid.all()), first + self.appended)
 

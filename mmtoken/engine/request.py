@@ -100,16 +100,46 @@ def active() -> Request:
     return request
 
 
-def compact(cache: Cache, layer: int, keep: torch.Tensor) -> None:
-    """Keep only the entries `keep` (batch, n: indices into what the layer's cache holds now, in the order to keep
-    them) of decoder layer `layer`'s KV cache, freeing the others; the request's later decode steps read the new
-    record. Layer 0 is refused: its cache sizes the masks the model builds for itself."""
+def _request_to_press(cache: Cache, layer: int, operation: str) -> Request:
     request = request_of(cache)
     if request is None or request.records is None:
-        raise ValueError("compact needs the KV cache of a request that a patched model has prefilled")
+        raise ValueError(f"{operation} needs the KV cache of a request that a patched model has prefilled")
     if request.step_masks is not None:
-        raise ValueError("compact: this cache has fixed sizes (cuda_graphs); compact before its decode steps start")
+        raise ValueError(f"{operation}: this cache has fixed sizes (cuda_graphs); {operation} before its decode steps")
     if not 0 < layer < len(request.records):
-        raise ValueError(f"compact: layer must be in [1, {len(request.records)}), got {layer}")
+        raise ValueError(f"{operation}: layer must be in [1, {len(request.records)}), got {layer}")
+    return request
+
+
+def compact(cache: Cache, layer: int, keep: torch.Tensor, fillers: torch.Tensor | None = None) -> None:
+    """Keep only the entries `keep` (batch, n: indices into what the layer's cache holds now, in the order to keep
+    them) of decoder layer `layer`'s KV cache, freeing the others; the request's later decode steps read the new
+    record, in which the entries where `fillers` (batch, n) is True are hidden (they fill up rows that keep fewer).
+    Layer 0 is refused: its cache sizes the masks the model builds for itself."""
+    request = _request_to_press(cache, layer, "compact")
     gather_entries(cache, layer, keep)
-    request.records[layer] = request.records[layer].gathered(keep)
+    request.records[layer] = request.records[layer].gathered(keep, fillers)
+
+
+def pool(cache: Cache, layer: int, group: torch.Tensor) -> None:
+    """Replace decoder layer `layer`'s KV entries by the means of their groups: `group` (batch, n) numbers each
+    entry's group in the order of the entries (-1: the entry leaves). A group stands at its first entry's place in
+    the record; rows with fewer groups are filled with entries no query sees. Layer 0 is refused, as by `compact`."""
+    request = _request_to_press(cache, layer, "pool")
+    entries, record = cache.layers[layer], request.records[layer]
+    member = group >= 0
+    width = int(group.max()) + 1
+    target = group.clamp(min=0)
+    count = torch.zeros(group.shape[0], width, device=group.device).scatter_add_(1, target, member.float())
+    for name in ("keys", "values"):
+        held = getattr(entries, name)
+        index = target[:, None, :, None].expand_as(held)
+        total = held.new_zeros(*held.shape[:2], width, held.shape[3], dtype=torch.float32)
+        total.scatter_add_(2, index, held.float() * member[:, None, :, None])
+        setattr(entries, name, (total / count.clamp(min=1)[:, None, :, None]).to(held.dtype))
+    slot = record.slot.masked_fill(~member, torch.iinfo(record.slot.dtype).max)
+    first = torch.full_like(count, torch.iinfo(record.slot.dtype).max, dtype=record.slot.dtype).scatter_reduce(
+        1, target, slot, "amin"
+    )
+    valid = count > 0
+    request.records[layer] = CacheRecord(first.masked_fill(~valid, 0), valid, bool(valid.all()), record.next_slot)
