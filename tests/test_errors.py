@@ -31,7 +31,7 @@ def layer_calls(llava):
 @pytest.mark.parametrize(
     ("method", "params", "error", "message"),
     [
-        ("fastvv", {}, KeyError, "unknown method 'fastvv'; known: aim, atp, divprune, fastv"),
+        ("fastvv", {}, KeyError, "unknown method 'fastvv'; known: aim, atp, bilevel, divprune, fastv"),
         ("fastv", {"keep_ratio": 0.5}, TypeError, "unknown parameter(s) keep_ratio"),
         ("fastv", {"ratio": 0.0}, ValueError, "ratio must be in (0, 1]"),
         ("pdrop", {"layers": (2, 4), "ratio": 1.5}, ValueError, "ratio must be in (0, 1]"),

@@ -29,6 +29,8 @@ def bilevel_groups(inputs: PressInput, chunk: torch.Tensor, top: int, pool: int)
     they leave). Group numbers follow the entries' order."""
     batch = chunk.shape[0]
     chunks = int(chunk.max()) + 1
+    if chunks == 0:  # no media: every valid entry stays
+        return torch.where(inputs.valid, inputs.valid.long().cumsum(1) - 1, -1)
     attention = window_attention(inputs)
     relevance = torch.zeros(batch, chunks + 1, device=chunk.device).scatter_add_(1, chunk + 1, attention)
     relevance = relevance[:, 1:]
