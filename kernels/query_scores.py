@@ -12,6 +12,7 @@ imported) `kernel` also runs on the CPU, which is how CI checks it.
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 try:
     import triton
@@ -28,13 +29,8 @@ def _rotate(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 def reference(
-    query: torch.Tensor,
-    keys: torch.Tensor,
-    cos: torch.Tensor | None,
-    sin: torch.Tensor | None,
-    valid: torch.Tensor,
-    scale: float,
-) -> torch.Tensor:
+    query: Tensor, keys: Tensor, cos: Tensor | None, sin: Tensor | None, valid: Tensor, scale: float
+) -> Tensor:
     """query (batch, heads, size), already rotated; keys (batch, n, key-value heads, size) as projected, rotated here
     by `cos` and `sin` (batch, n, size; None: no rotary embedding); valid (batch, n). Returns the softmax over the
     valid keys of each head's scaled logits, averaged over heads: (batch, n), float32."""
@@ -53,27 +49,15 @@ def applies(query: torch.Tensor) -> bool:
 
 
 def query_scores(
-    query: torch.Tensor,
-    keys: torch.Tensor,
-    cos: torch.Tensor | None,
-    sin: torch.Tensor | None,
-    valid: torch.Tensor,
-    scale: float,
-) -> torch.Tensor:
+    query: Tensor, keys: Tensor, cos: Tensor | None, sin: Tensor | None, valid: Tensor, scale: float
+) -> Tensor:
     """`reference`'s result: from the Triton kernel on a GPU where it applies, else from the reference."""
     if query.is_cuda and applies(query):
         return kernel(query, keys, cos, sin, valid, scale)
     return reference(query, keys, cos, sin, valid, scale)
 
 
-def kernel(
-    query: torch.Tensor,
-    keys: torch.Tensor,
-    cos: torch.Tensor | None,
-    sin: torch.Tensor | None,
-    valid: torch.Tensor,
-    scale: float,
-) -> torch.Tensor:
+def kernel(query: Tensor, keys: Tensor, cos: Tensor | None, sin: Tensor | None, valid: Tensor, scale: float) -> Tensor:
     """`reference`'s result from the Triton kernel (on the CPU only under `TRITON_INTERPRET=1`)."""
     batch, heads, size = query.shape
     length, kv_heads = keys.shape[1], keys.shape[2]
