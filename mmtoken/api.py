@@ -40,6 +40,10 @@ class Handle:
             raise ValueError(f"attention {implementation!r} is not supported; use one of {_SUPPORTED_ATTENTION}")
         if cuda_graphs and any(getattr(step, "chunk_frames", None) for step in method.steps):
             raise ValueError("cuda_graphs does not take a streaming prefill (chunk_frames): its chunks run eagerly")
+        if cuda_graphs and any(step.name == "h2o" for step in method.steps):
+            raise ValueError(
+                "cuda_graphs does not take h2o: its decode steps evict, and a graph's caches have fixed sizes"
+            )
         if cuda_graphs and (implementation not in _GRAPHED_ATTENTION or next(model.parameters()).device.type != "cuda"):
             raise ValueError(f"cuda_graphs needs a model on a CUDA device with attention in {_GRAPHED_ATTENTION}")
         depth = len(adapter.decoder_layers)

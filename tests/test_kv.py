@@ -14,6 +14,8 @@ from mmtoken.kv.bilevel import bilevel_groups, frame_chunks
 from mmtoken.kv.snapkv import SnapKV
 from mmtoken.kv.temporal import TemporalRedundancy
 from mmtoken.kv.value_norm import ValueNorm
+from mmtoken.methods import METHODS
+from mmtoken.methods.base import CachePress
 from mmtoken.state import TEXT
 
 PRESS_CASES = [
@@ -50,7 +52,8 @@ def test_a_pressed_padded_batch_equals_rows_alone(case, press, share):
     model, _ = model_and_processor(family)
     batch = inputs(family, video, batch=2)
     rows = [inputs(family, video, rows=[row]) for row in range(2)]
-    params = examples(press).cutting if press == "bilevel" else share  # bi-level keeps chunks, not a share
+    takes_a_share = issubclass(METHODS[press], CachePress) and press != "bilevel"  # bi-level keeps chunks, h2o evicts
+    params = share if takes_a_share else examples(press).cutting
     with mmtoken.patched(model, press, **params), torch.no_grad():
         together, logits = greedy_run(model, batch)
         alone = [greedy_run(model, row) for row in rows]
@@ -319,3 +322,33 @@ def test_bilevel_pools_each_layers_entries_into_the_means_of_their_groups(family
     expected = full.layers[1].keys[0, :, first_visual : first_visual + 2].float().mean(1).to(full.layers[1].keys.dtype)
     torch.testing.assert_close(pooled.layers[1].keys[0, :, first_visual], expected)
     assert torch.equal(pooled.layers[1].keys[0, :, :first_visual], full.layers[1].keys[0, :, :first_visual])
+
+
+@pytest.mark.parametrize(("family", "video"), CASES, ids=CASE_IDS)
+def test_h2o_never_lets_a_layer_but_the_first_pass_its_capacity_while_decoding(family, video):
+    model, _ = model_and_processor(family)
+    batch = inputs(family, video, batch=2)
+    held = []
+
+    def watch(module, args, kwargs):  # what layer 1 holds as each step enters it
+        held.append(cache_in(kwargs).layers[1].get_seq_length())
+
+    hook = mmtoken.integrations.adapter_for(model).decoder_layers[1].register_forward_pre_hook(watch, with_kwargs=True)
+    try:
+        with mmtoken.patched(model, "h2o", capacity=20, recent=4), torch.no_grad():
+            out = model.generate(**batch, max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                                 return_dict_in_generate=True)  # fmt: skip
+    finally:
+        hook.remove()
+    layers = out.past_key_values.layers
+    assert max(held[2:]) <= 20 and all(layer.get_seq_length() == 20 for layer in layers[1:])
+    assert layers[0].get_seq_length() == batch["input_ids"].shape[1] + 11  # the first layer keeps every entry
+
+
+def test_h2o_that_cannot_run_is_refused_at_patch_time():
+    model, _ = model_and_processor("llava")
+    with pytest.raises(ValueError, match="recent must be >= 1 and below capacity"):
+        mmtoken.patch(model, "h2o", capacity=8, recent=8)
+    with pytest.raises(ValueError, match="does not take h2o"):
+        mmtoken.patch(model, "h2o", cuda_graphs=True)
+    assert not model._forward_pre_hooks

@@ -103,7 +103,7 @@ def test_list_methods_names_parameters_stage_and_paper():
     assert set(listed) == {"fastv", "pdrop", "random", "uniform", "pooling", "feather", "atp", "pmod", "gsearch",
                            "psigmoid", "visionzip", "divprune", "tome", "aim", "holitom", "temporal",
                            "pipeline", "snapkv", "valuenorm", "kvrandom", "kvrecency", "kvtemporal",
-                           "bilevel"}  # fmt: skip
+                           "bilevel", "h2o"}  # fmt: skip
     assert listed["fastv"]["parameters"] == {"keep": None, "ratio": None, "budget": None, "k": 2}
     assert listed["pdrop"]["parameters"]["layers"] == (8, 16, 24)
     assert listed["pdrop"]["stage"] == "at_layer" and listed["random"]["stage"] == "before_llm"

@@ -24,12 +24,14 @@ from torch import nn
 
 from mmtoken.compat import cache_in, cache_of
 from mmtoken.engine.cutting import cuts_at
+from mmtoken.engine.evicting import evict_before_step
 from mmtoken.engine.plan import Plan
 from mmtoken.engine.pressing import press_cache
 from mmtoken.engine.request import PrefillScratch, Request, activate, active, give_to, request_of
 from mmtoken.engine.slicing import shortened_padding_mask, slice_decode, slice_prefill
 from mmtoken.engine.streaming import StreamingPrefill, mask_chunk
-from mmtoken.methods.base import ON_CACHE, Method
+from mmtoken.methods.base import ON_CACHE, CachePress, Method
+from mmtoken.methods.h2o import H2O
 from mmtoken.ops import gather_last
 from mmtoken.state import CallState, TokenSet
 
@@ -94,8 +96,11 @@ class Engine:
         self.layers = adapter.decoder_layers
         self.depth = len(self.layers)
         self.steps = method.steps
-        self.window = max((step.press.window for step in self.steps if step.stage == ON_CACHE), default=0)
-        streaming = [step for step in self.steps if step.stage == ON_CACHE and step.chunk_frames is not None]
+        presses = [step for step in self.steps if isinstance(step, CachePress)]
+        self.window = max((step.press.window for step in presses), default=0)
+        streaming = [step for step in presses if step.chunk_frames is not None]
+        evicting = [step for step in self.steps if isinstance(step, H2O)]
+        self.evicting = evicting[-1] if evicting else None
         if streaming and (len(streaming) > 1 or any(step.stage != ON_CACHE for step in self.steps)):
             raise ValueError("a streaming prefill (chunk_frames) runs the prompt in chunks, so it takes one press "
                              "and no token method, whose cuts need the whole prompt at once")  # fmt: skip
@@ -234,5 +239,7 @@ class Engine:
                     (cos[:, -self.window :], sin[:, -self.window :]),
                 )
         else:
+            if self.evicting is not None and index > 0:
+                evict_before_step(request, cache_in(kwargs), index, module, hidden, kwargs, self.evicting)
             slice_decode(request, index, hidden, kwargs, self.implementation)
         return (hidden, *args[1:]), kwargs

@@ -11,7 +11,7 @@ from mmtoken.engine.request import PrefillScratch, Request, compact, pool
 from mmtoken.engine.select import select
 from mmtoken.kv import PressInput
 from mmtoken.kv.bilevel import bilevel_groups, frame_chunks
-from mmtoken.methods.base import ON_CACHE, CachePress, Method
+from mmtoken.methods.base import CachePress, Method
 from mmtoken.methods.bilevel import BiLevel
 from mmtoken.scorers.attention import rotated_queries
 from mmtoken.state import TEXT
@@ -21,7 +21,7 @@ def press_cache(request: Request, cache: Cache, scratch: PrefillScratch, layers:
                 steps: list[Method]) -> None:  # fmt: skip
     """Apply every `on_cache` step of `steps`, in order, to `cache`, which `request`'s prefill just filled."""
     for step in steps:
-        if step.stage == ON_CACHE and step.chunk_frames is None:  # a streaming press pressed after every chunk
+        if isinstance(step, CachePress) and step.chunk_frames is None:  # a streaming press pressed after each chunk
             for index in range(1, len(layers)):
                 press_layer(request, cache, index, layers[index], step, scratch.windows.get(index))
 

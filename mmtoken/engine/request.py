@@ -46,8 +46,9 @@ class Request:
     """The token state of one request (`call`: which tokens each stretch of layers kept at prefill), its prefill
     scratch (None once the prefill is done), its start time where the prefill is timed, whether a cut before the
     language model `shortened` the prompt, and from the end of the prefill on: the record of each layer's KV cache,
-    how many tokens entered after the prompt (`generated`), and where a cache of fixed size holds them
-    (`mmtoken.graphs`), its masks of a decode step by layer (`step_masks`)."""
+    how many tokens entered after the prompt (`generated`), where a cache of fixed size holds them
+    (`mmtoken.graphs`), its masks of a decode step by layer (`step_masks`), and for eviction while decoding the
+    attention each layer's entries received so far (`attention_sums`)."""
 
     call: CallState
     prefill: PrefillScratch | None
@@ -56,6 +57,7 @@ class Request:
     records: list[CacheRecord] | None = None
     generated: int = 0
     step_masks: Callable[[int, torch.dtype], torch.Tensor] | None = None
+    attention_sums: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @property
     def in_prefill(self) -> bool:

@@ -33,7 +33,7 @@ from mmtoken.compat import CACHE_NAMES, cache_in, with_cache
 from mmtoken.engine.request import PrefillScratch, Request, active
 from mmtoken.graphs.attention import GRAPHED_PREFILL, attention_in
 from mmtoken.graphs.capture import capture
-from mmtoken.methods.base import ON_CACHE, Method
+from mmtoken.methods.base import CachePress, Method
 from mmtoken.scorers.base import decides_count
 from mmtoken.state import TokenSet
 
@@ -157,7 +157,7 @@ class PrefillGraphs:
     def __init__(self, language_model: nn.Module, method: Method, capture: bool) -> None:
         self.language_model, self.method = language_model, repr(method)
         # a press that reads the prompt's last queries takes them from the layer hooks, which a replay skips
-        self.eager = any(step.stage == ON_CACHE and step.press.window for step in method.steps)
+        self.eager = any(isinstance(step, CachePress) and step.press.window for step in method.steps)
         by_capture = _KNOWN.setdefault(language_model, {})
         if capture not in by_capture:
             by_capture[capture] = _Known(torch.cuda.graph_pool_handle() if capture else None)
