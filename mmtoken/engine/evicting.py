@@ -37,7 +37,7 @@ def evict_before_step(request: Request, cache: Cache, index: int, layer: nn.Modu
         gather_entries(cache, index, local)
         new = torch.full((len(local), 1), held_entries, device=local.device)  # this step's entry, still to come
         request.records[index] = record.gathered(
-            torch.cat([local, new], 1), torch.cat([~kept, ~kept[:, :1] & False], 1)
+            torch.cat([local, new], 1), torch.cat([~kept, torch.zeros_like(kept[:, :1])], 1)
         )
         sums = sums.gather(1, local)
     request.attention_sums[index] = sums
