@@ -33,7 +33,7 @@ def press_layer(request: Request, cache: Cache, index: int, layer: nn.Module, st
     read their queries); for bi-level KV, pool the chunks that are not kept dense."""
     entries, record, received = cache.layers[index], request.records[index], request.call.sets[0]
     valid = record.entries_valid()
-    positions = received.position.gather(1, record.slot)
+    positions = received.position.gather(1, record.entry_slots())
     visual = (request.call.kinds.gather(1, positions) != TEXT) & valid
     queries = None
     if step.press.window:

@@ -27,8 +27,14 @@ class CacheRecord:
     _room: torch.Tensor | None = field(default=None, repr=False)
 
     def append(self, count: int) -> None:
-        """`count` generated tokens entered the cache."""
+        """`count` tokens entered the cache after those it holds (generated ones, or a streaming prefill's chunk)."""
         self.appended += count
+
+    def entry_slots(self) -> torch.Tensor:
+        """(batch, entries): the received position of every entry, the appended ones included."""
+        first = self.next_slot
+        tail = torch.arange(first, first + self.appended, device=self.slot.device).expand(self.slot.shape[0], -1)
+        return torch.cat([self.slot, tail], 1)
 
     def entries_valid(self) -> torch.Tensor:
         """(batch, entries): whether each entry may be attended to, the appended ones included. A view into a buffer
@@ -42,13 +48,11 @@ class CacheRecord:
     def gathered(self, keep: torch.Tensor, fillers: torch.Tensor | None = None) -> CacheRecord:
         """The record of entries `keep` (batch, n) of all it holds, those where `fillers` is True made invalid (no
         query sees them); reads the device once, to know whether all are valid."""
-        batch, first = self.slot.shape[0], self.next_slot
-        tail = torch.arange(first, first + self.appended, device=self.slot.device).expand(batch, -1)
         valid = self.entries_valid().gather(1, keep)
         if fillers is not None:
             valid = valid & ~fillers
-        slot = torch.cat([self.slot, tail], 1).gather(1, keep)
-        return CacheRecord(slot, valid, bool(valid.all()), first + self.appended)
+        slot = self.entry_slots().gather(1, keep)
+        return CacheRecord(slot, valid, bool(valid.all()), self.next_slot + self.appended)
 
 
 def gather_entries(cache: Cache, layer: int, keep: torch.Tensor) -> None:

@@ -50,8 +50,8 @@ def chunk_bounds(request: Request, frames_per_chunk: int) -> list[int]:
 def mask_chunk(request: Request, index: int, hidden: torch.Tensor, kwargs: dict, implementation: str) -> None:
     """Hand decoder layer `index` the mask of the chunk `hidden` over its pressed cache: every entry of the chunks
     before, causal within the chunk. The first layer, which holds every entry, has the model's own."""
-    held = request.records[index].slot.shape[1]
-    if held != request.records[0].slot.shape[1]:
+    held = request.records[index].entries_valid().shape[1]
+    if held != request.records[0].entries_valid().shape[1]:
         chunk = hidden.shape[1]
         kwargs["attention_mask"] = decode_mask(None, held + chunk, chunk, implementation, hidden.dtype, hidden.device)
 
@@ -85,25 +85,15 @@ class StreamingPrefill:
             positions = torch.arange(length, device=embeds.device).expand(batch, -1)
         rest = {name: value for name, value in kwargs.items()
                 if name not in (*CACHE_NAMES, "attention_mask", "cache_position")}  # fmt: skip
-        start, records = 0, None
+        empty = torch.zeros(batch, 0, dtype=torch.long, device=embeds.device)
+        request.records = [CacheRecord(empty, empty.bool(), True, 0) for _ in self.layers]  # each its own
+        start = 0
         for end in chunk_bounds(request, self.press.chunk_frames):
             output = self._inner(inputs_embeds=embeds[:, start:end], position_ids=positions[..., start:end],
                                  attention_mask=None, **with_cache(cache), **rest)  # fmt: skip
-            records = self._grown(records, len(self.layers), batch, start, end, embeds.device)
-            request.records = records
+            for record in request.records:
+                record.append(end - start)
             for index in range(1, len(self.layers)):
                 press_layer(request, cache, index, self.layers[index], self.press, request.prefill.windows.get(index))
-            records = request.records
             start = end
         return output
-
-    @staticmethod
-    def _grown(records: list[CacheRecord] | None, depth: int, batch: int, start: int, end: int,
-               device: torch.device) -> list[CacheRecord]:  # fmt: skip
-        """Each layer's record with the chunk's entries, at received slots `start` to `end`, appended."""
-        slots = torch.arange(start, end, device=device).expand(batch, -1)
-        valid = torch.ones(batch, end - start, dtype=torch.bool, device=device)
-        if records is None:
-            return [CacheRecord(slots, valid, True, end) for _ in range(depth)]
-        return [CacheRecord(torch.cat([record.slot, slots], 1), torch.cat([record.valid, valid], 1), True, end)
-                for record in records]  # fmt: skip
