@@ -305,6 +305,9 @@ def test_bilevel_keeps_the_chunk_the_question_attends_to_and_pools_the_others():
     inputs_ = PressInput(keys, keys, valid, chunk >= 0, queries, 1.0)
     assert bilevel_groups(inputs_, chunk, top=1, pool=2).tolist() == [[0, 1, 1, 2, 2, 3, 4, 5, 6, 7]]
     assert bilevel_groups(inputs_, chunk, top=1, pool=0).tolist() == [[0, -1, -1, -1, -1, 1, 2, 3, 4, 5]]
+    three = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1, 1, 1]])  # two chunks of odd sizes: each starts its own groups
+    odd = PressInput(keys, keys, valid, three >= 0, queries, 1.0)
+    assert bilevel_groups(odd, three, top=0, pool=2).tolist() == [[0, 0, 1, 2, 2, 3, 3, 4, 4, 5]]
 
 
 @pytest.mark.parametrize("family", STREAMING_FAMILIES)

@@ -27,7 +27,7 @@ def bilevel_groups(inputs: PressInput, chunk: torch.Tensor, top: int, pool: int)
     that leave. Text entries and the visual entries of the `top` chunks the prompt's last queries attend to most
     are groups of their own; the other chunks' visual entries form groups of `pool` consecutive entries (pool 0:
     they leave). Group numbers follow the entries' order."""
-    batch = chunk.shape[0]
+    batch, length = chunk.shape
     chunks = int(chunk.max()) + 1
     if chunks == 0:  # no media: every valid entry stays
         return torch.where(inputs.valid, inputs.valid.long().cumsum(1) - 1, -1)
@@ -42,12 +42,12 @@ def bilevel_groups(inputs: PressInput, chunk: torch.Tensor, top: int, pool: int)
     if pool == 0:
         starts, member = own, own
     else:
-        # within each sparse chunk, every `pool`-th entry starts a group
-        rank = torch.zeros_like(chunk)
-        for row in range(batch):
-            for number in chunk[row][sparse[row]].unique().tolist():
-                entries = sparse[row] & (chunk[row] == number)
-                rank[row, entries] = torch.arange(int(entries.sum()), device=chunk.device)
+        # within each sparse chunk, every `pool`-th entry starts a group: an entry's rank in its chunk is its count
+        # of sparse entries so far less the count where its chunk begins (chunks follow each other along the row)
+        counted = sparse.long().cumsum(1) - 1
+        place = torch.where(sparse, chunk, chunks)  # others go to a spare column
+        begins = torch.full((batch, chunks + 1), length, device=chunk.device).scatter_reduce(1, place, counted, "amin")
+        rank = counted - begins.gather(1, place)
         starts = own | (sparse & (rank % pool == 0))
         member = own | sparse
     group = starts.long().cumsum(1) - 1
