@@ -220,7 +220,7 @@ def timed(run: Callable[[], object], device: str) -> tuple[float, object]:
     return 1000 * (time.perf_counter() - started), result
 
 
-class _TokenClock(BaseStreamer):
+class TokenClock(BaseStreamer):
     """Records when each new token reaches the streamer (the first `put` is the prompt and is skipped)."""
 
     def __init__(self, device: str) -> None:
@@ -243,7 +243,7 @@ def _generate(model: torch.nn.Module, inputs: dict, device: str) -> dict:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    clock = _TokenClock(device)
+    clock = TokenClock(device)
     started = time.perf_counter()
     out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
                          streamer=clock, return_dict_in_generate=True)  # fmt: skip

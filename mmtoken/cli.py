@@ -13,6 +13,7 @@ def main(argv: list[str] | None = None) -> None:
     compare.add_argument("--per-task", type=int, default=16)
     compare.add_argument("--out", type=Path, default=Path("results"))
     commands.add_parser("bench", help="GPU prefill speed at real model sizes (needs CUDA)", add_help=False)
+    commands.add_parser("kvbench", help="GPU memory of long videos under KV presses, at real sizes", add_help=False)
     commands.add_parser("overhead", help="what each method's cuts cost by themselves, at real sizes", add_help=False)
     demo = commands.add_parser("demo", help="the Gradio comparison app on this machine (needs the demo extra)")
     demo.add_argument("--port", type=int, default=7860)
@@ -78,6 +79,10 @@ def main(argv: list[str] | None = None) -> None:
         from mmtoken.evaluation.speed import main as bench
 
         bench(rest)
+    elif args.command == "kvbench":
+        from mmtoken.evaluation.kv_memory import main as kvbench
+
+        kvbench(rest)
     elif args.command == "overhead":
         from mmtoken.evaluation.overhead import main as overhead
 

@@ -1,0 +1,311 @@
+"""GPU memory of long videos under KV presses, at LLaVA-OneVision-7B's real sizes with random weights.
+
+Two measurements, each setting beside the unpatched model and beside the same press applied after a whole prefill
+(kvpress's way) in one run, under a cap of 80 GiB of GPU memory (`torch.cuda.set_per_process_memory_fraction`):
+
+- **length**: one request whose video has 32 to 10,000 frames: peak memory, time to first token and KV bytes;
+- **concurrency**: the most 64-frame requests one batched `generate` fits (doubling the batch until it runs out of
+  memory, then one step between), and the decode tokens/s at that batch.
+
+The video's frames are a few real frames through the model's processor and vision tower (`--base-frames`), their
+features repeated to the length asked (the language model's cost depends on the count of tokens only); so the
+prefill runs on encoded features, whose bytes (and the prompt's embeddings the model builds from them) are part of
+the peak. The encoder's own time per frame is measured on the real frames.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+from rich.progress import track
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+import mmtoken
+from mmtoken.accounting.stats import cache_bytes
+from mmtoken.compat import cache_of
+from mmtoken.encoding import Encoded, encode, feeding
+from mmtoken.evaluation.speed import Shape, TokenClock, build_model, onevision_7b, prompt_inputs, timed
+from mmtoken.state import VIDEO
+
+CAP_GIB = 80
+
+
+@dataclass
+class Setting:
+    """The unpatched model (no method) or a press by name with its parameters."""
+
+    label: str
+    method: str | None = None
+    params: dict | None = None
+
+    @property
+    def streams(self) -> bool:
+        return bool(self.params and self.params.get("chunk_frames"))
+
+
+def settings(press: str, capacity: int, chunk_frames: int) -> list[Setting]:
+    """Unpatched, `press` at `capacity` entries per layer after the prefill, and the same streamed in chunks."""
+    return [
+        Setting("unpatched"),
+        Setting(f"{press} {capacity} after prefill", press, {"capacity": capacity}),
+        Setting(f"{press} {capacity} streamed, {chunk_frames}-frame chunks", press,
+                {"capacity": capacity, "chunk_frames": chunk_frames}),
+    ]  # fmt: skip
+
+
+def lengthened(model: torch.nn.Module, inputs: dict, encoded: Encoded, frames: int, batch: int) -> tuple[dict, Encoded]:
+    """`inputs` and `encoded` of a video of `frames` frames: the encoded frames repeated in order (frame i is base
+    frame i mod base), the prompt's video tokens as many as they fill, for `batch` identical requests. The pixels
+    stay a view of one frame (the model only counts them when it is fed features)."""
+    pixels = inputs["pixel_values_videos"]
+    base = pixels.shape[1]
+    pooled = encoded.features[VIDEO].pooler_output  # (1, base frames x tokens [+ the newline, on newer releases])
+    per_frame = pooled.shape[1] // base
+    frame_tokens = pooled[:, : base * per_frame].unflatten(1, (base, per_frame))
+    repeated = frame_tokens[:, torch.arange(frames, device=pooled.device) % base].flatten(1, 2)
+    features = torch.cat([repeated, pooled[:, base * per_frame :]], dim=1).expand(batch, -1, -1)
+    ids = inputs["input_ids"][0]
+    video = (ids == model.config.video_token_id).nonzero().flatten()
+    start, end = int(video[0]), int(video[-1]) + 1
+    tokens = end - start + (frames - base) * per_frame
+    long_ids = torch.cat([ids[:start], ids.new_full((tokens,), model.config.video_token_id), ids[end:]])
+    long_inputs = {"input_ids": long_ids.repeat(batch, 1),
+                   "pixel_values_videos": pixels[:1, :1].expand(batch, frames, *pixels.shape[2:])}  # fmt: skip
+    return long_inputs, Encoded({VIDEO: BaseModelOutputWithPooling(pooler_output=features)})
+
+
+def _generate(model: torch.nn.Module, inputs: dict, encoded: Encoded, new_tokens: int, device: str) -> dict:
+    """TTFT, decode tokens/s, peak memory (None off the GPU) and KV bytes of one greedy generation on `encoded`
+    features."""
+    gpu = device.startswith("cuda")
+    if gpu:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    clock = TokenClock(device)
+    started = time.perf_counter()
+    with feeding(model, encoded):
+        out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                             streamer=clock, return_dict_in_generate=True)  # fmt: skip
+    batch = inputs["input_ids"].shape[0]
+    return {
+        "ttft_ms": 1000 * (clock.times[0] - started),
+        "decode_tokens_per_s": batch * (len(clock.times) - 1) / (clock.times[-1] - clock.times[0]),
+        "peak_memory_bytes": torch.cuda.max_memory_allocated() if gpu else None,
+        "kv_bytes": cache_bytes(cache_of(out)),
+    }
+
+
+def attempt(model: torch.nn.Module, setting: Setting, run: partial) -> dict:
+    """`run()` under `setting`, or {"out_of_memory": True} where it ran past the cap."""
+    try:
+        if setting.method is None:
+            return run()
+        with mmtoken.patched(model, setting.method, **setting.params):
+            return run()
+    except torch.OutOfMemoryError:
+        return {"out_of_memory": True}
+    finally:
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def full_kv_bytes(model: torch.nn.Module, tokens: int) -> int:
+    """Bytes of the KV cache of `tokens` prompt tokens, every layer whole (bf16)."""
+    text = model.config.text_config
+    head = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return 2 * text.num_hidden_layers * text.num_key_value_heads * head * tokens * 2
+
+
+@torch.no_grad()
+def measure_length(
+    model: torch.nn.Module,
+    inputs: dict,
+    encoded: Encoded,
+    grid: list[Setting],
+    frames: list[int],
+    streamed_only: list[int],
+    device: str = "cuda",
+) -> list[dict]:
+    """A row per setting and frame count: peak memory, TTFT and KV bytes of one request (2 new tokens). Settings
+    that prefill the whole video skip the `streamed_only` counts and every count whose whole KV cache alone is
+    past the cap."""
+    rows = []
+    for count in track(sorted({*frames, *streamed_only}), description="length"):
+        long_inputs, long_encoded = lengthened(model, inputs, encoded, count, 1)
+        tokens = long_inputs["input_ids"].shape[1]
+        for setting in grid:
+            row = {"measurement": "length", "setting": setting.label, "frames": count, "prompt_tokens": tokens}
+            whole = full_kv_bytes(model, tokens)
+            if not setting.streams and whole > CAP_GIB * 2**30:
+                rows.append(row | {"skipped": f"the whole prefill's KV alone needs {whole / 2**30:.0f} GiB"})
+                continue
+            if not setting.streams and count not in frames:
+                rows.append(row | {"skipped": "whole prefills of this length are not asked for (--frames)"})
+                continue
+            rows.append(row | attempt(model, setting, partial(_generate, model, long_inputs, long_encoded, 2, device)))
+        del long_inputs, long_encoded
+    return rows
+
+
+@torch.no_grad()
+def measure_concurrency(
+    model: torch.nn.Module,
+    inputs: dict,
+    encoded: Encoded,
+    grid: list[Setting],
+    frames: int,
+    new_tokens: int,
+    max_batch: int,
+    device: str = "cuda",
+) -> list[dict]:
+    """Per setting, the largest batch of `frames`-frame requests up to `max_batch` that fits (doubling, then one
+    step between the last that ran and the first that did not), with its decode tokens/s; every batch tried is a
+    row."""
+    rows = []
+    for setting in track(grid, description="concurrency"):
+        batch, fits, fails = 1, None, None
+        while True:
+            long_inputs, long_encoded = lengthened(model, inputs, encoded, frames, batch)
+            result = attempt(model, setting, partial(_generate, model, long_inputs, long_encoded, new_tokens, device))
+            del long_inputs, long_encoded
+            rows.append({"measurement": "concurrency", "setting": setting.label, "frames": frames, "batch": batch}
+                        | result)  # fmt: skip
+            if result.get("out_of_memory"):
+                fails = batch
+            else:
+                fits = batch
+            if fails is None:
+                if batch >= max_batch:
+                    break
+                batch = min(2 * batch, max_batch)
+            elif fits is not None and fails - fits > 1 and fails == 2 * fits:
+                batch = (fits + fails) // 2
+            else:
+                break
+    return rows
+
+
+def summary(rows: list[dict]) -> list[dict]:
+    """Per setting: the largest batch that ran at the concurrency length, its decode tokens/s, and both as ratios
+    to the unpatched model's."""
+    best: dict[str, dict] = {}
+    for row in rows:
+        ran = row["measurement"] == "concurrency" and not row.get("out_of_memory")
+        if ran and (row["setting"] not in best or row["batch"] > best[row["setting"]]["batch"]):
+            best[row["setting"]] = row
+    base = next(iter(best.values()), None)
+    return [
+        {"setting": label, "batch": row["batch"], "decode_tokens_per_s": row["decode_tokens_per_s"],
+         "batch_ratio": row["batch"] / base["batch"],
+         "decode_ratio": row["decode_tokens_per_s"] / base["decode_tokens_per_s"]}
+        for label, row in best.items()
+    ]  # fmt: skip
+
+
+def _gib(value: int | None) -> str:
+    return "-" if value is None else f"{value / 2**30:.2f} GiB"
+
+
+def _cell(row: dict) -> str:
+    if "skipped" in row:
+        return f"not run: {row['skipped']}"
+    if row.get("out_of_memory"):
+        return f"out of memory (> {CAP_GIB} GiB)"
+    return f"{_gib(row['peak_memory_bytes'])}, {row['ttft_ms'] / 1000:.2f} s, KV {_gib(row['kv_bytes'])}"
+
+
+def markdown(rows: list[dict], environment: dict) -> str:
+    """Tables of the length and concurrency rows."""
+    length = [row for row in rows if row["measurement"] == "length"]
+    labels = list(dict.fromkeys(row["setting"] for row in length))
+    lines = ["| frames (prompt tokens) | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+    for count in dict.fromkeys(row["frames"] for row in length):
+        cells = {row["setting"]: row for row in length if row["frames"] == count}
+        first = next(iter(cells.values()))
+        lines.append(f"| {count} ({first['prompt_tokens']:,}) | " + " | ".join(_cell(cells[label]) for label in labels)
+                     + " |")  # fmt: skip
+    lines += ["", "| setting | largest batch that fits | decode tokens/s | batch ratio | decode ratio |",
+              "|---|---|---|---|---|"]  # fmt: skip
+    for row in summary(rows):
+        lines.append(f"| {row['setting']} | {row['batch']} | {row['decode_tokens_per_s']:.0f} | "
+                     f"{row['batch_ratio']:.2f}x | {row['decode_ratio']:.2f}x |")  # fmt: skip
+    tried = [row for row in rows if row["measurement"] == "concurrency"]
+    lines += ["", "Batches tried: " + "; ".join(
+        f"{row['setting']} x{row['batch']}: " + ("out of memory" if row.get("out_of_memory") else
+                                                  _gib(row["peak_memory_bytes"]))
+        for row in tried)]  # fmt: skip
+    return f"Environment: {json.dumps(environment)}\n\nPeak memory, TTFT, KV after prefill:\n\n" + "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Peak memory against the video's frames, a line per setting (points that ran out of memory left out)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure, axes = pyplot.subplots(figsize=(6, 4))
+    length = [row for row in rows if row["measurement"] == "length" and "peak_memory_bytes" in row]
+    for label in dict.fromkeys(row["setting"] for row in length):
+        points = [(row["frames"], row["peak_memory_bytes"] / 2**30) for row in length if row["setting"] == label]
+        axes.plot(*zip(*points, strict=True), marker="o", label=label)
+    axes.axhline(CAP_GIB, color="grey", linestyle="--", label=f"{CAP_GIB} GiB cap")
+    axes.set(xscale="log", xlabel="video frames", ylabel="peak GPU memory (GiB)")
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmtoken kvbench", description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, nargs="+", default=[32, 128, 512], help="lengths every setting runs")
+    parser.add_argument("--streamed-frames", type=int, nargs="*", default=[2000, 10000],
+                        help="lengths only the streamed press runs (whole prefills of them take minutes)")  # fmt: skip
+    parser.add_argument("--press", default="snapkv")
+    parser.add_argument("--capacity", type=int, default=3136, help="KV entries per layer (16 frames of 196 tokens)")
+    parser.add_argument("--chunk-frames", type=int, default=4)
+    parser.add_argument("--concurrency-frames", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=16, help="tokens generated per request at concurrency")
+    parser.add_argument("--max-batch", type=int, default=512, help="the largest batch the concurrency tries")
+    parser.add_argument("--base-frames", type=int, default=16, help="real frames encoded, repeated to each length")
+    parser.add_argument("--attention", default="sdpa")
+    parser.add_argument("--out", type=Path, default=Path("results/kv-memory"))
+    return parser
+
+
+def run(shape: Shape, model: torch.nn.Module, args: argparse.Namespace) -> list[dict]:
+    """Every row of both measurements for `model` on `shape`'s real frames."""
+    inputs = prompt_inputs(shape, 1, "cuda", torch.bfloat16)
+    encode(model, inputs)  # warm-up
+    encoder_ms, encoded = timed(partial(encode, model, inputs), "cuda")
+    grid = settings(args.press, args.capacity, args.chunk_frames)
+    rows = [{"measurement": "encoder", "frames": args.base_frames, "ms_per_frame": encoder_ms / args.base_frames}]
+    rows += measure_length(model, inputs, encoded, grid, args.frames, args.streamed_frames)
+    rows += measure_concurrency(model, inputs, encoded, grid, args.concurrency_frames, args.new_tokens, args.max_batch)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("mmtoken kvbench measures GPU memory and needs a CUDA device")
+    torch.cuda.set_per_process_memory_fraction(CAP_GIB * 2**30 / torch.cuda.get_device_properties(0).total_memory)
+    shape = onevision_7b(args.base_frames)
+    model = build_model(shape, args.attention, "cuda", torch.bfloat16)
+    rows = run(shape, model, args)
+    environment = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                   "transformers": __import__("transformers").__version__, "shape": shape.name,
+                   "attention": args.attention, "cap_gib": CAP_GIB, **vars(args) | {"out": str(args.out)}}  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "kv-memory.json").write_text(json.dumps({"environment": environment, "rows": rows}, indent=1))
+    table = markdown(rows, environment)
+    (args.out / "kv-memory.md").write_text(table + "\n")
+    plot(rows, args.out / "kv-memory.png")
+    print(table)

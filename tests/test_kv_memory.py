@@ -1,0 +1,70 @@
+"""The KV memory harness on the CPU with the tiny OneVision model: its long videos are the real frames repeated,
+and its rows show what the presses keep."""
+
+from __future__ import annotations
+
+import torch
+from conftest import model_and_processor
+
+from mmtoken.encoding import encode, feeding
+from mmtoken.evaluation import kv_memory
+from mmtoken.zoo.tiny import _draw
+
+FAMILY = "llava_onevision"
+
+
+def _prompt(processor, frames):
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "what moves"}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return processor(text=[text], videos=[frames], return_tensors="pt")
+
+
+def _base():
+    model, processor = model_and_processor(FAMILY)
+    frames = [_draw((64, 64), 0, step) for step in range(2)]
+    inputs = _prompt(processor, frames)
+    return model, processor, frames, inputs, encode(model, inputs)
+
+
+@torch.no_grad()
+def test_a_lengthened_video_is_the_real_video_of_its_frames_repeated():
+    model, processor, frames, inputs, encoded = _base()
+    real = _prompt(processor, frames * 3)
+    long_inputs, long_encoded = kv_memory.lengthened(model, inputs, encoded, 6, batch=2)
+    assert torch.equal(long_inputs["input_ids"][1], real["input_ids"][0])
+    with feeding(model, long_encoded):
+        fed = model(**long_inputs).logits
+    expected = model(**real).logits
+    torch.testing.assert_close(fed, expected.expand(2, -1, -1), rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
+def test_streamed_press_holds_its_capacity_however_long_the_video():
+    model, _, _, inputs, encoded = _base()
+    grid = kv_memory.settings("snapkv", capacity=8, chunk_frames=1)
+    rows = kv_memory.measure_length(model, inputs, encoded, grid, frames=[2, 4], streamed_only=[8], device="cpu")
+    kv = {(row["setting"], row["frames"]): row.get("kv_bytes") for row in rows}
+    unpatched, after, streamed = (setting.label for setting in grid)
+    tokens = {row["frames"]: row["prompt_tokens"] + 1 for row in rows}  # and the first new token's entry
+    # unpatched, the cache grows with every frame's tokens; a press keeps the first layer whole and `capacity`
+    # visual entries in every other, so past the capacity it grows by the first layer's share only
+    assert kv[unpatched, 4] / kv[unpatched, 2] == tokens[4] / tokens[2]
+    assert kv[after, 4] == kv[streamed, 4] < kv[unpatched, 4]
+    depth = model.config.text_config.num_hidden_layers
+    per_entry = kv[unpatched, 2] // tokens[2] // depth
+    assert kv[streamed, 8] - kv[streamed, 4] == per_entry * (tokens[8] - tokens[4])
+    skipped = [row for row in rows if "skipped" in row]
+    assert [(row["setting"], row["frames"]) for row in skipped] == [(unpatched, 8), (after, 8)]
+
+
+@torch.no_grad()
+def test_concurrency_doubles_the_batch_to_its_bound_and_reports_ratios():
+    model, _, _, inputs, encoded = _base()
+    grid = kv_memory.settings("snapkv", capacity=8, chunk_frames=1)[:2]
+    rows = kv_memory.measure_concurrency(model, inputs, encoded, grid, 4, new_tokens=3, max_batch=3, device="cpu")
+    assert [(row["setting"], row["batch"]) for row in rows] == [(setting.label, batch) for setting in grid
+                                                                for batch in (1, 2, 3)]  # fmt: skip
+    summary = kv_memory.summary(rows)
+    assert [row["batch"] for row in summary] == [3, 3] and summary[0]["decode_ratio"] == 1.0
+    assert all(row["decode_tokens_per_s"] > 0 for row in rows)
+    assert "| snapkv 8 after prefill | 3 |" in kv_memory.markdown(rows, {})
