@@ -1,0 +1,158 @@
+"""The scheduler of the prefill and decode stages: requests wait in a bounded queue; a thread takes the oldest and
+the waiting requests that can share its batch (up to `max_batch`), gets their encodings from the encoder, and
+prefills and decodes them together with one `generate` on the encoded features, under the model's mmtoken patch
+if it has one. Each request's tokens reach it as they come. A request's batch starts when the previous batch has
+finished (static batching: a new request never joins a batch that is decoding)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+
+import torch
+from torch import nn
+from transformers.generation.streamers import BaseStreamer
+
+from mmtoken.encoding import feeding
+from mmtoken.staging.batching import batch_key, collate, collate_encoded
+from mmtoken.staging.encoders import Encoder, on_model
+from mmtoken.staging.jobs import Job
+
+
+class Overloaded(RuntimeError):
+    """The queue is full: the request is refused before any work (HTTP 429)."""
+
+
+class OutOfMemory(RuntimeError):
+    """The request alone ran out of device memory (HTTP 503); it was accepted and gets this as its answer."""
+
+
+class _RowStreamer(BaseStreamer):
+    """Hands each row's new token to its job, until the row's end of sequence or its own limit."""
+
+    def __init__(self, jobs: list[Job], end_ids: set[int], synchronize: bool) -> None:
+        self.jobs, self.end_ids, self.synchronize = jobs, end_ids, synchronize
+        self.ended = [False] * len(jobs)
+        self._prompt = True
+
+    def put(self, value: torch.Tensor) -> None:
+        if self._prompt:
+            self._prompt = False
+            return
+        if self.synchronize:
+            torch.cuda.synchronize()
+        at = time.perf_counter()
+        for row, token in enumerate(value.reshape(-1).tolist()):
+            job = self.jobs[row]
+            if self.ended[row] or job.done:
+                continue
+            if token in self.end_ids:
+                self.ended[row] = True
+            else:
+                job.emit(token, at)
+
+    def end(self) -> None:
+        pass
+
+
+class Scheduler:
+    """Batches and runs requests for `model` (and its `processor`'s tokenizer), encodings from `encoder`."""
+
+    def __init__(self, model: nn.Module, processor: object, encoder: Encoder, max_batch: int = 8,
+                 max_waiting: int = 64) -> None:  # fmt: skip
+        if max_batch < 1 or max_waiting < 1:
+            raise ValueError(f"max_batch and max_waiting must be >= 1, got {max_batch} and {max_waiting}")
+        self.model, self.encoder = model, encoder
+        self.max_batch, self.max_waiting = max_batch, max_waiting
+        tokenizer = processor.tokenizer
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        end = model.generation_config.eos_token_id
+        self.end_ids = set(end if isinstance(end, list) else [] if end is None else [end])
+        self.device = next(model.parameters()).device
+        self._waiting: deque[Job] = deque()
+        self._wake = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="mmtoken-scheduler", daemon=True)
+
+    def start(self) -> Scheduler:
+        """Start running the queued requests and those that come."""
+        self._thread.start()
+        return self
+
+    def submit(self, job: Job) -> Job:
+        """Queue `job` (its future resolves with its tokens); raises `Overloaded` when the queue is full."""
+        with self._wake:
+            if self._closed:
+                raise RuntimeError("the scheduler is closed")
+            if len(self._waiting) >= self.max_waiting:
+                raise Overloaded(f"{len(self._waiting)} requests are waiting (the most this server queues)")
+            self.encoder.submit(job)
+            self._waiting.append(job)
+            self._wake.notify()
+        return job
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def close(self) -> None:
+        """Finish every queued request, then stop."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _next_batch(self) -> list[Job] | None:
+        with self._wake:
+            while not self._waiting:
+                if self._closed:
+                    return None
+                self._wake.wait()
+            key = batch_key(self._waiting[0].inputs)
+            batch = [job for job in self._waiting if batch_key(job.inputs) == key][: self.max_batch]
+            for job in batch:
+                self._waiting.remove(job)
+            return batch
+
+    def _loop(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            self._run_or_split(batch)
+
+    def _run_or_split(self, batch: list[Job]) -> None:
+        """Run `batch`; where it fails, each request alone, so one bad request costs only itself its answer."""
+        try:
+            self._run(batch)
+        except Exception as error:  # every accepted request gets an answer, never lost
+            if len(batch) > 1:
+                for job in batch:
+                    job.tokens.clear()
+                    job.token_times.clear()
+                    self._run_or_split([job])
+                return
+            failure = OutOfMemory(str(error)) if isinstance(error, torch.OutOfMemoryError) else error
+            batch[0].future.set_exception(failure)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            return
+        for job in batch:
+            job.future.set_result(list(job.tokens))
+
+    @torch.no_grad()
+    def _run(self, batch: list[Job]) -> None:
+        started = time.perf_counter()
+        encodings = []
+        for job in batch:
+            job.started = started
+            encodings.append(self.encoder.features(job))
+            job.encoded = time.perf_counter()
+        inputs = on_model(self.model, collate([job.inputs for job in batch], self.pad_id))
+        encoded = collate_encoded(encodings)
+        streamer = _RowStreamer(batch, self.end_ids, self.device.type == "cuda")
+        new_tokens = max(job.max_tokens for job in batch)
+        with feeding(self.model, encoded):
+            self.model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, streamer=streamer,
+                                pad_token_id=self.pad_id)  # fmt: skip
+        for job in batch:
+            job.finished = time.perf_counter()
