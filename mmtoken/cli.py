@@ -21,6 +21,17 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--models", nargs="+", default=[], metavar="MODEL",
                       help="local folders or hub ids the page offers besides the embedded probe models")  # fmt: skip
     demo.add_argument("--online", action="store_true", help="let hub ids of --models download (default: offline)")
+    serve = commands.add_parser("serve", help="an OpenAI-compatible server of a model under a method")
+    serve.add_argument("model", help="an embedded probe model (probe-llava, probe-qwen2vl) or a local model folder")
+    serve.add_argument("--method", help="a method's name or a YAML file (default: the unpatched model)")
+    serve.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                       help="a parameter of the method, e.g. --param budget=64 (repeatable)")  # fmt: skip
+    serve.add_argument("--host", default="127.0.0.1", help="the address to bind (default 127.0.0.1: this machine)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-batch", type=int, default=8, help="requests prefilled and decoded together")
+    serve.add_argument("--max-waiting", type=int, default=64, help="queued requests past which it answers 429")
+    serve.add_argument("--cache-mib", type=int, default=1024, help="size of the embedding cache")
+    serve.add_argument("--media-dir", type=Path, help="a folder whose image files requests may name")
     commands.add_parser("sweep", help="models x methods x budgets x tasks through lmms-eval, resumable", add_help=False)
     commands.add_parser("report", help="markdown tables and Pareto plots from sweep results", add_help=False)
     commands.add_parser("tasks-path", help="the lmms-eval task folder of the probe set (for --include_path)")
@@ -87,6 +98,8 @@ def main(argv: list[str] | None = None) -> None:
         from mmtoken.evaluation.overhead import main as overhead
 
         overhead(rest)
+    elif args.command == "serve":
+        _serve(args, parser)
     elif args.command == "sweep":
         from mmtoken.evaluation.sweep import main as run_sweep
 
@@ -121,3 +134,22 @@ def _search(args: argparse.Namespace) -> None:
     command = f"mmtoken search {args.kind} {options} --model {args.model} --per-task {args.per_task} --seed {args.seed}"
     write_schedule(found, out, [f"found by: {command}", "load with: mmtoken.patch(model, PATH)"])
     print(f"written: {out}")
+
+
+def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    import yaml
+
+    try:
+        from mmtoken.staging.server import serve
+    except ModuleNotFoundError as missing:
+        parser.exit(1, f"mmtoken serve needs {missing.name}: pip install 'mmtoken[serve]'\n")
+    params = {}
+    for item in args.param:
+        name, equals, value = item.partition("=")
+        if not equals or not name:
+            parser.error(f"--param takes NAME=VALUE, got {item!r}")
+        params[name] = yaml.safe_load(value)
+    if params and args.method is None:
+        parser.error("--param needs a --method")
+    serve(args.model, args.method, params, args.host, args.port, args.max_batch, args.max_waiting,
+          args.cache_mib * 2**20, args.media_dir)  # fmt: skip
