@@ -103,17 +103,19 @@ def _generate(model: torch.nn.Module, inputs: dict, encoded: Encoded, new_tokens
 
 
 def attempt(model: torch.nn.Module, setting: Setting, run: partial) -> dict:
-    """`run()` under `setting`, or {"out_of_memory": True} where it ran past the cap."""
+    """`run()` under `setting`, or {"out_of_memory": True} where it ran past the cap; either way with the bytes
+    allocated before it started (what an earlier run left would show there)."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    before = {"allocated_before_bytes": torch.cuda.memory_allocated() if torch.cuda.is_available() else None}
     try:
         if setting.method is None:
-            return run()
+            return before | run()
         with mmtoken.patched(model, setting.method, **setting.params):
-            return run()
+            return before | run()
     except torch.OutOfMemoryError:
-        return {"out_of_memory": True}
-    finally:
-        gc.collect()
-        torch.cuda.empty_cache()
+        pass  # the memory goes back once the exception and its frames are gone, outside this block
+    return before | {"out_of_memory": True}
 
 
 def full_kv_bytes(model: torch.nn.Module, tokens: int) -> int:

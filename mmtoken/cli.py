@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--max-waiting", type=int, default=64, help="queued requests past which it answers 429")
     serve.add_argument("--cache-mib", type=int, default=1024, help="size of the embedding cache")
     serve.add_argument("--media-dir", type=Path, help="a folder whose image files requests may name")
+    commands.add_parser("loadtest", help="goodput under load: deployments x methods x arrival rates", add_help=False)
     commands.add_parser("sweep", help="models x methods x budgets x tasks through lmms-eval, resumable", add_help=False)
     commands.add_parser("report", help="markdown tables and Pareto plots from sweep results", add_help=False)
     commands.add_parser("tasks-path", help="the lmms-eval task folder of the probe set (for --include_path)")
@@ -100,6 +101,10 @@ def main(argv: list[str] | None = None) -> None:
         overhead(rest)
     elif args.command == "serve":
         _serve(args, parser)
+    elif args.command == "loadtest":
+        from mmtoken.evaluation.serving import main as loadtest
+
+        loadtest(rest)
     elif args.command == "sweep":
         from mmtoken.evaluation.sweep import main as run_sweep
 

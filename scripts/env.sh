@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Creates a virtual environment in the repository (once) and installs mmtoken into it from a lock file, so every
 # install gets the releases CI tested; fast when already done.
-#   scripts/env.sh          .venv from locks/newest.txt: every extra (dev, eval: lmms-eval, ~140 packages; demo,
+#   scripts/env.sh          .venv from locks/newest.txt: every extra (dev, eval: lmms-eval, ~140 packages; demo, serve,
 #                           search) at the newest supported releases, plus Debian's chromium for the demo's browser test
 #   scripts/env.sh oldest   .venv-oldest from locks/oldest.txt: the package and its test tools at the oldest supported
 #                           transformers, for the invariants (CI runs both)

@@ -49,6 +49,11 @@ class EmbeddingCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self.bytes = 0
+
     def get(self, key: str) -> Encoded | None:
         with self._lock:
             entry = self._entries.get(key)

@@ -28,6 +28,7 @@ def encode_cached(model: nn.Module, job: Job, cache: EmbeddingCache | None, sett
         return encode(model, on_model(model, job.inputs), signal=signal)
     key = job.media_key or media_key(job.inputs, {**settings, "signal": signal})
     encoded = cache.get(key)
+    job.cache_hit = encoded is not None
     if encoded is None:
         encoded = encode(model, on_model(model, job.inputs), signal=signal)
         cache.put(key, encoded)

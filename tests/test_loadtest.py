@@ -1,0 +1,79 @@
+"""Load runs on the CPU with a tiny model saved to a folder: traces replay exactly, and under torchrun the staged
+deployment (the encoder in its own process, over gloo) answers every request as the colocated one does, its
+embedding cache hitting on repeated media."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import model_and_processor
+
+from mmtoken.staging.load import arrivals, make_trace, read_trace, write_trace
+from mmtoken.staging.metrics import SLO, summarize
+
+
+def test_arrivals_have_the_asked_rate_and_gamma_is_burstier():
+    poisson, gamma = arrivals(4000, 5.0), arrivals(4000, 5.0, "gamma", cv=3.0)
+    gaps = [b - a for a, b in zip(gamma, gamma[1:], strict=False)]
+    assert abs(len(poisson) / poisson[-1] - 5.0) < 0.3 and abs(len(gamma) / gamma[-1] - 5.0) < 0.6
+    mean = sum(gaps) / len(gaps)
+    assert (sum((gap - mean) ** 2 for gap in gaps) / len(gaps)) ** 0.5 / mean > 2.0
+
+
+def test_a_trace_file_replays_the_same_requests_and_bad_rows_say_where(tmp_path):
+    trace = make_trace(30, 2.0, {"image": 1, "video": 1}, {"video": 8}, repeat=0.5, seed=3)
+    write_trace(trace, tmp_path / "trace.jsonl")
+    assert read_trace(tmp_path / "trace.jsonl") == trace
+    videos = [row for row in trace if row.kind == "video"]
+    assert all(row.count == 8 for row in videos) and len({row.media for row in videos}) < len(videos)
+    (tmp_path / "bad.jsonl").write_text('{"at": 0, "kind": "audio", "count": 1, "media": 0, "max_tokens": 4}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1: a row needs a kind"):
+        read_trace(tmp_path / "bad.jsonl")
+
+
+def test_slo_attainment_counts_refused_requests_and_goodput_is_over_the_span():
+    records = [
+        {"at": 0.0, "error": None, "ttft_s": 0.5, "tpot_s": 0.01, "e2e_s": 1.0, "queue_s": 0.1},
+        {"at": 1.0, "error": None, "ttft_s": 2.0, "tpot_s": 0.01, "e2e_s": 3.0, "queue_s": 1.5},
+        {"at": 2.0, "error": "refused"},
+    ]
+    summary = summarize(records, SLO(ttft_s=1.0, tpot_s=0.05))
+    assert summary["slo_attainment"] == 1 / 3 and summary["goodput_rps"] == 1 / 4.0
+    assert (summary["answered"], summary["refused"], summary["failed"]) == (2, 1, 0)
+
+
+def test_staged_over_gloo_answers_as_colocated_and_its_cache_hits_on_repeated_media(tmp_path):
+    model, processor = model_and_processor("llava")
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+               "mmtoken", "loadtest", str(tmp_path / "model"), "--deployments", "colocated", "staged", "staged-cache",
+               "--methods", "none", "fastv:ratio=0.5", "--rates", "20", "--count", "8", "--mix", "image=1,images=1",
+               "--counts", "images=2", "--repeat", "0.6", "--max-tokens", "4", "--out", str(out)]  # fmt: skip
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=environment)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((out / "serving.json").read_text())["rows"]
+    assert [(row["deployment"], row["method"]) for row in rows] == [
+        (deployment, method) for deployment in ("colocated", "staged", "staged-cache")
+        for method in ("unpatched", "fastv:ratio=0.5")
+    ]  # fmt: skip
+    for row in rows:
+        assert row["answered"] == row["requests"] == 8
+    for method in ("unpatched", "fastv:ratio=0.5"):
+        answers = {row["deployment"]: [record["tokens"] for record in row["records"]] for row in rows
+                   if row["method"] == method}  # fmt: skip
+        assert answers["staged"] == answers["colocated"] == answers["staged-cache"]
+    hits = {row["deployment"]: [record["cache_hit"] for record in row["records"]] for row in rows}
+    assert set(hits["colocated"]) == {None} and set(hits["staged"]) == {None}
+    trace = read_trace(out / "trace-20.jsonl")
+    repeated = [len({row.media for row in trace if row.kind == kind}) < sum(row.kind == kind for row in trace)
+                for kind in ("image", "images")]  # fmt: skip
+    assert any(repeated) and hits["staged-cache"].count(True) >= 1 and hits["staged-cache"][0] is False
+    assert (out / "serving.png").stat().st_size > 0 and "| staged-cache | unpatched | 20 | 8 / 8 |" in (
+        out / "serving.md").read_text()  # fmt: skip
