@@ -4,6 +4,7 @@ embedding cache hitting on repeated media."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -18,7 +19,7 @@ from mmtoken.staging.metrics import SLO, summarize
 
 def test_arrivals_have_the_asked_rate_and_gamma_is_burstier():
     poisson, gamma = arrivals(4000, 5.0), arrivals(4000, 5.0, "gamma", cv=3.0)
-    gaps = [b - a for a, b in zip(gamma, gamma[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(gamma)]
     assert abs(len(poisson) / poisson[-1] - 5.0) < 0.3 and abs(len(gamma) / gamma[-1] - 5.0) < 0.6
     mean = sum(gaps) / len(gaps)
     assert (sum((gap - mean) ** 2 for gap in gaps) / len(gaps)) ** 0.5 / mean > 2.0
@@ -31,7 +32,7 @@ def test_a_trace_file_replays_the_same_requests_and_bad_rows_say_where(tmp_path)
     videos = [row for row in trace if row.kind == "video"]
     assert all(row.count == 8 for row in videos) and len({row.media for row in videos}) < len(videos)
     (tmp_path / "bad.jsonl").write_text('{"at": 0, "kind": "audio", "count": 1, "media": 0, "max_tokens": 4}\n')
-    with pytest.raises(ValueError, match="bad.jsonl:1: a row needs a kind"):
+    with pytest.raises(ValueError, match=r"bad\.jsonl:1: a row needs a kind"):
         read_trace(tmp_path / "bad.jsonl")
 
 
