@@ -19,6 +19,7 @@ import torch
 import yaml
 
 import mmtoken
+from mmtoken.evaluation.speed import SHAPES, build_model
 from mmtoken.staging.embedding_cache import EmbeddingCache
 from mmtoken.staging.encoders import LocalEncoder
 from mmtoken.staging.load import KINDS, make_trace, read_trace, write_trace
@@ -66,11 +67,19 @@ def traces(args: argparse.Namespace) -> dict[float, list]:
 
 
 def _load(model: str, device: torch.device) -> tuple[torch.nn.Module, object]:
+    """An embedded probe model, a local folder, or `random:SHAPE`: a speed shape's model at its real size with
+    random weights (the same in every process: the seed is fixed)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from mmtoken.zoo.embedded import NAMES, load
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if model.startswith("random:"):
+        name = model.removeprefix("random:")
+        if name not in SHAPES:
+            raise SystemExit(f"mmtoken loadtest: random:{name} is not a speed shape ({', '.join(SHAPES)})")
+        shape = SHAPES[name]()
+        return build_model(shape, "sdpa", str(device), dtype), shape.processor
     if model in NAMES:
         loaded, processor = load(model, dtype)
     else:
@@ -167,7 +176,8 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmtoken loadtest", description=__doc__.splitlines()[0])
-    parser.add_argument("model", help="an embedded probe model or a local model folder")
+    parser.add_argument("model", help="an embedded probe model, a local model folder, or random:SHAPE (a speed shape "
+                        "at its real size with random weights, e.g. random:onevision-7b-video)")
     parser.add_argument("--deployments", nargs="+", choices=DEPLOYMENTS, default=["colocated"])
     parser.add_argument("--methods", nargs="+", default=["none"], help="none, NAME or NAME:PARAM=VALUE,...")
     parser.add_argument("--rates", type=float, nargs="+", default=[1.0, 2.0, 4.0], help="arrivals per second")
