@@ -29,7 +29,9 @@ class LlavaNextAdapter(TowerAttention, Adapter):
         return self.model.base_model if self.config.model_type == "llava_onevision" else None
 
     def split_run(self, kind: int, embeddings: torch.Tensor, positions: torch.Tensor | None) -> list[torch.Tensor]:
-        newline = (embeddings == self.model.model.image_newline.to(embeddings.dtype)).all(-1).cpu()
+        line = self.model.model.image_newline.to(embeddings.dtype)
+        # in blocks of rows: a whole long video's comparison would hold a flag per hidden element
+        newline = torch.cat([(block == line).all(-1).cpu() for block in embeddings.split(65536)])
         ends = (newline.nonzero().flatten() + 1).tolist()
         if kind != IMAGE:
             pooled = math.ceil(self._side / 2)

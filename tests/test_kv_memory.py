@@ -3,10 +3,12 @@ and its rows show what the presses keep."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import model_and_processor
 
 from mmtoken.encoding import encode, feeding
+from mmtoken.engine.streaming import RowScatter
 from mmtoken.evaluation import kv_memory
 from mmtoken.zoo.tiny import _draw
 
@@ -68,3 +70,16 @@ def test_concurrency_doubles_the_batch_to_its_bound_and_reports_ratios():
     assert [row["batch"] for row in summary] == [3, 3] and summary[0]["decode_ratio"] == 1.0
     assert all(row["decode_tokens_per_s"] > 0 for row in rows)
     assert "| snapkv 8 after prefill | 3 |" in kv_memory.markdown(rows, {})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_scatter_merges_as_masked_scatter_does(dtype):
+    generator = torch.Generator().manual_seed(0)
+    target = torch.randn(2, 7, 5, generator=generator).to(dtype)
+    mask = torch.rand(2, 7, 1, generator=generator) > 0.5
+    source = torch.randn(int(mask.sum()) + 3, 5, generator=generator).to(dtype)  # spare rows are left, as torch does
+    expected = target.masked_scatter(mask, source)
+    with RowScatter():
+        merged = target.masked_scatter(mask, source)
+        full = target.masked_scatter(mask.expand_as(target), source)  # an element-wise mask goes to torch's kernel
+    assert torch.equal(merged, expected) and torch.equal(full, expected)

@@ -104,7 +104,9 @@ class Engine:
         if streaming and (len(streaming) > 1 or any(step.stage != ON_CACHE for step in self.steps)):
             raise ValueError("a streaming prefill (chunk_frames) runs the prompt in chunks, so it takes one press "
                              "and no token method, whose cuts need the whole prompt at once")  # fmt: skip
-        self.streaming = StreamingPrefill(adapter.language_model, self.layers, streaming[0]) if streaming else None
+        self.streaming = (
+            StreamingPrefill(model, adapter.language_model, self.layers, streaming[0]) if streaming else None
+        )
         self.implementation = adapter.language_model.config._attn_implementation
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 

@@ -7,14 +7,22 @@ model's own hook saw the whole prompt, once), with the chunk's original position
 so the model's causal mask over the pressed cache is the right one) and the request's cache. The cache's record
 of each layer grows by the chunk's entries and shrinks at each press, as decode steps later read it. The first
 layer keeps every entry: transformers reads its length for the next tokens' positions.
+
+Before the language model, the model merges the media's features into the prompt's embeddings with
+`masked_scatter`, whose CUDA kernel builds the token mask over every hidden element and an int64 prefix sum of it:
+9 bytes per element, 63 GB for the 2 million tokens of 10,000 OneVision frames. While a streaming prefill's call
+runs, `RowScatter` does that merge by rows instead.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from transformers import DynamicCache
 
 from mmtoken.compat import CACHE_NAMES, cache_in, with_cache
@@ -56,20 +64,49 @@ def mask_chunk(request: Request, index: int, hidden: torch.Tensor, kwargs: dict,
         kwargs["attention_mask"] = decode_mask(None, held + chunk, chunk, implementation, hidden.dtype, hidden.device)
 
 
+class RowScatter(TorchFunctionMode):
+    """While active, `target.masked_scatter(mask, source)` with a token mask (one flag per row of the last
+    dimension, as transformers merges media features) copies whole rows by index: the same result, without the
+    element-wise mask and prefix sum. Every other call runs as it is."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.masked_scatter and not kwargs:
+            target, mask, source = args
+            if mask.dtype == torch.bool and mask.dim() == target.dim() and mask.shape[-1] == 1:
+                rows = mask[..., 0].expand(target.shape[:-1])
+                merged = target.clone()
+                merged[rows] = source.reshape(-1, target.shape[-1])[: int(rows.sum())].to(target.dtype)
+                return merged
+        return func(*args, **kwargs)
+
+
 class StreamingPrefill:
     """Runs the prefill of `language_model` chunk by chunk for a method whose press streams (`CachePress`
-    with `chunk_frames`), pressing every layer but the first after each chunk."""
+    with `chunk_frames`), pressing every layer but the first after each chunk; the calls of `model` that prefill
+    merge their media by rows (`RowScatter`)."""
 
-    def __init__(self, language_model: nn.Module, layers: nn.ModuleList, press: CachePress) -> None:
-        self.language_model, self.layers, self.press = language_model, layers, press
+    def __init__(self, model: nn.Module, language_model: nn.Module, layers: nn.ModuleList, press: CachePress) -> None:
+        self.model, self.language_model, self.layers, self.press = model, language_model, layers, press
         self._inner: Callable[..., object] | None = None
+        self._call: Callable[..., object] | None = None
 
     def attach(self) -> None:
-        self._inner = self.language_model.forward
+        self._inner, self._call = self.language_model.forward, self.model.forward
         self.language_model.forward = self._forward
+        # the model's own signature, which `generate` reads to check the arguments it is given
+        self.model.forward = functools.wraps(self._call)(partial(StreamingPrefill._model_forward, self))
 
     def detach(self) -> None:
         del self.language_model.forward
+        del self.model.forward
+
+    def _model_forward(self, *args: object, **kwargs: object) -> object:
+        cache = cache_in(kwargs)
+        if cache is not None and cache.get_seq_length() > 0:
+            return self._call(*args, **kwargs)
+        with RowScatter():
+            return self._call(*args, **kwargs)
 
     def _forward(self, *args: object, **kwargs: object) -> object:
         request, cache = active(), cache_in(kwargs)
