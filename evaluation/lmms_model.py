@@ -115,14 +115,19 @@ class MmtokenModel(lmms):
         self.method, self.params = method, {**defaults, **method_params(params)}
         name, patch_params = _KEEP_ALL if method == UNPATCHED else (method, self.params)
         build(name, **patch_params)  # a bad method or parameter is refused before the model loads
-        self.accelerator = Accelerator()
-        if self.accelerator.num_processes > 1:
-            device = f"cuda:{self.accelerator.local_process_index}"
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        if self.accelerator.num_processes > 1:  # each process its own GPU, or all on the CPU
+            device = f"cuda:{self.accelerator.local_process_index}" if torch.cuda.is_available() else "cpu"
             self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model, self.processor = _latest_loaded(pretrained, device, dtype, attn_implementation)
         self.batch_size, self.max_num_frames, self.max_new_tokens = int(batch_size), max_num_frames, max_new_tokens
         self.handle = mmtoken.patch(self.model, name, timing=True, **patch_params)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model runs (lmms-eval's data-parallel evaluation puts its counts there)."""
+        return self.model.device
 
     def clean(self) -> None:
         mmtoken.unpatch(self.model)

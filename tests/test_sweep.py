@@ -130,3 +130,23 @@ def test_report_names_the_methods_that_lose_to_a_simple_baseline():
         "- Budget 192: the best simple baseline is pooling (mean 80.0); every method scores at least as well.",
         "- Budget 64: the best simple baseline is uniform (mean 60.0); fastv score below it.",
     ]
+
+
+def test_a_data_parallel_sweep_gives_the_rows_of_one_process(tmp_path):
+    """Two processes on the CPU (torchrun; `accelerate launch --num_processes N` on GPUs) each answer half of every
+    cell's samples; lmms-eval gathers them, so the rows' metrics are one process's."""
+    config = {**CONFIG, "methods": {"none": {}, "fastv": {}}, "budgets": [128],
+              "tasks": ["mmtoken_probe_count", "mmtoken_probe_color"], "limit": 6}  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    rows = {}
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    for name, launcher in (("one", []), ("two", torchrun)):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({**config, "output": str(tmp_path / f"{name}.jsonl")}))
+        command = [sys.executable, *launcher, "-m", "mmtoken", "sweep", str(path)]
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        rows[name] = {row["key"]: row for row in _rows(tmp_path / f"{name}.jsonl")}
+    assert rows["one"].keys() == rows["two"].keys() and len(rows["one"]) == 4
+    for key, row in rows["one"].items():
+        assert (rows["two"][key]["metrics"], rows["two"][key]["samples"]) == (row["metrics"], row["samples"])
