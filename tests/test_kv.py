@@ -355,3 +355,22 @@ def test_h2o_that_cannot_run_is_refused_at_patch_time():
     with pytest.raises(ValueError, match="does not take h2o"):
         mmtoken.patch(model, "h2o", cuda_graphs=True)
     assert not model._forward_pre_hooks
+
+
+def test_the_windows_a_press_reads_hold_only_their_own_rows(monkeypatch):
+    """The last queries a press scores with are copies: a view would keep every layer's whole input alive until
+    the press (measured on the H200: 17 GiB more than unpatched at 100,000 prompt tokens)."""
+    from mmtoken.engine import hooks
+
+    seen = []
+
+    def watched(request, cache, scratch, *args):
+        seen.extend(hidden.untyped_storage().nbytes() / hidden.nbytes for hidden, _ in scratch.windows.values())
+        return pressing(request, cache, scratch, *args)
+
+    pressing = hooks.press_cache
+    monkeypatch.setattr(hooks, "press_cache", watched)
+    model, _ = model_and_processor("llava")
+    with mmtoken.patched(model, "snapkv", ratio=0.5):
+        _prefill_cache(model, inputs("llava", False, batch=2))
+    assert len(seen) == model.config.text_config.num_hidden_layers and set(seen) == {1.0}

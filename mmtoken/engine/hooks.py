@@ -234,11 +234,11 @@ class Engine:
             elif request.records is not None:  # a streaming prefill's chunk after the first
                 mask_chunk(request, index, hidden, kwargs, self.implementation)
             request.prefill.previous = (module, hidden, kwargs["position_embeddings"])
-            if self.window:
+            if self.window:  # copies: a view would keep the layer's whole input alive until the press
                 cos, sin = kwargs["position_embeddings"]
                 request.prefill.windows[index] = (
-                    hidden[:, -self.window :],
-                    (cos[:, -self.window :], sin[:, -self.window :]),
+                    hidden[:, -self.window :].clone(),
+                    (cos[:, -self.window :].clone(), sin[:, -self.window :].clone()),
                 )
         else:
             if self.evicting is not None and index > 0:
