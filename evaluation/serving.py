@@ -2,8 +2,9 @@
 videos) replayed in open loop at rising rates, against each deployment and each method, in one run; per run the SLO
 attainment, goodput and the TTFT / TPOT percentiles, with plots.
 
-Deployments: `colocated` (the encoder takes its turn in the model's process, between batches), `staged` (the encoder
-in a process of its own, `mmtoken.staging.staged`; needs `torchrun --nproc-per-node 2`), and `staged-cache` (staged,
+Deployments: `colocated` (the encoder takes its turn in the model's process, between batches), `threaded` (the encoder
+in a thread of the model's process, on a CUDA stream of its own, as requests arrive), `staged` (the encoder in a
+process of its own, `mmtoken.staging.staged`; needs `torchrun --nproc-per-node 2`), and `staged-cache` (staged,
 through the encoder's embedding cache). Under torchrun, rank 0 is the encoder and rank 1 runs every deployment;
 without it, only `colocated` runs.
 """
@@ -21,14 +22,14 @@ import yaml
 import mmtoken
 from mmtoken.evaluation.speed import SHAPES, build_model
 from mmtoken.staging.embedding_cache import EmbeddingCache
-from mmtoken.staging.encoders import LocalEncoder
+from mmtoken.staging.encoders import LocalEncoder, ThreadEncoder
 from mmtoken.staging.load import KINDS, make_trace, read_trace, write_trace
 from mmtoken.staging.metrics import SLO, summarize
 from mmtoken.staging.replay import replay
 from mmtoken.staging.scheduler import Scheduler
 from mmtoken.staging.staged import RemoteEncoder, model_device, serve_encodings, start_stages
 
-DEPLOYMENTS = ("colocated", "staged", "staged-cache")
+DEPLOYMENTS = ("colocated", "threaded", "staged", "staged-cache")
 
 
 def method_spec(text: str) -> tuple[str, str | None, dict]:
@@ -111,6 +112,8 @@ def run_deployments(
                 for rate, trace in by_rate.items():
                     if deployment == "colocated":
                         encoder = LocalEncoder(model, None, settings, signal)
+                    elif deployment == "threaded":
+                        encoder = ThreadEncoder(model, None, settings, signal)
                     else:
                         encoder, remote.cached, remote.signal = remote, deployment == "staged-cache", signal
                         remote.clear_cache()
@@ -118,6 +121,8 @@ def run_deployments(
                     name = f"{deployment} {label} @{rate:g}/s"
                     records = replay(scheduler, processor, trace, _image_size(processor), name)
                     scheduler.close()
+                    if deployment == "threaded":
+                        encoder.close()
                     rows.append({"deployment": deployment, "method": label, "rate": rate, **summarize(records, slo),
                                  "records": records})  # fmt: skip
             finally:
@@ -176,8 +181,11 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmtoken loadtest", description=__doc__.splitlines()[0])
-    parser.add_argument("model", help="an embedded probe model, a local model folder, or random:SHAPE (a speed shape "
-                        "at its real size with random weights, e.g. random:onevision-7b-video)")
+    parser.add_argument(
+        "model",
+        help="an embedded probe model, a local model folder, or random:SHAPE (a speed shape "
+        "at its real size with random weights, e.g. random:onevision-7b-video)",
+    )
     parser.add_argument("--deployments", nargs="+", choices=DEPLOYMENTS, default=["colocated"])
     parser.add_argument("--methods", nargs="+", default=["none"], help="none, NAME or NAME:PARAM=VALUE,...")
     parser.add_argument("--rates", type=float, nargs="+", default=[1.0, 2.0, 4.0], help="arrivals per second")
@@ -203,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
         _, method, params = method_spec(spec)
         if method is not None:
             mmtoken.methods.build(method, **params)  # a bad method or parameter fails here, before any work
-    staged = [deployment for deployment in args.deployments if deployment != "colocated"]
+    staged = [deployment for deployment in args.deployments if deployment.startswith("staged")]
     stages = start_stages() if staged or "RANK" in os.environ else None
     device = model_device(stages) if stages else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, processor = _load(args.model, device)

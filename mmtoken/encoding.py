@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
@@ -73,21 +74,28 @@ def encode(model: nn.Module, inputs: dict, signal: bool = False) -> Encoded:
 def feeding(model: nn.Module, encoded: Encoded) -> Iterator[None]:
     """While open, the model's `get_image_features` / `get_video_features` return `encoded`'s features instead of
     running the vision tower (the inputs keep their pixels, which the model then only counts), and a patch that
-    reads the vision signal gets the one `encode` recorded."""
+    reads the vision signal gets the one `encode` recorded. Only in this thread: another (an encoder thread) still
+    encodes."""
     base, saved = model.model, {}
     handle = handle_of(model)
     watch = None if handle is None else handle.engine.watch
+    feeder = threading.get_ident()
     for kind, output in encoded.features.items():
         name = f"get_{MEDIA[kind]}_features"
         saved[name] = base.__dict__.get(name)  # the wrapper a patch put there, or None
+        running = getattr(base, name)
 
-        def answer(*args: object, output: object = output, kind: int = kind, **kwargs: object) -> object:
+        def answer(
+            *args: object, output: object = output, kind: int = kind, running: Callable = running, **kwargs: object
+        ) -> object:
+            if threading.get_ident() != feeder:
+                return running(*args, **kwargs)
             if watch is not None:
                 watch.replay({kind: encoded.signals.get(kind, [])})
             return output
 
         # the original's signature, which `generate` reads to pick the arguments it passes (and then drops)
-        setattr(base, name, functools.wraps(getattr(base, name))(answer))
+        setattr(base, name, functools.wraps(running)(answer))
     try:
         yield
     finally:

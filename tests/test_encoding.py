@@ -3,6 +3,8 @@ every supported transformers release; VisionZip and HoliTom work on features enc
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 from conftest import greedy, inputs, model_and_processor
@@ -25,6 +27,22 @@ def test_a_prefill_fed_encoded_features_equals_the_forward_on_pixels(family, vid
         negated = {key: -value if key.startswith("pixel_values") else value for key, value in batch.items()}
         with feeding(model, encode(model, negated)):
             assert not torch.allclose(model(**batch).logits[:, -1], expected, atol=1e-3)
+
+
+@pytest.mark.parametrize(("family", "video"), CASES)
+def test_another_thread_encodes_its_own_media_while_one_feeds(family, video):
+    model, _ = model_and_processor(family)
+    batch = inputs(family, video, batch=2)
+    negated = {key: -value if key.startswith("pixel_values") else value for key, value in batch.items()}
+    expected = encode(model, negated).features
+    with feeding(model, encode(model, batch)), ThreadPoolExecutor(1) as encoder_thread:
+        encoded = encoder_thread.submit(encode, model, negated).result()
+    for kind, features in expected.items():
+        assert all(torch.equal(a, b) for a, b in zip(_tensors(encoded.features[kind]), _tensors(features), strict=True))
+
+
+def _tensors(features: object) -> list[torch.Tensor]:
+    return [leaf for leaf in torch.utils._pytree.tree_leaves(features) if torch.is_tensor(leaf)]
 
 
 @pytest.mark.parametrize(("family", "video"), CASES)

@@ -53,7 +53,8 @@ def test_staged_over_gloo_answers_as_colocated_and_its_cache_hits_on_repeated_me
     processor.save_pretrained(tmp_path / "model")
     out = tmp_path / "out"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
-               "mmtoken", "loadtest", str(tmp_path / "model"), "--deployments", "colocated", "staged", "staged-cache",
+               "mmtoken", "loadtest", str(tmp_path / "model"), "--deployments", "colocated", "threaded", "staged",
+               "staged-cache",
                "--methods", "none", "fastv:ratio=0.5", "--rates", "20", "--count", "8", "--mix", "image=1,images=1",
                "--counts", "images=2", "--repeat", "0.6", "--max-tokens", "4", "--out", str(out)]  # fmt: skip
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -61,7 +62,7 @@ def test_staged_over_gloo_answers_as_colocated_and_its_cache_hits_on_repeated_me
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads((out / "serving.json").read_text())["rows"]
     assert [(row["deployment"], row["method"]) for row in rows] == [
-        (deployment, method) for deployment in ("colocated", "staged", "staged-cache")
+        (deployment, method) for deployment in ("colocated", "threaded", "staged", "staged-cache")
         for method in ("unpatched", "fastv:ratio=0.5")
     ]  # fmt: skip
     for row in rows:
@@ -69,7 +70,7 @@ def test_staged_over_gloo_answers_as_colocated_and_its_cache_hits_on_repeated_me
     for method in ("unpatched", "fastv:ratio=0.5"):
         answers = {row["deployment"]: [record["tokens"] for record in row["records"]] for row in rows
                    if row["method"] == method}  # fmt: skip
-        assert answers["staged"] == answers["colocated"] == answers["staged-cache"]
+        assert answers["staged"] == answers["colocated"] == answers["staged-cache"] == answers["threaded"]
     hits = {row["deployment"]: [record["cache_hit"] for record in row["records"]] for row in rows}
     assert set(hits["colocated"]) == {None} and set(hits["staged"]) == {None}
     trace = read_trace(out / "trace-20.jsonl")

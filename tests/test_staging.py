@@ -10,7 +10,7 @@ from conftest import model_and_processor
 import mmtoken
 from mmtoken.encoding import encode
 from mmtoken.staging.embedding_cache import EmbeddingCache, encoded_bytes, media_key
-from mmtoken.staging.encoders import LocalEncoder
+from mmtoken.staging.encoders import LocalEncoder, ThreadEncoder
 from mmtoken.staging.jobs import Job
 from mmtoken.staging.scheduler import Overloaded, Scheduler
 from mmtoken.zoo.tiny import tiny_inputs
@@ -40,15 +40,19 @@ def _run(scheduler: Scheduler, jobs: list[Job]) -> list[list[int]]:
 
 @pytest.mark.parametrize("family, video", [("llava", False), ("qwen2_5_vl", True)])
 @pytest.mark.parametrize("method", [None, "fastv"])
+@pytest.mark.parametrize("encoder", [LocalEncoder, ThreadEncoder])
 @torch.no_grad()
-def test_requests_batched_together_answer_as_each_alone(family, video, method):
+def test_requests_batched_together_answer_as_each_alone(family, video, method, encoder):
     model, processor = model_and_processor(family)
     rows = [tiny_inputs(processor, family, video=video, rows=[0], question_lengths=[length]) for length in (3, 9, 5)]
     with mmtoken.patched(model, method, ratio=0.5) if method else torch.no_grad():
         expected = [_alone(model, processor, row) for row in rows]
-        scheduler = Scheduler(model, processor, LocalEncoder(model, None, {}, False), max_batch=3)
+        encoding = encoder(model, None, {}, False)
+        scheduler = Scheduler(model, processor, encoding, max_batch=3)
         jobs = [Job(dict(row), NEW_TOKENS) for row in rows]
         assert _run(scheduler, jobs) == expected
+        if encoder is ThreadEncoder:
+            encoding.close()
     assert len({job.started for job in jobs}) == 1  # one batch
     assert all(len(job.token_times) == len(job.tokens) for job in jobs)
 
