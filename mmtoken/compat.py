@@ -4,6 +4,9 @@
   5.23, `cache` from 5.24 on (which still accepts the old name at the top-level call, with a warning). A pre-hook
   sees the keyword as the caller wrote it, so hooks read either name.
 
+- `generate`'s position ids of a prompt come from the private `_prepare_position_ids_for_generation` on every
+  release of the range (`generation_positions`), which a decode loop of its own needs to match `generate`.
+
 Everything else mmtoken touches is the same across the range (checked by CI, which runs the invariants on the
 oldest and the whole suite on the newest release).
 """
@@ -12,6 +15,8 @@ from __future__ import annotations
 
 import inspect
 
+import torch
+from torch import nn
 from transformers import Cache
 from transformers.models.llama.modeling_llama import LlamaModel
 
@@ -45,3 +50,9 @@ def replace_cache(output: dict, cache: Cache) -> None:
     for name in CACHE_NAMES:
         if output.get(name) is not None:
             output[name] = cache
+
+
+def generation_positions(model: nn.Module, inputs: dict) -> torch.Tensor:
+    """The position ids `generate` gives a prompt's tokens (each row's own, from its attention mask; M-RoPE
+    positions for Qwen2-VL families), so a prefill run outside `generate` is the same one."""
+    return model._prepare_position_ids_for_generation(inputs["input_ids"], dict(inputs))

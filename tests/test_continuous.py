@@ -1,0 +1,120 @@
+"""Continuous batching on the CPU with tiny models: rows prefilled apart and joined into a decoding batch, rows
+leaving it, answer as each request alone, for every family and every method; the scheduler that does it."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from conftest import CASES, INVARIANT_METHODS, METHODS, PRESSES, PRUNING, examples, model_and_processor
+
+import mmtoken
+from mmtoken.encoding import encode
+from mmtoken.staging.continuous import ContinuousScheduler
+from mmtoken.staging.decoding import joined, prefill, step
+from mmtoken.staging.encoders import LocalEncoder
+from mmtoken.staging.jobs import Job
+from mmtoken.zoo.tiny import tiny_inputs
+
+NEW_TOKENS = 6
+JOINABLE = [name for name in INVARIANT_METHODS + PRESSES if name != "h2o"]
+
+
+def _alone(model, processor, inputs, tokens: int = NEW_TOKENS) -> list[int]:
+    out = model.generate(**inputs, max_new_tokens=tokens, do_sample=False,
+                         pad_token_id=processor.tokenizer.pad_token_id)  # fmt: skip
+    return out[0, inputs["input_ids"].shape[1] :].tolist()
+
+
+def _params(method: str) -> dict:
+    return PRUNING[method] if method in INVARIANT_METHODS else examples(method).cutting
+
+
+def _cases() -> list:
+    return [
+        pytest.param(family, video, method, id=f"{family}-{'video' if video else 'image'}-{method}")
+        for family, video in CASES
+        for method in [None, *JOINABLE]
+        if method is None or video or not METHODS[method].video_only
+    ]
+
+
+@pytest.mark.parametrize(("family", "video", "method"), _cases())
+@torch.no_grad()
+def test_rows_that_join_and_leave_a_decoding_batch_answer_as_each_alone(family, video, method):
+    model, processor = model_and_processor(family)
+    rows = [tiny_inputs(processor, family, video=video, rows=[0], question_lengths=[length]) for length in (3, 9, 5)]
+    with mmtoken.patched(model, method, **_params(method)) if method else torch.no_grad():
+        expected = [_alone(model, processor, row) for row in rows]
+        got: list[list[int]] = [[], [], []]
+
+        def prefilled(row: int):
+            decoding = prefill(model, rows[row], encode(model, rows[row]))
+            got[row].append(decoding.tokens[0].item())
+            return decoding
+
+        def decode(decoding, requests: list[int], steps: int) -> None:
+            for _ in range(steps):
+                step(model, decoding)
+                for place, row in enumerate(requests):
+                    got[row].append(decoding.tokens[place].item())
+
+        first = prefilled(0)
+        decode(first, [0], 1)
+        both = joined([first, prefilled(1)], [[0], [0]])  # request 1 joins request 0 after its second token
+        decode(both, [0, 1], 2)
+        three = joined([both, prefilled(2)], [[0, 1], [0]])
+        decode(three, [0, 1, 2], 1)
+        decode(joined([three], [[1, 2]]), [1, 2], 3)  # request 0 has ended and leaves
+    assert [len(tokens) for tokens in got] == [5, 7, 5]
+    assert all(tokens[: len(alone)] == alone[: len(tokens)] for tokens, alone in zip(got, expected, strict=True))
+
+
+@pytest.mark.parametrize(("family", "video", "method"), [("llava", False, None), ("qwen2_5_vl", True, "pooling")])
+@torch.no_grad()
+def test_the_scheduler_starts_a_request_while_another_decodes_and_answers_each_as_alone(family, video, method):
+    model, processor = model_and_processor(family)
+    lengths, limits = (3, 9, 5, 7), (24, 3, 5, 2)
+    rows = [tiny_inputs(processor, family, video=video, rows=[0], question_lengths=[length]) for length in lengths]
+    with mmtoken.patched(model, method, **_params(method)) if method else torch.no_grad():
+        end = model.generation_config.eos_token_id
+        model.generation_config.eos_token_id = None  # every request runs to its own limit
+        try:
+            expected = [_alone(model, processor, row, limit) for row, limit in zip(rows, limits, strict=True)]
+            scheduler = ContinuousScheduler(model, processor, LocalEncoder(model, None, {}, False), max_batch=2)
+            scheduler.start()
+            long = scheduler.submit(Job(dict(rows[0]), limits[0]))
+            while len(long.tokens) < 2:
+                time.sleep(0.001)
+            late = [scheduler.submit(Job(dict(row), limit)) for row, limit in zip(rows[1:], limits[1:], strict=True)]
+            answers = [job.future.result(timeout=120) for job in [long, *late]]
+            scheduler.close()
+        finally:
+            model.generation_config.eos_token_id = end
+    assert answers == expected
+    assert all(job.started < long.finished for job in late)  # they joined while the long request decoded
+    assert all(len(job.token_times) == len(job.tokens) for job in [long, *late])
+
+
+@torch.no_grad()
+def test_a_bad_request_among_good_ones_costs_only_itself_its_answer():
+    model, processor = model_and_processor("llava")
+    rows = [tiny_inputs(processor, "llava", video=False, rows=[0], question_lengths=[length]) for length in (3, 5)]
+    bad = dict(rows[0])
+    bad["pixel_values"] = bad["pixel_values"][..., :-1]  # a wrong image size, which the vision tower refuses
+    expected = [_alone(model, processor, row, 4) for row in rows]
+    scheduler = ContinuousScheduler(model, processor, LocalEncoder(model, None, {}, False), max_batch=4)
+    jobs = [Job(dict(rows[0]), 4), Job(bad, 4), Job(dict(rows[1]), 4)]
+    for job in jobs:
+        scheduler.submit(job)
+    scheduler.start()
+    scheduler.close()
+    assert [jobs[0].future.result(), jobs[2].future.result()] == expected
+    assert jobs[1].future.exception() is not None
+
+
+def test_continuous_batching_refuses_a_method_that_evicts_while_decoding():
+    model, processor = model_and_processor("llava")
+    with mmtoken.patched(model, "h2o", **examples("h2o").cutting), pytest.raises(ValueError, match="h2o"):
+        ContinuousScheduler(model, processor, LocalEncoder(model, None, {}, False))
