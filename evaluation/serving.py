@@ -12,6 +12,7 @@ without it, only `colocated` runs.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 from pathlib import Path
@@ -21,6 +22,7 @@ import yaml
 
 import mmtoken
 from mmtoken.evaluation.speed import SHAPES, build_model
+from mmtoken.staging.continuous import ContinuousScheduler, check_joinable
 from mmtoken.staging.embedding_cache import EmbeddingCache
 from mmtoken.staging.encoders import LocalEncoder, ThreadEncoder
 from mmtoken.staging.load import KINDS, make_trace, read_trace, write_trace
@@ -30,6 +32,7 @@ from mmtoken.staging.scheduler import Scheduler
 from mmtoken.staging.staged import RemoteEncoder, model_device, serve_encodings, start_stages
 
 DEPLOYMENTS = ("colocated", "threaded", "staged", "staged-cache")
+SCHEDULERS = {"static": Scheduler, "continuous": ContinuousScheduler}
 
 
 def method_spec(text: str) -> tuple[str, str | None, dict]:
@@ -98,7 +101,7 @@ def _image_size(processor: object) -> tuple[int, int]:
 def run_deployments(
     model: torch.nn.Module, processor: object, args: argparse.Namespace, remote: RemoteEncoder | None
 ) -> list[dict]:
-    """A row per deployment x method x rate: the trace's summary and its records."""
+    """A row per deployment x method x batching x rate: the trace's summary and its records."""
     settings = processor.image_processor.to_dict()
     slo = SLO(args.slo_ttft, args.slo_tpot)
     by_rate = traces(args)
@@ -109,7 +112,7 @@ def run_deployments(
             handle = mmtoken.patch(model, method, **params) if method else None
             signal = handle is not None and any(step.needs_vision for step in handle.method.steps)
             try:
-                for rate, trace in by_rate.items():
+                for batching, rate in itertools.product(args.batching, by_rate):
                     if deployment == "colocated":
                         encoder = LocalEncoder(model, None, settings, signal)
                     elif deployment == "threaded":
@@ -117,14 +120,14 @@ def run_deployments(
                     else:
                         encoder, remote.cached, remote.signal = remote, deployment == "staged-cache", signal
                         remote.clear_cache()
-                    scheduler = Scheduler(model, processor, encoder, args.max_batch, args.max_waiting).start()
-                    name = f"{deployment} {label} @{rate:g}/s"
-                    records = replay(scheduler, processor, trace, _image_size(processor), name)
+                    scheduler = SCHEDULERS[batching](model, processor, encoder, args.max_batch, args.max_waiting)
+                    name = f"{deployment} {label} {batching} @{rate:g}/s"
+                    records = replay(scheduler.start(), processor, by_rate[rate], _image_size(processor), name)
                     scheduler.close()
                     if deployment == "threaded":
                         encoder.close()
-                    rows.append({"deployment": deployment, "method": label, "rate": rate, **summarize(records, slo),
-                                 "records": records})  # fmt: skip
+                    rows.append({"deployment": deployment, "method": label, "batching": batching, "rate": rate,
+                                 **summarize(records, slo), "records": records})  # fmt: skip
             finally:
                 if handle is not None:
                     mmtoken.unpatch(model)
@@ -132,7 +135,7 @@ def run_deployments(
 
 
 def markdown(rows: list[dict], environment: dict) -> str:
-    columns = ["deployment", "method", "rate req/s", "answered / sent", "SLO attained", "goodput req/s",
+    columns = ["deployment", "method", "batching", "rate req/s", "answered / sent", "SLO attained", "goodput req/s",
                "TTFT p50 / p99 s", "TPOT p50 / p99 ms", "queue p50 s"]  # fmt: skip
 
     def number(value: float | None, scale: float = 1, digits: int = 2) -> str:
@@ -146,7 +149,8 @@ def markdown(rows: list[dict], environment: dict) -> str:
     ]
     for row in rows:
         lines.append("| " + " | ".join([
-            row["deployment"], row["method"], f"{row['rate']:g}", f"{row['answered']} / {row['requests']}",
+            row["deployment"], row["method"], row["batching"], f"{row['rate']:g}",
+            f"{row['answered']} / {row['requests']}",
             number(row["slo_attainment"], 100, 0) + "%", number(row["goodput_rps"]),
             f"{number(row['ttft_p50_s'])} / {number(row['ttft_p99_s'])}",
             f"{number(row['tpot_p50_s'], 1000, 1)} / {number(row['tpot_p99_s'], 1000, 1)}", number(row["queue_p50_s"]),
@@ -163,8 +167,8 @@ def plot(rows: list[dict], path: Path) -> None:
 
     figure, (goodput, ttft, tpot) = pyplot.subplots(1, 3, figsize=(15, 4))
     top = max(row["rate"] for row in rows)
-    for key in dict.fromkeys((row["deployment"], row["method"]) for row in rows):
-        runs = [row for row in rows if (row["deployment"], row["method"]) == key]
+    for key in dict.fromkeys((row["deployment"], row["method"], row["batching"]) for row in rows):
+        runs = [row for row in rows if (row["deployment"], row["method"], row["batching"]) == key]
         goodput.plot([row["rate"] for row in runs], [row["goodput_rps"] or 0 for row in runs], marker="o",
                      label=" / ".join(key))  # fmt: skip
         last = next(row for row in runs if row["rate"] == top)
@@ -198,6 +202,9 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--trace", type=Path, help="replay this trace file instead of drawing one per rate")
     parser.add_argument("--slo-ttft", type=float, default=1.4, help="seconds (EPD's SLO)")
     parser.add_argument("--slo-tpot", type=float, default=0.04, help="seconds per output token")
+    parser.add_argument("--batching", nargs="+", choices=list(SCHEDULERS), default=["static"],
+                        help="static: a batch runs to its end before the next starts; continuous: requests join "
+                        "and leave the decoding batch")  # fmt: skip
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--max-waiting", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
@@ -210,7 +217,12 @@ def main(argv: list[str] | None = None) -> None:
     for spec in args.methods:
         _, method, params = method_spec(spec)
         if method is not None:
-            mmtoken.methods.build(method, **params)  # a bad method or parameter fails here, before any work
+            built = mmtoken.methods.build(method, **params)  # a bad method or parameter fails here, before any work
+            if "continuous" in args.batching:
+                try:
+                    check_joinable(built)
+                except ValueError as error:
+                    raise SystemExit(f"mmtoken loadtest: {spec}: {error}") from None
     staged = [deployment for deployment in args.deployments if deployment.startswith("staged")]
     stages = start_stages() if staged or "RANK" in os.environ else None
     device = model_device(stages) if stages else torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -29,6 +29,9 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="the address to bind (default 127.0.0.1: this machine)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--max-batch", type=int, default=8, help="requests prefilled and decoded together")
+    serve.add_argument("--batching", choices=["continuous", "static"], default="continuous",
+                       help="continuous: requests join and leave the decoding batch (default); static: a batch runs "
+                       "to its end before the next starts (for h2o)")  # fmt: skip
     serve.add_argument("--max-waiting", type=int, default=64, help="queued requests past which it answers 429")
     serve.add_argument("--cache-mib", type=int, default=1024, help="size of the embedding cache")
     serve.add_argument("--media-dir", type=Path, help="a folder whose image files requests may name")
@@ -157,4 +160,4 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     if params and args.method is None:
         parser.error("--param needs a --method")
     serve(args.model, args.method, params, args.host, args.port, args.max_batch, args.max_waiting,
-          args.cache_mib * 2**20, args.media_dir)  # fmt: skip
+          args.cache_mib * 2**20, args.media_dir, args.batching)  # fmt: skip

@@ -18,6 +18,7 @@ import uvicorn
 from conftest import model_and_processor
 from PIL import Image
 
+from mmtoken.staging.continuous import ContinuousScheduler
 from mmtoken.staging.encoders import LocalEncoder
 from mmtoken.staging.jobs import Job
 from mmtoken.staging.scheduler import Scheduler
@@ -55,13 +56,14 @@ def _serving(scheduler: Scheduler, processor, media=None):
         thread.join()
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+@pytest.fixture(scope="module", params=[Scheduler, ContinuousScheduler], ids=["static", "continuous"])
+def server(request, tmp_path_factory):
     torch.set_num_threads(1)
     model, processor = model_and_processor("llava")
     media = tmp_path_factory.mktemp("media")
     _draw((64, 64), 1).save(media / "box.png")
-    scheduler = Scheduler(model, processor, LocalEncoder(model, None, {}, False), max_batch=4, max_waiting=6).start()
+    scheduler = request.param(model, processor, LocalEncoder(model, None, {}, False), max_batch=4, max_waiting=6)
+    scheduler.start()
     with _serving(scheduler, processor, media) as client:
         yield client, model, processor, scheduler, media
     scheduler.close()

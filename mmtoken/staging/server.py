@@ -215,13 +215,16 @@ def serve(
     max_waiting: int = 64,
     cache_bytes: int = 2**30,
     allowed_media: Path | None = None,
+    batching: str = "continuous",
 ) -> None:
-    """Load `model` (an embedded probe model's name or a local folder), patch it with `method`, and serve it."""
+    """Load `model` (an embedded probe model's name or a local folder), patch it with `method`, and serve it with
+    `continuous` or `static` batching."""
     import torch
     import uvicorn
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     import mmtoken
+    from mmtoken.staging.continuous import ContinuousScheduler, check_joinable
     from mmtoken.staging.embedding_cache import EmbeddingCache
     from mmtoken.staging.encoders import LocalEncoder
     from mmtoken.zoo.embedded import NAMES, load
@@ -238,11 +241,18 @@ def serve(
     loaded.to(device)
     signal = False
     if method is not None:
-        handle = mmtoken.patch(loaded, method, **params)
+        built = mmtoken.methods.build(method, **params)
+        if batching == "continuous":
+            try:
+                check_joinable(built)
+            except ValueError as error:
+                raise SystemExit(f"mmtoken serve: {error}; serve it with --batching static") from None
+        handle = mmtoken.patch(loaded, built)
         signal = any(step.needs_vision for step in handle.method.steps)
     settings = processor.image_processor.to_dict()
     encoder = LocalEncoder(loaded, EmbeddingCache(cache_bytes), settings, signal)
-    scheduler = Scheduler(loaded, processor, encoder, max_batch, max_waiting).start()
+    scheduling = ContinuousScheduler if batching == "continuous" else Scheduler
+    scheduler = scheduling(loaded, processor, encoder, max_batch, max_waiting).start()
     app = create_app(scheduler, processor, Path(model).name, allowed_media)
     try:
         uvicorn.run(app, host=host, port=port, log_level="info")
