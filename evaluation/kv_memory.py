@@ -1,4 +1,5 @@
-"""GPU memory of long videos under KV presses, at LLaVA-OneVision-7B's real sizes with random weights.
+"""GPU memory of long videos under KV presses, at LLaVA-OneVision-7B's or Qwen2.5-VL-7B's real sizes with random
+weights.
 
 Two measurements, each setting beside the unpatched model and beside the same press applied after a whole prefill
 (kvpress's way) in one run, under a cap of 80 GiB of GPU memory (`torch.cuda.set_per_process_memory_fraction`):
@@ -31,10 +32,11 @@ import mmtoken
 from mmtoken.accounting.stats import cache_bytes
 from mmtoken.compat import cache_of
 from mmtoken.encoding import Encoded, encode, feeding
-from mmtoken.evaluation.speed import Shape, TokenClock, build_model, onevision_7b, prompt_inputs, timed
+from mmtoken.evaluation.speed import Shape, TokenClock, build_model, onevision_7b, prompt_inputs, qwen25vl_7b, timed
 from mmtoken.state import VIDEO
 
 CAP_GIB = 80
+VIDEO_SHAPES = {"onevision-7b-video": onevision_7b, "qwen25vl-7b-video": partial(qwen25vl_7b, "video")}
 
 
 @dataclass
@@ -64,6 +66,8 @@ def lengthened(model: torch.nn.Module, inputs: dict, encoded: Encoded, frames: i
     """`inputs` and `encoded` of a video of `frames` frames: the encoded frames repeated in order (frame i is base
     frame i mod base), the prompt's video tokens as many as they fill, for `batch` identical requests. The pixels
     stay a view of one frame (the model only counts them when it is fed features)."""
+    if model.config.model_type.startswith("qwen2"):
+        return _lengthened_qwen(model, inputs, encoded, frames, batch)
     pixels = inputs["pixel_values_videos"]
     base = pixels.shape[1]
     pooled = encoded.features[VIDEO].pooler_output  # (1, base frames x tokens [+ the newline, on newer releases])
@@ -71,14 +75,39 @@ def lengthened(model: torch.nn.Module, inputs: dict, encoded: Encoded, frames: i
     frame_tokens = pooled[:, : base * per_frame].unflatten(1, (base, per_frame))
     repeated = frame_tokens[:, torch.arange(frames, device=pooled.device) % base].flatten(1, 2)
     features = torch.cat([repeated, pooled[:, base * per_frame :]], dim=1).expand(batch, -1, -1)
-    ids = inputs["input_ids"][0]
-    video = (ids == model.config.video_token_id).nonzero().flatten()
-    start, end = int(video[0]), int(video[-1]) + 1
-    tokens = end - start + (frames - base) * per_frame
-    long_ids = torch.cat([ids[:start], ids.new_full((tokens,), model.config.video_token_id), ids[end:]])
+    long_ids = _with_video_tokens(model, inputs["input_ids"][0], (frames - base) * per_frame)
     long_inputs = {"input_ids": long_ids.repeat(batch, 1),
                    "pixel_values_videos": pixels[:1, :1].expand(batch, frames, *pixels.shape[2:])}  # fmt: skip
     return long_inputs, Encoded({VIDEO: BaseModelOutputWithPooling(pooler_output=features)})
+
+
+def _with_video_tokens(model: torch.nn.Module, ids: torch.Tensor, more: int) -> torch.Tensor:
+    """The prompt `ids` with `more` video tokens after its last one."""
+    end = int((ids == model.config.video_token_id).nonzero().flatten()[-1]) + 1
+    return torch.cat([ids[:end], ids.new_full((more,), model.config.video_token_id), ids[end:]])
+
+
+def _lengthened_qwen(model: torch.nn.Module, inputs: dict, encoded: Encoded, frames: int, batch: int):
+    """`lengthened` for Qwen2-VL families, whose video is a grid of (frames / temporal patch) x rows x columns
+    merged patches: the grid's time steps repeat, and the grid, the token types and the pixels say so."""
+    step = model.config.vision_config.temporal_patch_size
+    if frames % step:
+        raise ValueError(f"a Qwen video has a multiple of {step} frames (its temporal patch), not {frames}")
+    (base, rows, columns), merge = inputs["video_grid_thw"][0].tolist(), model.config.vision_config.spatial_merge_size
+    per_step, steps = rows * columns // merge**2, frames // step
+    pooled = encoded.features[VIDEO].pooler_output[0].unflatten(0, (base, per_step))
+    features = pooled[torch.arange(steps, device=pooled.device) % base].flatten(0, 1)
+    long_ids = _with_video_tokens(model, inputs["input_ids"][0], (steps - base) * per_step).repeat(batch, 1)
+    types = inputs["mm_token_type_ids"][0]
+    video_type = int(types[inputs["input_ids"][0] == model.config.video_token_id][0])
+    long_inputs = {
+        "input_ids": long_ids,
+        "mm_token_type_ids": torch.where(long_ids == model.config.video_token_id, video_type, 0).to(types.dtype),
+        "pixel_values_videos": inputs["pixel_values_videos"][:1].expand(batch, -1),
+        "video_grid_thw": inputs["video_grid_thw"].new_tensor([[steps, rows, columns]]).repeat(batch, 1),
+        "second_per_grid_ts": inputs["second_per_grid_ts"][:1].repeat(batch),
+    }
+    return long_inputs, Encoded({VIDEO: BaseModelOutputWithPooling(pooler_output=(features,) * batch)})
 
 
 def _generate(model: torch.nn.Module, inputs: dict, encoded: Encoded, new_tokens: int, device: str) -> dict:
@@ -267,6 +296,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmtoken kvbench", description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=list(VIDEO_SHAPES), default="onevision-7b-video")
     parser.add_argument("--frames", type=int, nargs="+", default=[32, 128, 512], help="lengths every setting runs")
     parser.add_argument("--streamed-frames", type=int, nargs="*", default=[2000, 10000],
                         help="lengths only the streamed press runs (whole prefills of them take minutes)")  # fmt: skip
@@ -299,7 +329,7 @@ def main(argv: list[str] | None = None) -> None:
     if not torch.cuda.is_available():
         raise SystemExit("mmtoken kvbench measures GPU memory and needs a CUDA device")
     torch.cuda.set_per_process_memory_fraction(CAP_GIB * 2**30 / torch.cuda.get_device_properties(0).total_memory)
-    shape = onevision_7b(args.base_frames)
+    shape = VIDEO_SHAPES[args.shape](frames=args.base_frames)
     model = build_model(shape, args.attention, "cuda", torch.bfloat16)
     rows = run(shape, model, args)
     environment = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,

@@ -1,5 +1,5 @@
-"""The KV memory harness on the CPU with the tiny OneVision model: its long videos are the real frames repeated,
-and its rows show what the presses keep."""
+"""The KV memory harness on the CPU with the tiny OneVision model: its long videos are the real frames repeated (on
+OneVision and Qwen2.5-VL), and its rows show what the presses keep."""
 
 from __future__ import annotations
 
@@ -21,28 +21,32 @@ def _prompt(processor, frames):
     return processor(text=[text], videos=[frames], return_tensors="pt")
 
 
-def _base():
-    model, processor = model_and_processor(FAMILY)
-    frames = [_draw((64, 64), 0, step) for step in range(2)]
+def _base(family: str = FAMILY, frames: int = 2):
+    model, processor = model_and_processor(family)
+    frames = [_draw((64, 64), 0, step) for step in range(frames)]
     inputs = _prompt(processor, frames)
     return model, processor, frames, inputs, encode(model, inputs)
 
 
+@pytest.mark.parametrize("family", [FAMILY, "qwen2_5_vl"])
 @torch.no_grad()
-def test_a_lengthened_video_is_the_real_video_of_its_frames_repeated():
-    model, processor, frames, inputs, encoded = _base()
+def test_a_lengthened_video_is_the_real_video_of_its_frames_repeated(family):
+    model, processor, frames, inputs, encoded = _base(family, frames=4)
     real = _prompt(processor, frames * 3)
-    long_inputs, long_encoded = kv_memory.lengthened(model, inputs, encoded, 6, batch=2)
-    assert torch.equal(long_inputs["input_ids"][1], real["input_ids"][0])
+    long_inputs, long_encoded = kv_memory.lengthened(model, inputs, encoded, 12, batch=2)
+    for name in ("input_ids", "mm_token_type_ids", "video_grid_thw"):
+        if name in real:
+            assert torch.equal(long_inputs[name][1], real[name][0]), name
     with feeding(model, long_encoded):
         fed = model(**long_inputs).logits
     expected = model(**real).logits
     torch.testing.assert_close(fed, expected.expand(2, -1, -1), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("family", [FAMILY, "qwen2_5_vl"])
 @torch.no_grad()
-def test_streamed_press_holds_its_capacity_however_long_the_video():
-    model, _, _, inputs, encoded = _base()
+def test_streamed_press_holds_its_capacity_however_long_the_video(family):
+    model, _, _, inputs, encoded = _base(family)
     grid = kv_memory.settings("snapkv", capacity=8, chunk_frames=1)
     rows = kv_memory.measure_length(model, inputs, encoded, grid, frames=[2, 4], streamed_only=[8], device="cpu")
     kv = {(row["setting"], row["frames"]): row.get("kv_bytes") for row in rows}
