@@ -60,14 +60,14 @@ def segments(similar: torch.Tensor) -> list[tuple[int, int]]:
 
 def temporal_targets(grid: torch.Tensor, similar: torch.Tensor, target: torch.Tensor) -> int:
     """Within each segment of the video `grid` (frames x tokens positions), point the tokens that stay similar to
-    their place's token in the segment's first frame; returns how many tokens merge away."""
-    removed = 0
-    for start, end in segments(similar):
-        if end > start:
-            lasting = similar[start:end].all(0)
-            target[grid[start + 1 : end + 1, lasting]] = grid[start, lasting].expand(end - start, -1)
-            removed += int(lasting.sum()) * (end - start)
-    return removed
+    their place's token in the segment's first frame; returns how many tokens merge away. Every segment at once."""
+    spans = torch.tensor(segments(similar), device=grid.device)
+    first, last = spans.repeat_interleave(spans[:, 1] - spans[:, 0] + 1, dim=0, output_size=len(grid)).unbind(1)
+    breaks = F.pad((~similar).int().cumsum(0), (0, 0, 1, 0))  # (frames, tokens): dissimilar steps before frame k
+    lasting = breaks[last] == breaks[first]  # the place stays similar across its frame's whole segment
+    merging = lasting & (torch.arange(len(grid), device=grid.device) > first)[:, None]
+    target[grid[merging]] = grid[first][merging]
+    return int(merging.sum())
 
 
 @dataclass
