@@ -1,21 +1,28 @@
 """`mmtoken report RESULTS.jsonl ...`: markdown tables and Pareto plots from sweep rows.
 
 Per model, one table: each method and budget with its score on every task, the mean over tasks, that mean
-relative to the unpatched model (mean over tasks of method / unpatched, in %), average visual tokens per layer,
-language-model prefill FLOPs in % of unpatched by both formulas, and the median measured prefill time. Two
-plots per model: mean score against FLOPs % (exact), and against measured prefill time.
+relative to the unpatched model (mean over tasks of method / unpatched, in %), both with their 95% intervals where
+the scores are accuracies, average visual tokens per layer, language-model prefill FLOPs in % of unpatched by both
+formulas, and the median measured prefill time. Two plots per model: mean score against FLOPs % (exact), and
+against measured prefill time, with the intervals as error bars. For a LLaVA-1.5-format model (576 visual tokens),
+the calibration against published LLaVA-1.5-7B results (`mmtoken.evaluation.calibration`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 from pathlib import Path
 
+from mmtoken.evaluation import calibration
+
 UNPATCHED = "none"
 SIMPLE_BASELINES = ("random", "uniform", "pooling")
+Z95 = 1.96
+LLAVA15_TOKENS = 576
 
 
 def read_rows(paths: list[Path]) -> list[dict]:
@@ -54,6 +61,9 @@ def settings(rows: list[dict]) -> dict[str, list[dict]]:
             entry["skipped"] = skipped[0]
         else:
             entry["scores"] = {task: score for cell in cells for task, score in _scores(cell).items()}
+            entry["task_samples"] = {task: cell["samples"] / len(_scores(cell)) for cell in cells
+                                     for task in _scores(cell)}  # fmt: skip
+            entry["original_visual_tokens"] = cells[0].get("original_visual_tokens")
             weights = [cell["samples"] for cell in cells]
             for key in ("avg_visual_tokens", "flops_ratio_paper", "flops_ratio_exact"):
                 entry[key] = sum(cell[key] * weight for cell, weight in zip(cells, weights, strict=True)) / sum(weights)
@@ -73,16 +83,33 @@ def settings(rows: list[dict]) -> dict[str, list[dict]]:
     return out
 
 
+def _variance(entry: dict, task: str) -> float:
+    """The variance of an accuracy of `task` measured on its samples (Agresti-Coull: two successes and two failures
+    added, so that 0% and 100% have an interval too)."""
+    samples = entry["task_samples"][task]
+    adjusted = (entry["scores"][task] * samples + 2) / (samples + 4)
+    return adjusted * (1 - adjusted) / (samples + 4)
+
+
 def _add_relative(entries: list[dict]) -> None:
     baseline = next((entry for entry in entries if entry["method"] == UNPATCHED and "scores" in entry), None)
+    accuracies = _fraction_tasks(entries)
     for entry in entries:
         if "scores" not in entry:
             continue
         entry["mean"] = statistics.mean(entry["scores"].values())
+        if set(entry["scores"]) <= accuracies:
+            spread = sum(_variance(entry, task) for task in entry["scores"])
+            entry["mean_interval"] = Z95 * math.sqrt(spread) / len(entry["scores"])
         if baseline is not None:
             shared = [task for task in entry["scores"] if baseline["scores"].get(task)]
             ratios = [entry["scores"][task] / baseline["scores"][task] for task in shared]
             entry["relative"] = 100 * statistics.mean(ratios) if ratios else None
+            if ratios and entry is not baseline and set(shared) <= accuracies:
+                spread = sum(_variance(entry, task) / baseline["scores"][task] ** 2
+                             + entry["scores"][task] ** 2 * _variance(baseline, task) / baseline["scores"][task] ** 4
+                             for task in shared)  # fmt: skip
+                entry["relative_interval"] = 100 * Z95 * math.sqrt(spread) / len(shared)
             if "kv_bytes" in entry and "kv_bytes" in baseline:
                 entry["kv_percent"] = 100 * entry["kv_bytes"] / baseline["kv_bytes"]
 
@@ -105,8 +132,8 @@ def markdown_table(model: str, entries: list[dict]) -> str:
 
     names = [task.removeprefix("mmtoken_probe_") + (" %" if task in percent else "") for task in tasks]
     with_kv = any("kv_percent" in entry for entry in entries)
-    header = ["method", "budget", *names, "mean", "vs unpatched %", "visual tokens", "FLOPs % paper / exact",
-              *(["KV %"] if with_kv else []), "prefill ms"]  # fmt: skip
+    header = ["method", "budget", *names, "mean ± 95%", "vs unpatched % ± 95%", "visual tokens",
+              "FLOPs % paper / exact", *(["KV %"] if with_kv else []), "prefill ms"]  # fmt: skip
     lines = [f"### {model}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for entry in entries:
         budget = "-" if entry["budget"] is None else str(entry["budget"])
@@ -116,7 +143,11 @@ def markdown_table(model: str, entries: list[dict]) -> str:
         else:
             scores = [shown(task, entry["scores"][task]) if task in entry["scores"] else "" for task in tasks]
             mean = shown(tasks[0], entry["mean"]) if all(task in percent for task in tasks) else f"{entry['mean']:.1f}"
+            if "mean_interval" in entry:
+                mean += f" ± {100 * entry['mean_interval']:.1f}"
             relative = "" if entry.get("relative") is None else f"{entry['relative']:.1f}"
+            if relative and "relative_interval" in entry:
+                relative += f" ± {entry['relative_interval']:.1f}"
             kv = [f"{entry['kv_percent']:.1f}" if "kv_percent" in entry else "-"] if with_kv else []
             values = [method, budget, *scores, mean, relative, f"{entry['avg_visual_tokens']:.0f}",
                       f"{100 * entry['flops_ratio_paper']:.1f} / {100 * entry['flops_ratio_exact']:.1f}", *kv,
@@ -143,9 +174,11 @@ def against_baselines(entries: list[dict], scale: float) -> str:
     return "\n".join(lines)
 
 
-def pareto_plot(series: dict[str, list[tuple[float, float]]], xlabel: str, ylabel: str, title: str, path: Path) -> None:
-    """One line per method (its budgets), the unpatched model as a star, and the Pareto front (lower x, higher y)
-    of all points as a dashed grey step."""
+def pareto_plot(series: dict[str, list[tuple[float, float, float]]], xlabel: str, ylabel: str, title: str,
+                path: Path) -> None:  # fmt: skip
+    """One line per method (its budgets, each point (x, y, half-width of y's 95% interval) drawn with its error
+    bar), the unpatched model as a star, and the Pareto front (lower x, higher y) of all points as a dashed grey
+    step."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -153,15 +186,13 @@ def pareto_plot(series: dict[str, list[tuple[float, float]]], xlabel: str, ylabe
 
     figure, axis = pyplot.subplots(figsize=(6.4, 4.2))
     for method, points in series.items():
-        points = sorted(points)
+        x, y, error = zip(*sorted(points), strict=True)
         if method in (UNPATCHED, "unpatched"):
-            axis.plot(
-                *zip(*points, strict=True), marker="*", markersize=14, linestyle="", color="black", label="unpatched"
-            )
+            axis.errorbar(x, y, yerr=error, marker="*", markersize=14, linestyle="", color="black", label="unpatched")
         else:
-            axis.plot(*zip(*points, strict=True), marker="o", label=method)
+            axis.errorbar(x, y, yerr=error, marker="o", capsize=2, label=method)
     front, best = [], float("-inf")
-    for x, y in sorted(point for points in series.values() for point in points):
+    for x, y, _ in sorted(point for points in series.values() for point in points):
         if y > best:
             front.append((x, y))
             best = y
@@ -197,9 +228,10 @@ def report(paths: list[Path], markdown: Path, figures: Path, command: str) -> st
             plots["kv"] = ("KV cache", "kv_percent", 1, "KV cache after generation, % of unpatched")
         links = []
         for name, (cost, key, factor, xlabel) in plots.items():
-            series: dict[str, list[tuple[float, float]]] = {}
+            series: dict[str, list[tuple[float, float, float]]] = {}
             for entry in measured:
-                series.setdefault(entry["method"], []).append((factor * entry[key], scale * entry["mean"]))
+                point = (factor * entry[key], scale * entry["mean"], scale * entry.get("mean_interval", 0.0))
+                series.setdefault(entry["method"], []).append(point)
             path = figures / f"{_slug(model)}-{name}.png"
             pareto_plot(series, xlabel, label, f"{model}: accuracy against {cost}", path)
             links.append(f"![{model}: accuracy against {cost}]({os.path.relpath(path, markdown.parent)})")
@@ -208,10 +240,16 @@ def report(paths: list[Path], markdown: Path, figures: Path, command: str) -> st
         note = (f"Samples per setting: {', '.join(map(str, samples))}. Budget: average visual tokens per "
                 "language-model layer. The unpatched row runs under a keep-all patch (the same outputs), so its "
                 f"prefill time includes the hooks' cost. Prefill ms: median per batch, {'; '.join(where)}; times "
-                "taken on a shared CPU are noisy, GPU speed is `mmtoken bench`'s (BENCHMARKS.md).")  # fmt: skip
+                "taken on a shared CPU are noisy, GPU speed is `mmtoken bench`'s (BENCHMARKS.md). ± is the 95% "
+                "interval of the samples (normal approximation, accuracies adjusted by Agresti-Coull; the relative "
+                "one counts the unpatched model's own noise too), and the error bars of the plots.")  # fmt: skip
         verdicts = against_baselines(entries, scale)
         if verdicts:
             note += "\n\nAgainst the simple baselines (mean over tasks, same budget):\n\n" + verdicts
+        if {entry.get("original_visual_tokens") for entry in measured} == {LLAVA15_TOKENS}:
+            compared = calibration.compare(entries)
+            if compared:
+                note += "\n\n" + calibration.markdown(model, compared)
         sections.append(markdown_table(model, entries) + "\n\n" + note + "\n\n" + "\n".join(links) + "\n")
     text = "\n".join(sections)
     markdown.parent.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mmtoken.evaluation import report, sweep
+from mmtoken.evaluation import calibration, report, sweep
 
 CONFIG = {
     "models": [{"pretrained": "probe-llava", "device": "cpu", "dtype": "float32", "batch_size": 2}],
@@ -77,10 +77,11 @@ def test_killed_sweep_resumes_with_the_missing_cells_only(swept):
 def test_report_tables_and_plots(swept, tmp_path):
     markdown = tmp_path / "RESULTS.md"
     text = report.report([swept], markdown, tmp_path / "figures", "mmtoken report x")
-    lines = [line.split(" | ") for line in text.splitlines() if line.startswith("| ")]
+    table = text.split("### probe-llava")[1].split("\n\n")[1]  # the first table, not the calibration's
+    lines = [line.split(" | ") for line in table.splitlines() if line.startswith("| ")]
     header, rows = lines[0], {(line[0].strip("| "), line[1]): line for line in lines[1:]}
     unpatched = rows[("unpatched", "-")]
-    assert unpatched[header.index("vs unpatched %")] == "100.0"
+    assert unpatched[header.index("vs unpatched % ± 95%")] == "100.0"
     assert unpatched[header.index("FLOPs % paper / exact")] == "100.0 / 100.0"
     random64 = {row["method"]: row for row in _rows(swept) if row["budget"] == 64}["random"]
     score = random64["metrics"]["mmtoken_probe_count"]["exact_match"]
@@ -92,6 +93,17 @@ def test_report_tables_and_plots(swept, tmp_path):
     assert (
         float(pressed[header.index("KV %")]) < 100 and pressed[header.index("FLOPs % paper / exact")] == "100.0 / 100.0"
     )
+    # the interval of 2 samples of one task: Agresti-Coull's adjusted accuracy, 1.96 of its standard error
+    adjusted = (score * 2 + 2) / 6
+    assert rows[("random", "64")][header.index("mean ± 95%")] == (
+        f"{100 * score:.1f} ± {100 * 1.96 * (adjusted * (1 - adjusted) / 6) ** 0.5:.1f}")  # fmt: skip
+    # a LLaVA-1.5-format probe is calibrated against the published LLaVA-1.5-7B numbers of what it measured
+    relative = rows[("random", "64")][header.index("vs unpatched % ± 95%")].split(" ± ")[0]
+    calibrated = [line for line in text.split("Calibration of probe-llava")[1].splitlines()
+                  if line.startswith("| random | 64 | ")]  # fmt: skip
+    assert len(calibrated) == 1 and calibrated[0].split(" | ")[2].startswith(relative + " ± ")
+    assert f"| 89.1 | {89.1 - float(relative):+.1f} | Wen |" in calibrated[0]
+    assert "- Budget 64: 1 methods, mean |gap|" in text and "too few methods for a rank correlation" in text
     for name in ("flops", "prefill"):
         figure = tmp_path / "figures" / f"probe-llava-{name}.png"
         assert figure.stat().st_size > 10_000
@@ -150,3 +162,12 @@ def test_a_data_parallel_sweep_gives_the_rows_of_one_process(tmp_path):
     assert rows["one"].keys() == rows["two"].keys() and len(rows["one"]) == 4
     for key, row in rows["one"].items():
         assert (rows["two"][key]["metrics"], rows["two"][key]["samples"]) == (row["metrics"], row["samples"])
+
+
+def test_spearman_ranks_ties_and_counts_every_ordering_for_its_p_value():
+    assert calibration.ranks([3.0, 1.0, 3.0, 2.0]) == [3.5, 1.0, 3.5, 2.0]
+    rho, p = calibration.spearman([1.0, 2.0, 3.0, 4.0], [10.0, 20.0, 30.0, 40.0])
+    assert rho == pytest.approx(1.0) and p == pytest.approx(2 / 24)  # the order and its reverse, of 4! orderings
+    rho, _ = calibration.spearman([1.0, 2.0, 3.0, 4.0, 5.0], [5.0, 6.0, 7.0, 8.0, 1.0])
+    assert rho == pytest.approx(0.0)
+    assert calibration.spearman([1.0, 2.0], [2.0, 1.0]) is None

@@ -1,0 +1,121 @@
+"""How far a probe model's verdicts are from a real model's: each method's accuracy relative to the unpatched model
+on the probe, beside the published relative accuracy of LLaVA-1.5-7B at the same budget, with the gap and the rank
+correlation (Spearman) per budget.
+
+The published numbers are means over a benchmark suite (GQA, MMB, MME, POPE, SQA, VQAv2, TextVQA and others) in %
+of the 576-token model, from the sources named beside each. Where several papers report a method, the one that ran
+the most methods in one environment is taken, since the same baseline differs by several points between papers
+(FastV at 192 tokens: 87.9 to 96.5%).
+"""
+
+from __future__ import annotations
+
+import itertools
+import statistics
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Published:
+    """One published relative accuracy (% of the unpatched model) of `method` at `budget` visual tokens."""
+
+    method: str
+    budget: int
+    relative: float
+    source: str
+
+
+MMTOK, PDROP, WEN = "MMTok", "PDrop", "Wen"
+SOURCES = {
+    MMTOK: "MMTok's re-evaluation of FastV, VisionZip and DivPrune in one environment, as quoted from its table",
+    PDROP: "PyramidDrop (CVPR 2025, arXiv 2410.17247), Table 2, as quoted",
+    WEN: "Wen et al., Token Pruning in Multimodal LLMs (ACL Findings 2025, arXiv 2502.11501), Table 1, as quoted",
+}
+
+LLAVA15_7B: tuple[Published, ...] = (
+    Published("fastv", 192, 89.6, MMTOK),
+    Published("fastv", 128, 84.4, MMTOK),
+    Published("fastv", 64, 75.6, MMTOK),
+    Published("visionzip", 192, 97.9, MMTOK),
+    Published("visionzip", 128, 96.8, MMTOK),
+    Published("visionzip", 64, 93.2, MMTOK),
+    Published("divprune", 192, 98.0, MMTOK),
+    Published("divprune", 128, 97.0, MMTOK),
+    Published("divprune", 64, 94.8, MMTOK),
+    Published("pdrop", 192, 96.8, PDROP),
+    Published("pdrop", 128, 95.6, PDROP),
+    Published("pdrop", 64, 87.6, PDROP),
+    Published("tome", 192, 89.9, PDROP),
+    Published("tome", 64, 70.5, PDROP),
+    Published("random", 64, 89.1, WEN),
+)
+
+
+def ranks(values: list[float]) -> list[float]:
+    """The rank of each value (1 for the smallest), ties given the mean of the ranks they share."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    out = [0.0] * len(values)
+    start = 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
+            end += 1
+        for place in order[start : end + 1]:
+            out[place] = (start + end) / 2 + 1
+        start = end + 1
+    return out
+
+
+def spearman(first: list[float], second: list[float]) -> tuple[float, float] | None:
+    """Spearman's rho of two paired lists and its exact two-sided p-value (the share of all orderings of `second`
+    whose |rho| is at least as large); None for fewer than 3 pairs or a list with a single value."""
+    if len(first) < 3 or len(set(first)) < 2 or len(set(second)) < 2:
+        return None
+
+    def rho(a: list[float], b: list[float]) -> float:
+        mean_a, mean_b = statistics.mean(a), statistics.mean(b)
+        covariance = sum((x - mean_a) * (y - mean_b) for x, y in zip(a, b, strict=True))
+        spread = (sum((x - mean_a) ** 2 for x in a) * sum((y - mean_b) ** 2 for y in b)) ** 0.5
+        return covariance / spread
+
+    a, b = ranks(first), ranks(second)
+    observed = rho(a, b)
+    orderings = list(itertools.permutations(b))
+    extreme = sum(abs(rho(a, list(order))) >= abs(observed) - 1e-12 for order in orderings)
+    return observed, extreme / len(orderings)
+
+
+def compare(entries: list[dict], published: tuple[Published, ...] = LLAVA15_7B) -> list[dict]:
+    """One row per published (method, budget) that the probe's `entries` (`mmtoken.evaluation.report.settings`)
+    measured: the probe's relative accuracy and its 95% half-width, the published one, and the gap."""
+    measured = {(entry["method"], entry["budget"]): entry for entry in entries if entry.get("relative") is not None}
+    rows = []
+    for point in published:
+        entry = measured.get((point.method, point.budget))
+        if entry is not None:
+            rows.append({"method": point.method, "budget": point.budget, "probe": entry["relative"],
+                         "probe_interval": entry.get("relative_interval"), "published": point.relative,
+                         "gap": point.relative - entry["relative"], "source": point.source})  # fmt: skip
+    return rows
+
+
+def markdown(model: str, rows: list[dict]) -> str:
+    """The calibration table and, per budget, the mean |gap| and Spearman's rho over the methods measured."""
+    lines = [f"Calibration of {model} against published LLaVA-1.5-7B results (relative accuracy, % of unpatched):",
+             "", "| method | budget | probe % ± 95% | LLaVA-1.5-7B % | gap (points) | source |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for row in sorted(rows, key=lambda row: (-row["budget"], row["method"])):
+        interval = "" if row["probe_interval"] is None else f" ± {row['probe_interval']:.1f}"
+        lines.append(f"| {row['method']} | {row['budget']} | {row['probe']:.1f}{interval} | {row['published']:.1f} | "
+                     f"{row['gap']:+.1f} | {row['source']} |")  # fmt: skip
+    lines.append("")
+    for budget in sorted({row["budget"] for row in rows}, reverse=True):
+        at = [row for row in rows if row["budget"] == budget]
+        gap = statistics.mean(abs(row["gap"]) for row in at)
+        correlation = spearman([row["probe"] for row in at], [row["published"] for row in at])
+        rank = "too few methods for a rank correlation" if correlation is None else (
+            f"Spearman rho {correlation[0]:+.2f} (exact p = {correlation[1]:.2f})")  # fmt: skip
+        lines.append(f"- Budget {budget}: {len(at)} methods, mean |gap| {gap:.1f} points; {rank}.")
+    cited = dict.fromkeys(row["source"] for row in rows)
+    lines += ["", "Sources: " + "; ".join(f"{key}: {SOURCES[key]}" for key in cited) + "."]
+    return "\n".join(lines)
