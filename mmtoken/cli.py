@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--batching", choices=["continuous", "static"], default="continuous",
                        help="continuous: requests join and leave the decoding batch (default); static: a batch runs "
                        "to its end before the next starts (for h2o)")  # fmt: skip
+    serve.add_argument("--encoder", choices=["local", "thread"], default="local",
+                       help="local: the scheduler encodes a request's media before its prefill (default); thread: a "
+                       "thread of its own encodes them as requests arrive, on a CUDA stream of its own")  # fmt: skip
     serve.add_argument("--max-waiting", type=int, default=64, help="queued requests past which it answers 429")
     serve.add_argument("--cache-mib", type=int, default=1024, help="size of the embedding cache")
     serve.add_argument("--media-dir", type=Path, help="a folder whose image files requests may name")
@@ -160,4 +163,4 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     if params and args.method is None:
         parser.error("--param needs a --method")
     serve(args.model, args.method, params, args.host, args.port, args.max_batch, args.max_waiting,
-          args.cache_mib * 2**20, args.media_dir, args.batching)  # fmt: skip
+          args.cache_mib * 2**20, args.media_dir, args.batching, args.encoder)  # fmt: skip

@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import base64
 import io
+import os
+import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +22,7 @@ import uvicorn
 from conftest import model_and_processor
 from PIL import Image
 
+import mmtoken
 from mmtoken.staging.continuous import ContinuousScheduler
 from mmtoken.staging.encoders import LocalEncoder
 from mmtoken.staging.jobs import Job
@@ -153,3 +158,52 @@ def test_a_full_queue_answers_429_and_the_queued_request_still_gets_its_answer()
         scheduler.start()
         assert first.result(timeout=60).usage.completion_tokens >= 1
     scheduler.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_mmtoken_serve_answers_under_a_method_with_the_encoder_in_a_thread(tmp_path):
+    model, processor = model_and_processor("llava")
+    model.save_pretrained(tmp_path / NAME)
+    processor.save_pretrained(tmp_path / NAME)
+    port = _free_port()
+    command = [sys.executable, "-m", "mmtoken", "serve", str(tmp_path / NAME), "--method", "fastv", "--param",
+               "ratio=0.5", "--port", str(port), "--encoder", "thread", "--batching", "continuous"]  # fmt: skip
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    server = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, server.stdout.read()
+            try:
+                client.models.list()
+                break
+            except openai.APIConnectionError:
+                assert time.monotonic() < deadline, "the server did not come up"
+                time.sleep(0.2)
+        url = _data_url(_draw((64, 64), 1))
+        reply = client.chat.completions.create(model=NAME, messages=_message(url), max_tokens=6)
+        with mmtoken.patched(model, "fastv", ratio=0.5):
+            messages = [
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color is the box"}]}
+            ]
+            text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            inputs = processor(text=[text], images=[_draw((64, 64), 1)], return_tensors="pt")
+            alone = model.generate(**inputs, max_new_tokens=6, do_sample=False)[0, inputs["input_ids"].shape[1] :]
+        assert reply.choices[0].message.content == processor.tokenizer.decode(alone, skip_special_tokens=True)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_mmtoken_serve_refuses_a_method_continuous_batching_cannot_take_before_loading_anything(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "mmtoken", "serve", "probe-llava", "--method", "h2o", "--port",
+                           str(_free_port())], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    assert done.returncode != 0
+    assert "h2o" in done.stderr and "--batching static" in done.stderr

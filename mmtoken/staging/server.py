@@ -216,9 +216,11 @@ def serve(
     cache_bytes: int = 2**30,
     allowed_media: Path | None = None,
     batching: str = "continuous",
+    encoder: str = "local",
 ) -> None:
     """Load `model` (an embedded probe model's name or a local folder), patch it with `method`, and serve it with
-    `continuous` or `static` batching."""
+    `continuous` or `static` batching, its media encoded by the scheduler between steps (`local`) or in a thread
+    of their own as requests arrive (`thread`)."""
     import torch
     import uvicorn
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -226,9 +228,15 @@ def serve(
     import mmtoken
     from mmtoken.staging.continuous import ContinuousScheduler, check_joinable
     from mmtoken.staging.embedding_cache import EmbeddingCache
-    from mmtoken.staging.encoders import LocalEncoder
+    from mmtoken.staging.encoders import LocalEncoder, ThreadEncoder
     from mmtoken.zoo.embedded import NAMES, load
 
+    built = None if method is None else mmtoken.methods.build(method, **params)  # bad ones fail before loading
+    if built is not None and batching == "continuous":
+        try:
+            check_joinable(built)
+        except ValueError as error:
+            raise SystemExit(f"mmtoken serve: {error}; serve it with --batching static") from None
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if model in NAMES:
@@ -240,21 +248,19 @@ def serve(
         raise SystemExit(f"mmtoken serve: {model!r} is neither an embedded model ({', '.join(NAMES)}) nor a folder")
     loaded.to(device)
     signal = False
-    if method is not None:
-        built = mmtoken.methods.build(method, **params)
-        if batching == "continuous":
-            try:
-                check_joinable(built)
-            except ValueError as error:
-                raise SystemExit(f"mmtoken serve: {error}; serve it with --batching static") from None
+    if built is not None:
         handle = mmtoken.patch(loaded, built)
         signal = any(step.needs_vision for step in handle.method.steps)
     settings = processor.image_processor.to_dict()
-    encoder = LocalEncoder(loaded, EmbeddingCache(cache_bytes), settings, signal)
+    encoding = (ThreadEncoder if encoder == "thread" else LocalEncoder)(
+        loaded, EmbeddingCache(cache_bytes), settings, signal
+    )
     scheduling = ContinuousScheduler if batching == "continuous" else Scheduler
-    scheduler = scheduling(loaded, processor, encoder, max_batch, max_waiting).start()
+    scheduler = scheduling(loaded, processor, encoding, max_batch, max_waiting).start()
     app = create_app(scheduler, processor, Path(model).name, allowed_media)
     try:
         uvicorn.run(app, host=host, port=port, log_level="info")
     finally:
         scheduler.close()
+        if isinstance(encoding, ThreadEncoder):
+            encoding.close()
