@@ -22,17 +22,15 @@ import yaml
 
 import mmtoken
 from mmtoken.evaluation.speed import SHAPES, build_model
-from mmtoken.staging.continuous import ContinuousScheduler, check_joinable
+from mmtoken.staging.continuous import BATCHING, check_joinable
 from mmtoken.staging.embedding_cache import EmbeddingCache
 from mmtoken.staging.encoders import LocalEncoder, ThreadEncoder
 from mmtoken.staging.load import KINDS, make_trace, read_trace, write_trace
 from mmtoken.staging.metrics import SLO, summarize
 from mmtoken.staging.replay import replay
-from mmtoken.staging.scheduler import Scheduler
 from mmtoken.staging.staged import RemoteEncoder, model_device, serve_encodings, start_stages
 
 DEPLOYMENTS = ("colocated", "threaded", "staged", "staged-cache")
-SCHEDULERS = {"static": Scheduler, "continuous": ContinuousScheduler}
 
 
 def method_spec(text: str) -> tuple[str, str | None, dict]:
@@ -120,7 +118,7 @@ def run_deployments(
                     else:
                         encoder, remote.cached, remote.signal = remote, deployment == "staged-cache", signal
                         remote.clear_cache()
-                    scheduler = SCHEDULERS[batching](model, processor, encoder, args.max_batch, args.max_waiting)
+                    scheduler = BATCHING[batching](model, processor, encoder, args.max_batch, args.max_waiting)
                     name = f"{deployment} {label} {batching} @{rate:g}/s"
                     records = replay(scheduler.start(), processor, by_rate[rate], _image_size(processor), name)
                     scheduler.close()
@@ -202,9 +200,10 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--trace", type=Path, help="replay this trace file instead of drawing one per rate")
     parser.add_argument("--slo-ttft", type=float, default=1.4, help="seconds (EPD's SLO)")
     parser.add_argument("--slo-tpot", type=float, default=0.04, help="seconds per output token")
-    parser.add_argument("--batching", nargs="+", choices=list(SCHEDULERS), default=["static"],
+    parser.add_argument("--batching", nargs="+", choices=list(BATCHING), default=["static"],
                         help="static: a batch runs to its end before the next starts; continuous: requests join "
-                        "and leave the decoding batch")  # fmt: skip
+                        "and leave the decoding batch; overlapped: continuous, prefills in a thread and a CUDA "
+                        "stream of their own beside the decode steps")  # fmt: skip
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--max-waiting", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
@@ -218,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
         _, method, params = method_spec(spec)
         if method is not None:
             built = mmtoken.methods.build(method, **params)  # a bad method or parameter fails here, before any work
-            if "continuous" in args.batching:
+            if set(args.batching) - {"static"}:
                 try:
                     check_joinable(built)
                 except ValueError as error:

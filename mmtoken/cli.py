@@ -29,9 +29,10 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="the address to bind (default 127.0.0.1: this machine)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--max-batch", type=int, default=8, help="requests prefilled and decoded together")
-    serve.add_argument("--batching", choices=["continuous", "static"], default="continuous",
-                       help="continuous: requests join and leave the decoding batch (default); static: a batch runs "
-                       "to its end before the next starts (for h2o)")  # fmt: skip
+    serve.add_argument("--batching", choices=["continuous", "overlapped", "static"], default="continuous",
+                       help="continuous: requests join and leave the decoding batch (default); overlapped: the same, "
+                       "prefills in a thread and a CUDA stream of their own beside the decode steps; static: a batch "
+                       "runs to its end before the next starts (for h2o)")  # fmt: skip
     serve.add_argument("--encoder", choices=["local", "thread"], default="local",
                        help="local: the scheduler encodes a request's media before its prefill (default); thread: a "
                        "thread of its own encodes them as requests arrive, on a CUDA stream of its own")  # fmt: skip

@@ -11,7 +11,7 @@ from conftest import CASES, INVARIANT_METHODS, METHODS, PRESSES, PRUNING, exampl
 
 import mmtoken
 from mmtoken.encoding import encode
-from mmtoken.staging.continuous import ContinuousScheduler
+from mmtoken.staging.continuous import ContinuousScheduler, OverlappedScheduler
 from mmtoken.staging.decoding import joined, prefill, step
 from mmtoken.staging.encoders import LocalEncoder
 from mmtoken.staging.jobs import Job
@@ -71,9 +71,11 @@ def test_rows_that_join_and_leave_a_decoding_batch_answer_as_each_alone(family, 
     assert all(tokens[: len(alone)] == alone[: len(tokens)] for tokens, alone in zip(got, expected, strict=True))
 
 
+@pytest.mark.parametrize("scheduling", [ContinuousScheduler, OverlappedScheduler])
 @pytest.mark.parametrize(("family", "video", "method"), [("llava", False, None), ("qwen2_5_vl", True, "pooling")])
 @torch.no_grad()
-def test_the_scheduler_starts_a_request_while_another_decodes_and_answers_each_as_alone(family, video, method):
+def test_the_scheduler_starts_a_request_while_another_decodes_and_answers_each_as_alone(family, video, method,
+                                                                                        scheduling):  # fmt: skip
     model, processor = model_and_processor(family)
     lengths, limits = (3, 9, 5, 7), (24, 3, 5, 2)
     rows = [tiny_inputs(processor, family, video=video, rows=[0], question_lengths=[length]) for length in lengths]
@@ -82,7 +84,7 @@ def test_the_scheduler_starts_a_request_while_another_decodes_and_answers_each_a
         model.generation_config.eos_token_id = None  # every request runs to its own limit
         try:
             expected = [_alone(model, processor, row, limit) for row, limit in zip(rows, limits, strict=True)]
-            scheduler = ContinuousScheduler(model, processor, LocalEncoder(model, None, {}, False), max_batch=2)
+            scheduler = scheduling(model, processor, LocalEncoder(model, None, {}, False), max_batch=2)
             scheduler.start()
             long = scheduler.submit(Job(dict(rows[0]), limits[0]))
             while len(long.tokens) < 2:
@@ -97,14 +99,15 @@ def test_the_scheduler_starts_a_request_while_another_decodes_and_answers_each_a
     assert all(len(job.token_times) == len(job.tokens) for job in [long, *late])
 
 
+@pytest.mark.parametrize("scheduling", [ContinuousScheduler, OverlappedScheduler])
 @torch.no_grad()
-def test_a_bad_request_among_good_ones_costs_only_itself_its_answer():
+def test_a_bad_request_among_good_ones_costs_only_itself_its_answer(scheduling):
     model, processor = model_and_processor("llava")
     rows = [tiny_inputs(processor, "llava", video=False, rows=[0], question_lengths=[length]) for length in (3, 5)]
     bad = dict(rows[0])
     bad["pixel_values"] = bad["pixel_values"][..., :-1]  # a wrong image size, which the vision tower refuses
     expected = [_alone(model, processor, row, 4) for row in rows]
-    scheduler = ContinuousScheduler(model, processor, LocalEncoder(model, None, {}, False), max_batch=4)
+    scheduler = scheduling(model, processor, LocalEncoder(model, None, {}, False), max_batch=4)
     jobs = [Job(dict(rows[0]), 4), Job(bad, 4), Job(dict(rows[1]), 4)]
     for job in jobs:
         scheduler.submit(job)

@@ -1,6 +1,6 @@
 """Load runs on the CPU with a tiny model saved to a folder: traces replay exactly, and under torchrun the staged
 deployment (the encoder in its own process, over gloo) answers every request as the colocated one does, with static
-and with continuous batching, its embedding cache hitting on repeated media."""
+and with continuous batching (prefills apart or overlapped), its embedding cache hitting on repeated media."""
 
 from __future__ import annotations
 
@@ -57,20 +57,20 @@ def test_staged_over_gloo_answers_as_colocated_and_its_cache_hits_on_repeated_me
                "staged-cache",
                "--methods", "none", "fastv:ratio=0.5", "--rates", "20", "--count", "8", "--mix", "image=1,images=1",
                "--counts", "images=2", "--repeat", "0.6", "--max-tokens", "4", "--batching", "static", "continuous",
-               "--out", str(out)]  # fmt: skip
+               "overlapped", "--out", str(out)]  # fmt: skip
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=environment)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads((out / "serving.json").read_text())["rows"]
     assert [(row["deployment"], row["method"], row["batching"]) for row in rows] == [
         (deployment, method, batching) for deployment in ("colocated", "threaded", "staged", "staged-cache")
-        for method in ("unpatched", "fastv:ratio=0.5") for batching in ("static", "continuous")
+        for method in ("unpatched", "fastv:ratio=0.5") for batching in ("static", "continuous", "overlapped")
     ]  # fmt: skip
     for row in rows:
         assert row["answered"] == row["requests"] == 8
     for method in ("unpatched", "fastv:ratio=0.5"):
         answers = [[record["tokens"] for record in row["records"]] for row in rows if row["method"] == method]
-        assert all(answer == answers[0] for answer in answers)  # every deployment, static or continuous
+        assert all(answer == answers[0] for answer in answers)  # every deployment, every batching
     hits = {row["deployment"]: [record["cache_hit"] for record in row["records"]] for row in rows
             if row["batching"] == "static"}  # fmt: skip
     assert set(hits["colocated"]) == {None} and set(hits["staged"]) == {None}
@@ -78,5 +78,5 @@ def test_staged_over_gloo_answers_as_colocated_and_its_cache_hits_on_repeated_me
     repeated = [len({row.media for row in trace if row.kind == kind}) < sum(row.kind == kind for row in trace)
                 for kind in ("image", "images")]  # fmt: skip
     assert any(repeated) and hits["staged-cache"].count(True) >= 1 and hits["staged-cache"][0] is False
-    assert (out / "serving.png").stat().st_size > 0 and "| staged-cache | unpatched | continuous | 20 | 8 / 8 |" in (
+    assert (out / "serving.png").stat().st_size > 0 and "| staged-cache | unpatched | overlapped | 20 | 8 / 8 |" in (
         out / "serving.md").read_text()  # fmt: skip

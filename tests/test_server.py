@@ -23,7 +23,7 @@ from conftest import model_and_processor
 from PIL import Image
 
 import mmtoken
-from mmtoken.staging.continuous import ContinuousScheduler
+from mmtoken.staging.continuous import BATCHING
 from mmtoken.staging.encoders import LocalEncoder
 from mmtoken.staging.jobs import Job
 from mmtoken.staging.scheduler import Scheduler
@@ -61,7 +61,7 @@ def _serving(scheduler: Scheduler, processor, media=None):
         thread.join()
 
 
-@pytest.fixture(scope="module", params=[Scheduler, ContinuousScheduler], ids=["static", "continuous"])
+@pytest.fixture(scope="module", params=list(BATCHING.values()), ids=list(BATCHING))
 def server(request, tmp_path_factory):
     torch.set_num_threads(1)
     model, processor = model_and_processor("llava")
@@ -172,7 +172,7 @@ def test_mmtoken_serve_answers_under_a_method_with_the_encoder_in_a_thread(tmp_p
     processor.save_pretrained(tmp_path / NAME)
     port = _free_port()
     command = [sys.executable, "-m", "mmtoken", "serve", str(tmp_path / NAME), "--method", "fastv", "--param",
-               "ratio=0.5", "--port", str(port), "--encoder", "thread", "--batching", "continuous"]  # fmt: skip
+               "ratio=0.5", "--port", str(port), "--encoder", "thread", "--batching", "overlapped"]  # fmt: skip
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     server = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)

@@ -5,12 +5,15 @@ running batch to finish; the running requests wait one prefill per arrival, not 
 
 from __future__ import annotations
 
+import threading
 import time
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from torch import nn
 
 from mmtoken.api import handle_of
+from mmtoken.engine.request import request_of
 from mmtoken.methods.base import Method
 from mmtoken.staging.batching import batch_key, collate, collate_encoded
 from mmtoken.staging.decoding import Decoding, joined, prefill, step
@@ -56,38 +59,48 @@ class ContinuousScheduler(Scheduler):
 
     def _loop(self) -> None:
         while (arrivals := self._arrivals()) is not None:
-            groups: dict[tuple, list[Job]] = {}
-            for job in arrivals:
-                groups.setdefault(batch_key(job.inputs), []).append(job)
-            for group in groups.values():
-                self._admit(group)
+            for prefilled in self._prefilled(arrivals):
+                self._join(*prefilled)
             if self._running:
                 self._step()
 
-    def _admit(self, group: list[Job]) -> None:
-        """Prefill `group` and join its rows to the running batch; where the prefill fails, each request alone, so
-        one bad request costs only itself its answer."""
+    def _prefilled(self, arrivals: list[Job]) -> list[tuple[list[Job], Decoding]]:
+        """`arrivals` prefilled, in groups that can share a batch, with their first tokens handed out: per group the
+        requests that go on and their rows. Where a group's prefill fails, each of its requests runs alone, so one
+        bad request costs only itself its answer."""
+        groups: dict[tuple, list[Job]] = {}
+        for job in arrivals:
+            groups.setdefault(batch_key(job.inputs), []).append(job)
+        out = []
+        for group in groups.values():
+            try:
+                decoding = self._prefill(group)
+                tokens, at = self._tokens(decoding)
+            except Exception as error:  # every accepted request gets an answer, never lost
+                if len(group) == 1:
+                    self._answer(group, error)
+                else:
+                    out += [prefilled for job in group for prefilled in self._prefilled([job])]
+                continue
+            ended = [self._emit(job, token, at) for job, token in zip(group, tokens, strict=True)]
+            keep = [row for row, end in enumerate(ended) if not end]
+            if keep:
+                rows = decoding if len(keep) == len(group) else joined([decoding], [keep])
+                out.append(([group[row] for row in keep], rows))
+        return out
+
+    def _join(self, jobs: list[Job], decoding: Decoding) -> None:
+        """Join prefilled rows to the running batch."""
         try:
-            admitted = self._prefill(group)
-        except Exception as error:  # every accepted request gets an answer, never lost
-            if len(group) > 1:
-                for job in group:
-                    self._admit([job])
+            if self._decoding is None:
+                self._decoding = decoding
             else:
-                self._fail(group, error)
-            return
-        tokens, at = self._tokens(admitted)
-        ended = [self._emit(job, token, at) for job, token in zip(group, tokens, strict=True)]
-        keep = [row for row, end in enumerate(ended) if not end]
-        try:
-            self._decoding = joined(
-                [self._decoding, admitted] if self._decoding is not None else [admitted],
-                [list(range(len(self._running))), keep] if self._decoding is not None else [keep],
-            )
+                self._decoding = joined([self._decoding, decoding], [list(range(len(self._running))),
+                                                                     list(range(decoding.size))])  # fmt: skip
         except Exception as error:
-            self._fail(self._running + [group[row] for row in keep], error)
+            self._fail(self._running + jobs, error)
             return
-        self._running += [group[row] for row in keep]
+        self._running += jobs
 
     @torch.no_grad()
     def _prefill(self, group: list[Job]) -> Decoding:
@@ -107,8 +120,8 @@ class ContinuousScheduler(Scheduler):
         except Exception as error:
             self._fail(self._running, error)
             return
-        keep = [row for row, (job, token) in enumerate(zip(self._running, tokens, strict=True))
-                if not self._emit(job, token, at)]  # fmt: skip
+        ended = [self._emit(job, token, at) for job, token in zip(self._running, tokens, strict=True)]
+        keep = [row for row, end in enumerate(ended) if not end]
         if len(keep) < len(self._running):
             self._decoding = joined([self._decoding], [keep])
             self._running = [self._running[row] for row in keep]
@@ -128,13 +141,115 @@ class ContinuousScheduler(Scheduler):
             return True
         return False
 
-    def _fail(self, jobs: list[Job], error: Exception) -> None:
+    def _answer(self, jobs: list[Job], error: Exception) -> None:
+        """End `jobs` with `error` as their answer (an out-of-memory one as `OutOfMemory`)."""
         failure = OutOfMemory(str(error)) if isinstance(error, torch.OutOfMemoryError) else error
         for job in jobs:
             job.future.set_exception(failure)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _fail(self, jobs: list[Job], error: Exception) -> None:
+        """End running `jobs` with `error` and take them out of the batch."""
+        self._answer(jobs, error)
         failed = {id(job) for job in jobs}
         self._running = [job for job in self._running if id(job) not in failed]
         if not self._running:
             self._decoding = None
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+
+
+class OverlappedScheduler(ContinuousScheduler):
+    """Continuous batching whose prefills overlap the decode steps: a thread of its own prefills the arrivals on a
+    CUDA stream of low priority while the running batch decodes on one of high priority, and the prefilled rows
+    join the batch at its next step, so a long prompt's prefill delays the running requests' tokens only by what
+    the device cannot run beside them (the "stages as streams with priorities" of EPD staging on one GPU). On the
+    CPU the two threads share the cores."""
+
+    def __init__(self, model: nn.Module, processor: object, encoder: Encoder, max_batch: int = 8,
+                 max_waiting: int = 64) -> None:  # fmt: skip
+        super().__init__(model, processor, encoder, max_batch, max_waiting)
+        self._ready: list[tuple[list[Job], Decoding, torch.cuda.Event | None]] = []
+        self._prefilling = 0
+        cuda = self.device.type == "cuda"
+        self._decode_stream = torch.cuda.Stream(self.device, priority=-1) if cuda else None
+        self._prefill_stream = torch.cuda.Stream(self.device, priority=0) if cuda else None
+        self._prefiller = threading.Thread(target=self._prefill_loop, name="mmtoken-prefill", daemon=True)
+
+    def start(self) -> OverlappedScheduler:
+        self._prefiller.start()
+        return super().start()
+
+    def close(self) -> None:
+        super().close()
+        if self._prefiller.is_alive():
+            self._prefiller.join()
+
+    def _rows_in_flight(self) -> int:
+        return len(self._running) + self._prefilling + sum(len(jobs) for jobs, _, _ in self._ready)
+
+    def _prefill_loop(self) -> None:
+        with _on(self._prefill_stream):
+            while True:
+                with self._wake:
+                    while not self._waiting or self._rows_in_flight() >= self.max_batch:
+                        if self._closed and not self._waiting:
+                            self._wake.notify_all()
+                            return
+                        self._wake.wait()
+                    room = self.max_batch - self._rows_in_flight()
+                    arrivals = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+                    self._prefilling += len(arrivals)
+                prefilled = self._prefilled(arrivals)
+                done = None
+                if self._prefill_stream is not None:
+                    done = torch.cuda.Event()
+                    done.record(self._prefill_stream)
+                with self._wake:
+                    self._ready += [(jobs, decoding, done) for jobs, decoding in prefilled]
+                    self._prefilling -= len(arrivals)
+                    self._wake.notify_all()
+
+    def _loop(self) -> None:
+        with _on(self._decode_stream):
+            while True:
+                with self._wake:
+                    while not self._ready and not self._running:
+                        if self._closed and not self._waiting and not self._prefilling:
+                            return
+                        self._wake.wait()
+                    ready, self._ready = self._ready, []
+                for jobs, decoding, done in ready:
+                    if done is not None:  # made on the prefill stream, read on this one from now on
+                        self._decode_stream.wait_event(done)
+                        for tensor in _tensors(decoding):
+                            tensor.record_stream(self._decode_stream)
+                    self._join(jobs, decoding)
+                if self._running:
+                    before = len(self._running)
+                    self._step()
+                    if len(self._running) < before:
+                        with self._wake:
+                            self._wake.notify_all()  # room for the waiting
+
+
+def _on(stream: torch.cuda.Stream | None) -> AbstractContextManager:
+    return nullcontext() if stream is None else torch.cuda.stream(stream)
+
+
+def _tensors(decoding: Decoding) -> list[torch.Tensor]:
+    """Every tensor a prefilled batch of rows holds: its cache, its records, its positions, tokens and mask."""
+    cache = decoding.rows.cache
+    tensors = [tensor for layer in cache.layers for tensor in (layer.keys, layer.values)]
+    request = request_of(cache)
+    if request is not None:
+        tensors += [request.call.kinds, request.call.padding]
+        for record in {id(record): record for record in request.records}.values():
+            tensors += [record.slot, record.valid, record.entries_valid()]
+    return [*tensors, decoding.positions, decoding.tokens, decoding.rows.seen]
+
+
+BATCHING: dict[str, type[Scheduler]] = {
+    "static": Scheduler,
+    "continuous": ContinuousScheduler,
+    "overlapped": OverlappedScheduler,
+}

@@ -89,7 +89,7 @@ class Scheduler:
                 raise Overloaded(f"{len(self._waiting)} requests are waiting (the most this server queues)")
             self.encoder.submit(job)
             self._waiting.append(job)
-            self._wake.notify()
+            self._wake.notify_all()
         return job
 
     @property
@@ -100,7 +100,7 @@ class Scheduler:
         """Finish every queued request, then stop."""
         with self._wake:
             self._closed = True
-            self._wake.notify()
+            self._wake.notify_all()
         if self._thread.is_alive():
             self._thread.join()
 

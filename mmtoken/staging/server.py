@@ -219,20 +219,20 @@ def serve(
     encoder: str = "local",
 ) -> None:
     """Load `model` (an embedded probe model's name or a local folder), patch it with `method`, and serve it with
-    `continuous` or `static` batching, its media encoded by the scheduler between steps (`local`) or in a thread
-    of their own as requests arrive (`thread`)."""
+    `continuous`, `overlapped` or `static` batching (`mmtoken.staging.continuous`), its media encoded by the
+    scheduler before their prefill (`local`) or in a thread of their own as requests arrive (`thread`)."""
     import torch
     import uvicorn
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     import mmtoken
-    from mmtoken.staging.continuous import ContinuousScheduler, check_joinable
+    from mmtoken.staging.continuous import BATCHING, check_joinable
     from mmtoken.staging.embedding_cache import EmbeddingCache
     from mmtoken.staging.encoders import LocalEncoder, ThreadEncoder
     from mmtoken.zoo.embedded import NAMES, load
 
     built = None if method is None else mmtoken.methods.build(method, **params)  # bad ones fail before loading
-    if built is not None and batching == "continuous":
+    if built is not None and batching != "static":
         try:
             check_joinable(built)
         except ValueError as error:
@@ -255,8 +255,7 @@ def serve(
     encoding = (ThreadEncoder if encoder == "thread" else LocalEncoder)(
         loaded, EmbeddingCache(cache_bytes), settings, signal
     )
-    scheduling = ContinuousScheduler if batching == "continuous" else Scheduler
-    scheduler = scheduling(loaded, processor, encoding, max_batch, max_waiting).start()
+    scheduler = BATCHING[batching](loaded, processor, encoding, max_batch, max_waiting).start()
     app = create_app(scheduler, processor, Path(model).name, allowed_media)
     try:
         uvicorn.run(app, host=host, port=port, log_level="info")
