@@ -11,10 +11,12 @@ from conftest import CASES, INVARIANT_METHODS, METHODS, PRESSES, PRUNING, exampl
 
 import mmtoken
 from mmtoken.encoding import encode
+from mmtoken.staging import continuous
 from mmtoken.staging.continuous import ContinuousScheduler, OverlappedScheduler
 from mmtoken.staging.decoding import joined, prefill, step
 from mmtoken.staging.encoders import LocalEncoder
 from mmtoken.staging.jobs import Job
+from mmtoken.staging.scheduler import OutOfMemory
 from mmtoken.zoo.tiny import tiny_inputs
 
 NEW_TOKENS = 6
@@ -121,3 +123,33 @@ def test_continuous_batching_refuses_a_method_that_evicts_while_decoding():
     model, processor = model_and_processor("llava")
     with mmtoken.patched(model, "h2o", **examples("h2o").cutting), pytest.raises(ValueError, match="h2o"):
         ContinuousScheduler(model, processor, LocalEncoder(model, None, {}, False))
+
+
+@torch.no_grad()
+def test_rows_that_cannot_join_get_the_error_and_the_running_batch_goes_on(monkeypatch):
+    model, processor = model_and_processor("llava")
+    rows = [tiny_inputs(processor, "llava", video=False, rows=[0], question_lengths=[length]) for length in (3, 5)]
+    end = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = None
+    try:
+        expected = _alone(model, processor, rows[0], 12)
+        scheduler = ContinuousScheduler(model, processor, LocalEncoder(model, None, {}, False), max_batch=2)
+        real = continuous.joined
+
+        def out_of_memory_when_joining_two(parts, keep):  # what a join that needs more memory than is left does
+            if len(parts) == 2:
+                raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+            return real(parts, keep)
+
+        monkeypatch.setattr(continuous, "joined", out_of_memory_when_joining_two)
+        scheduler.start()
+        first = scheduler.submit(Job(dict(rows[0]), 12))
+        while len(first.tokens) < 2:
+            time.sleep(0.001)
+        second = scheduler.submit(Job(dict(rows[1]), 12))
+        answer = first.future.result(timeout=120)
+        scheduler.close()
+    finally:
+        model.generation_config.eos_token_id = end
+    assert answer == expected
+    assert isinstance(second.future.exception(), OutOfMemory) and len(second.tokens) == 1

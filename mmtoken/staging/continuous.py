@@ -90,15 +90,16 @@ class ContinuousScheduler(Scheduler):
         return out
 
     def _join(self, jobs: list[Job], decoding: Decoding) -> None:
-        """Join prefilled rows to the running batch."""
+        """Join prefilled rows to the running batch; where the join fails (out of memory, say), the new rows get
+        the error and the running batch goes on as it was (a join builds a new batch, it changes none)."""
+        if self._decoding is None:
+            self._decoding, self._running = decoding, list(jobs)
+            return
         try:
-            if self._decoding is None:
-                self._decoding = decoding
-            else:
-                self._decoding = joined([self._decoding, decoding], [list(range(len(self._running))),
-                                                                     list(range(decoding.size))])  # fmt: skip
+            everyone = [list(range(len(self._running))), list(range(decoding.size))]
+            self._decoding = joined([self._decoding, decoding], everyone)
         except Exception as error:
-            self._fail(self._running + jobs, error)
+            self._answer(jobs, error)
             return
         self._running += jobs
 
