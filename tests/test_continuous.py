@@ -3,6 +3,7 @@ leaving it, answer as each request alone, for every family and every method; the
 
 from __future__ import annotations
 
+import copy
 import time
 
 import pytest
@@ -153,3 +154,14 @@ def test_rows_that_cannot_join_get_the_error_and_the_running_batch_goes_on(monke
         model.generation_config.eos_token_id = end
     assert answer == expected
     assert isinstance(second.future.exception(), OutOfMemory) and len(second.tokens) == 1
+
+
+def test_continuous_batching_refuses_a_model_with_sliding_window_layers():
+    model, processor = model_and_processor("qwen2_vl")
+    config = copy.deepcopy(model.config)
+    text = config.get_text_config()
+    text.use_sliding_window, text.sliding_window = True, 4
+    text.layer_types = ["sliding_attention"] * text.num_hidden_layers
+    sliding = type(model)(config).eval()
+    with pytest.raises(ValueError, match="sliding-window"):
+        ContinuousScheduler(sliding, processor, LocalEncoder(sliding, None, {}, False))

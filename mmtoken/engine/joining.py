@@ -59,6 +59,8 @@ def _refuse(request: Request) -> None:
 def join_rows(parts: Sequence[Rows]) -> tuple[Cache, torch.Tensor]:
     """One decoding batch of the rows of `parts`, in order: its KV cache (with a joined `Request` where the model is
     patched) and its `seen` mask. Left-pads every layer to its longest row; the padding is never attended to."""
+    if any(layer.is_sliding for part in parts for layer in part.cache.layers):
+        raise ValueError("joining rows: a sliding-window cache crops each row on its own; it decodes as prefilled")
     requests = [request_of(part.cache) for part in parts]
     patched = requests[0] is not None
     if any((request is not None) != patched for request in requests):

@@ -11,6 +11,7 @@ from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from torch import nn
+from transformers import DynamicCache
 
 from mmtoken.api import handle_of
 from mmtoken.engine.request import request_of
@@ -41,6 +42,9 @@ class ContinuousScheduler(Scheduler):
         handle = handle_of(model)
         if handle is not None:
             check_joinable(handle.method, bool(handle.graphs))
+        if any(layer.is_sliding for layer in DynamicCache(config=model.config.get_text_config()).layers):
+            raise ValueError("continuous batching joins caches row by row; this model's sliding-window layers crop "
+                             "each row's cache on its own: use static batching")  # fmt: skip
         super().__init__(model, processor, encoder, max_batch, max_waiting)
         self._running: list[Job] = []
         self._decoding: Decoding | None = None
