@@ -64,25 +64,22 @@ class GridCells:
             raise ValueError(f"pooling: budget {self.budget} exceeds the {visual} visual tokens of this input")
         return max(1, round(math.sqrt(visual / self.budget)))
 
-    def of_row(self, geometry: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-        """Cell id of every token of one row; `geometry` is (n, 4): media, frame, row and column, -1 off the grid."""
-        stride = self.stride_for(int(candidates.sum()))
+    def firsts(self, geometry: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """(batch, n): the index of the first token of each token's cell, for (batch, n, 4) `geometry` (media, frame,
+        row and column, -1 off the grid) and the (batch, n) visual `candidates` that cells group; every row at once,
+        each with its own stride (two reads of the host: the rows' visual counts and the largest cell number)."""
+        batch, length = candidates.shape
+        strides = [self.stride_for(count) for count in candidates.sum(1).tolist()]
+        stride = torch.tensor(strides, device=geometry.device)[:, None]
         media, frame, row, column = geometry.clamp(min=0).unbind(-1)
         row, column = row // stride, column // stride
-        cell = ((media * (frame.max() + 1) + frame) * (row.max() + 1) + row) * (column.max() + 1) + column
-        own = torch.arange(len(cell), device=cell.device) + cell.max() + 1
-        return torch.where(candidates & (geometry[:, 3] >= 0), cell, own)
-
-    def firsts(self, geometry: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-        """(batch, n): the index of the first token of each token's cell, for (batch, n, 4) `geometry` and the
-        (batch, n) visual `candidates` that cells group."""
-        first = torch.empty(candidates.shape, dtype=torch.long, device=candidates.device)
-        for row in range(first.shape[0]):
-            _, members = self.of_row(geometry[row], candidates[row]).unique(return_inverse=True)
-            index = torch.arange(len(members), device=members.device)
-            heads = torch.full_like(index, len(members)).scatter_reduce(0, members, index, reduce="amin")
-            first[row] = heads[members]
-        return first
+        frames, rows, columns = (part.amax(1, keepdim=True) + 1 for part in (frame, row, column))
+        cell = ((media * frames + frame) * rows + row) * columns + column
+        index = torch.arange(length, device=geometry.device).expand(batch, -1)
+        own = index + cell.amax(1, keepdim=True) + 1  # tokens off the grid are cells of their own
+        cell = torch.where(candidates & (geometry[..., 3] >= 0), cell, own)
+        heads = torch.full((batch, int(cell.max()) + 1), length, device=geometry.device)
+        return heads.scatter_reduce(1, cell, index, reduce="amin").gather(1, cell)
 
 
 def gather_last(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
