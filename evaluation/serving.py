@@ -134,7 +134,8 @@ def run_deployments(
 
 def markdown(rows: list[dict], environment: dict) -> str:
     columns = ["deployment", "method", "batching", "rate req/s", "answered / sent", "SLO attained", "goodput req/s",
-               "TTFT p50 / p99 s", "TPOT p50 / p99 ms", "queue p50 s"]  # fmt: skip
+               "TTFT p50 / p99 s", "TPOT p50 / p99 ms", "queue p50 s",
+               "step p99 quiet / during videos ms (rise)"]  # fmt: skip
 
     def number(value: float | None, scale: float = 1, digits: int = 2) -> str:
         return "-" if value is None else f"{value * scale:.{digits}f}"
@@ -152,6 +153,8 @@ def markdown(rows: list[dict], environment: dict) -> str:
             number(row["slo_attainment"], 100, 0) + "%", number(row["goodput_rps"]),
             f"{number(row['ttft_p50_s'])} / {number(row['ttft_p99_s'])}",
             f"{number(row['tpot_p50_s'], 1000, 1)} / {number(row['tpot_p99_s'], 1000, 1)}", number(row["queue_p50_s"]),
+            f"{number(row['step_p99_quiet_s'], 1000, 1)} / {number(row['step_p99_during_heavy_s'], 1000, 1)} "
+            f"({number(row['step_rise'])}x)",
         ]) + " |")  # fmt: skip
     return "\n".join(lines)
 

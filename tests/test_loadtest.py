@@ -14,7 +14,7 @@ import pytest
 from conftest import model_and_processor
 
 from mmtoken.staging.load import arrivals, make_trace, read_trace, write_trace
-from mmtoken.staging.metrics import SLO, summarize
+from mmtoken.staging.metrics import SLO, interference, summarize
 
 
 def test_arrivals_have_the_asked_rate_and_gamma_is_burstier():
@@ -47,6 +47,20 @@ def test_slo_attainment_counts_refused_requests_and_goodput_is_over_the_span():
     assert (summary["answered"], summary["refused"], summary["failed"]) == (2, 1, 0)
 
 
+def test_interference_sets_the_steps_during_a_videos_encode_and_prefill_apart():
+    steady = [1.0, 1.02, 1.04, 1.06, 1.08, 1.1]  # an image's tokens every 20 ms ...
+    slowed = [1.2, 1.3, 1.4, 1.5, 1.6]  # ... every 100 ms while the video's batch runs, from 1.1 s to 1.6 s ...
+    records = [
+        {"at": 1.0, "kind": "video", "queue_s": 0.1, "ttft_s": 0.6, "token_offsets_s": [0.6, 0.62]},
+        {"at": 0.0, "kind": "image", "queue_s": 0.0, "ttft_s": 1.0, "token_offsets_s": steady + slowed + [1.62, 1.64]},
+    ]  # ... and every 20 ms again after its first token
+    measured = interference(records)
+    assert (measured["steps_during_heavy"], measured["steps_quiet"]) == (5, 8)  # the video's own step is quiet
+    assert measured["step_p99_during_heavy_s"] == pytest.approx(0.1)
+    assert measured["step_p99_quiet_s"] == pytest.approx(0.02)
+    assert measured["step_rise"] == pytest.approx(5.0)
+
+
 def test_staged_over_gloo_answers_as_colocated_and_its_cache_hits_on_repeated_media(tmp_path):
     model, processor = model_and_processor("llava")
     model.save_pretrained(tmp_path / "model")
@@ -67,7 +81,7 @@ def test_staged_over_gloo_answers_as_colocated_and_its_cache_hits_on_repeated_me
         for method in ("unpatched", "fastv:ratio=0.5") for batching in ("static", "continuous", "overlapped")
     ]  # fmt: skip
     for row in rows:
-        assert row["answered"] == row["requests"] == 8
+        assert row["answered"] == row["requests"] == 8 and row["steps_quiet"] + row["steps_during_heavy"] > 0
     for method in ("unpatched", "fastv:ratio=0.5"):
         answers = [[record["tokens"] for record in row["records"]] for row in rows if row["method"] == method]
         assert all(answer == answers[0] for answer in answers)  # every deployment, every batching

@@ -50,6 +50,7 @@ def replay(
                 except Exception as error:  # an answer too: the request failed, and says how
                     record["error"] = f"{type(error).__name__}: {error}"
                 record |= job.times() | {"cache_hit": job.cache_hit}
+                record["token_offsets_s"] = [at - job.arrived for at in job.token_times]
             records.append(record)
             progress.advance(answered)
     return records
