@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from mmtoken.api import handle_of
 from mmtoken.integrations import adapter_for
@@ -26,8 +27,8 @@ from mmtoken.state import MEDIA, PIXELS
 
 @dataclass
 class Encoded:
-    """A prompt's media through the vision tower and projector: what the model's `get_image_features` /
-    `get_video_features` returned, and the vision signal recorded while they ran (as the vision watch arranges it;
+    """A prompt's media through the vision tower and projector: the features the model's `get_image_features` /
+    `get_video_features` returned (their `pooler_output`, all a prefill reads), and the vision signal recorded while they ran (as the vision watch arranges it;
     empty unless asked for), each by kind (`mmtoken.state.IMAGE`, `VIDEO`)."""
 
     features: dict[int, object]
@@ -43,7 +44,10 @@ def _features(model: nn.Module, inputs: dict) -> dict[int, object]:
             # the pixels go first, by position: their parameter's name differs between transformers releases
             wanted = set(inspect.signature(function).parameters) - set(PIXELS.values())
             others = {key: value for key, value in inputs.items() if key in wanted}
-            features[kind] = function(inputs[pixels], **others, return_dict=True)
+            output = function(inputs[pixels], **others, return_dict=True)
+            # every supported family reads only this field; the tower's own states would double what an encoding
+            # holds, caches and sends
+            features[kind] = BaseModelOutputWithPooling(pooler_output=output.pooler_output)
     return features
 
 

@@ -3,6 +3,7 @@ every supported transformers release; VisionZip and HoliTom work on features enc
 
 from __future__ import annotations
 
+import inspect
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -11,6 +12,7 @@ from conftest import greedy, inputs, model_and_processor
 
 import mmtoken
 from mmtoken.encoding import encode, feeding
+from mmtoken.state import IMAGE, VIDEO
 
 CASES = [("llava", False), ("llava_onevision", True), ("qwen2_5_vl", True)]
 
@@ -55,3 +57,21 @@ def test_methods_that_read_the_vision_signal_run_on_features_encoded_ahead(famil
         from_pixels = greedy(model, batch)
         with feeding(model, encoded):
             assert torch.equal(greedy(model, batch), from_pixels)
+
+
+@pytest.mark.parametrize(("family", "video"), CASES)
+def test_an_encoding_holds_only_the_features_a_prefill_reads(family, video):
+    model, _ = model_and_processor(family)
+    batch = inputs(family, video, batch=2)
+    kind = VIDEO if video else IMAGE
+    with torch.no_grad():
+        full = model.model.get_video_features if video else model.model.get_image_features
+        pixels = batch["pixel_values_videos" if video else "pixel_values"]
+        wanted = set(inspect.signature(full).parameters) - {"pixel_values", "pixel_values_videos"}
+        output = full(pixels, **{key: value for key, value in batch.items() if key in wanted}, return_dict=True)
+        encoded = encode(model, batch).features[kind]
+    assert set(encoded.keys()) == {"pooler_output"}  # the tower's own states stay behind
+    assert len(_tensors(output)) > len(_tensors(encoded))
+    assert all(
+        torch.equal(a, b) for a, b in zip(_tensors(encoded.pooler_output), _tensors(output.pooler_output), strict=True)
+    )
