@@ -4,9 +4,9 @@ attainment, goodput and the TTFT / TPOT percentiles, with plots.
 
 Deployments: `colocated` (the encoder takes its turn in the model's process, between batches), `threaded` (the encoder
 in a thread of the model's process, on a CUDA stream of its own, as requests arrive), `staged` (the encoder in a
-process of its own, `mmtoken.staging.staged`; needs `torchrun --nproc-per-node 2`), and `staged-cache` (staged,
-through the encoder's embedding cache). Under torchrun, rank 0 is the encoder and rank 1 runs every deployment;
-without it, only `colocated` runs.
+process of its own, `mmtoken.staging.staged`; needs `torchrun --nproc-per-node N`, N - 1 encoders), and
+`staged-cache` (staged, through the encoders' embedding caches). Under torchrun, the last rank runs every deployment
+and the others encode; without it, the staged ones cannot run.
 """
 
 from __future__ import annotations
@@ -242,7 +242,8 @@ def main(argv: list[str] | None = None) -> None:
     options = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
     environment = {"model": args.model, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                    "torch": torch.__version__, "transformers": __import__("transformers").__version__,
-                   "transport": None if stages is None else str(stages.device), **options}  # fmt: skip
+                   "transport": None if stages is None else str(stages.device),
+                   "encoders": None if stages is None else len(stages.encoder_ranks), **options}  # fmt: skip
     (args.out / "serving.json").write_text(json.dumps({"environment": environment, "rows": rows}))
     table = markdown(rows, environment)
     (args.out / "serving.md").write_text(table + "\n")

@@ -28,8 +28,9 @@ from mmtoken.state import MEDIA, PIXELS
 @dataclass
 class Encoded:
     """A prompt's media through the vision tower and projector: the features the model's `get_image_features` /
-    `get_video_features` returned (their `pooler_output`, all a prefill reads), and the vision signal recorded while they ran (as the vision watch arranges it;
-    empty unless asked for), each by kind (`mmtoken.state.IMAGE`, `VIDEO`)."""
+    `get_video_features` returned (their `pooler_output`, all a prefill reads), and the vision signal recorded
+    while they ran (as the vision watch arranges it; empty unless asked for), each by kind (`mmtoken.state.IMAGE`,
+    `VIDEO`)."""
 
     features: dict[int, object]
     signals: dict[int, list[torch.Tensor]] = field(default_factory=dict)

@@ -94,3 +94,23 @@ def test_staged_over_gloo_answers_as_colocated_and_its_cache_hits_on_repeated_me
     assert any(repeated) and hits["staged-cache"].count(True) >= 1 and hits["staged-cache"][0] is False
     assert (out / "serving.png").stat().st_size > 0 and "| staged-cache | unpatched | overlapped | 20 | 8 / 8 |" in (
         out / "serving.md").read_text()  # fmt: skip
+
+
+def test_two_encoder_processes_share_the_requests_and_answer_as_colocated(tmp_path):
+    model, processor = model_and_processor("llava")
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3", "-m",
+               "mmtoken", "loadtest", str(tmp_path / "model"), "--deployments", "colocated", "staged",
+               "--rates", "40", "--count", "8", "--mix", "image=1,images=1", "--counts", "images=2",
+               "--max-tokens", "4", "--batching", "continuous", "--out", str(out)]  # fmt: skip
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=environment)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((out / "serving.json").read_text())
+    assert result["environment"]["encoders"] == 2
+    colocated, staged = ([record["tokens"] for record in row["records"]] for row in result["rows"])
+    assert staged == colocated and all(tokens for tokens in staged)
+    assert {record["encoder"] for record in result["rows"][1]["records"]} == {0, 1}  # both encoders took requests
+    assert {record["encoder"] for record in result["rows"][0]["records"]} == {None}

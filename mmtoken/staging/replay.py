@@ -49,7 +49,7 @@ def replay(
                     record["error"] = None
                 except Exception as error:  # an answer too: the request failed, and says how
                     record["error"] = f"{type(error).__name__}: {error}"
-                record |= job.times() | {"cache_hit": job.cache_hit}
+                record |= job.times() | {"cache_hit": job.cache_hit, "encoder": job.encoder}
                 record["token_offsets_s"] = [at - job.arrived for at in job.token_times]
             records.append(record)
             progress.advance(answered)
