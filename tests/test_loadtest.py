@@ -96,7 +96,7 @@ def test_staged_over_gloo_answers_as_colocated_and_its_cache_hits_on_repeated_me
         out / "serving.md").read_text()  # fmt: skip
 
 
-def test_two_encoder_processes_share_the_requests_and_answer_as_colocated(tmp_path):
+def test_two_encoder_processes_share_the_requests_and_their_images_and_answer_as_colocated(tmp_path):
     model, processor = model_and_processor("llava")
     model.save_pretrained(tmp_path / "model")
     processor.save_pretrained(tmp_path / "model")
@@ -112,5 +112,9 @@ def test_two_encoder_processes_share_the_requests_and_answer_as_colocated(tmp_pa
     assert result["environment"]["encoders"] == 2
     colocated, staged = ([record["tokens"] for record in row["records"]] for row in result["rows"])
     assert staged == colocated and all(tokens for tokens in staged)
-    assert {record["encoder"] for record in result["rows"][1]["records"]} == {0, 1}  # both encoders took requests
+    parts = [record["encoder"] for record in result["rows"][1]["records"]]
+    images = [ranks for ranks, record in zip(parts, result["rows"][1]["records"], strict=True)
+              if record["kind"] == "images"]  # fmt: skip
+    assert images and all(len(ranks) == 2 for ranks in images)  # a two-image prompt went out in two parts
+    assert {rank for ranks in parts for rank in ranks} == {0, 1}
     assert {record["encoder"] for record in result["rows"][0]["records"]} == {None}

@@ -18,14 +18,14 @@ class Job:
     callback for each new token (called from the scheduler's thread), and its times (`time.perf_counter`): arrival,
     when its batch started, when its media were encoded, each new token, and the end. `future` gets the generated
     token ids, or the error that ended the request; `cache_hit` says whether its encoding came from the embedding
-    cache (None: no cache asked), `encoder` which encoder process encoded it (None: its own process)."""
+    cache (None: no cache asked), `encoder` which encoder processes encoded its parts (None: its own process)."""
 
     inputs: dict
     max_tokens: int
     on_token: Callable[[int], None] | None = None
     media_key: str | None = None
     cache_hit: bool | None = None
-    encoder: int | None = None
+    encoder: tuple[int, ...] | None = None
     id: int = field(default_factory=lambda: next(_IDS))
     arrived: float = field(default_factory=time.perf_counter)
     started: float | None = None

@@ -22,6 +22,7 @@ from mmtoken.encoding import Encoded
 from mmtoken.staging.embedding_cache import EmbeddingCache
 from mmtoken.staging.encoders import encode_cached, on_model
 from mmtoken.staging.jobs import Job
+from mmtoken.staging.splitting import joined_parts, media_parts
 from mmtoken.staging.transport import recv_tree, send_tree
 
 
@@ -99,14 +100,16 @@ def serve_encodings(model: nn.Module, stages: Stages, cache: EmbeddingCache, set
 
 
 class RemoteEncoder:
-    """The scheduler's encoder in the model's process: `submit` queues a request's media for the encoder process
-    with the fewest requests pending, `features` waits for its encoding; `cached` and `signal` say whether the
-    encoders go through their embedding caches and record the vision signal. Per encoder, a sending and a receiving
-    thread each hold one group."""
+    """The scheduler's encoder in the model's process: `submit` queues a request's media for the encoder processes,
+    split in as many parts as there are encoders where they split (`mmtoken.staging.splitting`; not where the
+    method reads the vision signal), each part to the encoder with the fewest pending; `features` waits for the
+    parts and joins them. `cached` and `signal` say whether the encoders go through their embedding caches and
+    record the vision signal. Per encoder, a sending and a receiving thread each hold one group."""
 
     def __init__(self, model: nn.Module, stages: Stages, cached: bool = True, signal: bool = False) -> None:
         self.model, self.stages, self.cached, self.signal = model, stages, cached, signal
-        self._pending: dict[int, Future] = {}
+        self._pending: dict[object, Future] = {}
+        self._parts: dict[int, int] = {}  # how many parts each submitted request went out in
         self._load = dict.fromkeys(stages.encoder_ranks, 0)
         self._outboxes: dict[int, list[dict | None]] = {rank: [] for rank in stages.encoder_ranks}
         self._ready = threading.Condition()
@@ -118,7 +121,7 @@ class RemoteEncoder:
                 thread.start()
                 self._threads.append(thread)
 
-    def _post(self, rank: int, identity: int, message: dict) -> Future:
+    def _post(self, rank: int, identity: object, message: dict) -> Future:
         with self._ready:
             future = self._pending[identity] = Future()
             self._outboxes[rank].append(message)
@@ -127,24 +130,36 @@ class RemoteEncoder:
         return future
 
     def submit(self, job: Job) -> None:
-        media = {name: value for name, value in job.inputs.items() if name not in ("input_ids", "attention_mask")}
-        with self._ready:
-            least_busy = min(self._load, key=lambda rank: (self._load[rank], rank))
-        message = {"id": job.id, "key": job.media_key, "inputs": media, "cached": self.cached, "signal": self.signal}
-        self._post(least_busy, job.id, message)
+        parts = media_parts(job.inputs, 1 if self.signal else len(self.stages.encoder_ranks))
+        self._parts[job.id] = len(parts)
+        for index, media in enumerate(parts):
+            key = job.media_key if len(parts) == 1 else None
+            message = {"id": (job.id, index), "key": key, "inputs": media, "cached": self.cached,
+                       "signal": self.signal}  # fmt: skip
+            with self._ready:
+                least_busy = min(self._load, key=lambda rank: (self._load[rank], rank))
+            self._post(least_busy, (job.id, index), message)
 
     def features(self, job: Job) -> Encoded:
-        with self._ready:
-            future = self._pending[job.id]
-        reply = future.result()
-        with self._ready:
-            del self._pending[job.id]
-        if "error" in reply:
-            raise ValueError(f"the encoder could not encode this request's media: {reply['error']}")
-        job.cache_hit, job.encoder = reply["hit"], reply["rank"]
+        replies = []
+        for index in range(self._parts.pop(job.id)):
+            with self._ready:
+                future = self._pending[job.id, index]
+            replies.append(future.result())
+            with self._ready:
+                del self._pending[job.id, index]
+        errors = [reply["error"] for reply in replies if "error" in reply]
+        if errors:
+            raise ValueError(f"the encoder could not encode this request's media: {errors[0]}")
+        hits = [reply["hit"] for reply in replies]
+        job.cache_hit = None if None in hits else all(hits)
+        job.encoder = tuple(reply["rank"] for reply in replies)
         device = next(self.model.parameters()).device
-        signals = {kind: [_to(item, device) for item in items] for kind, items in reply["signals"].items()}
-        return Encoded({kind: _to(value, device) for kind, value in reply["features"].items()}, signals)
+        encodings = []
+        for reply in replies:
+            signals = {kind: [_to(item, device) for item in items] for kind, items in reply["signals"].items()}
+            encodings.append(Encoded({kind: _to(value, device) for kind, value in reply["features"].items()}, signals))
+        return joined_parts(encodings, getattr(self.model.model, "image_newline", None))
 
     def clear_cache(self) -> None:
         """Empty every encoder's embedding cache (between runs that must not share them)."""
