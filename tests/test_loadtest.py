@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import model_and_processor
@@ -61,21 +62,26 @@ def test_interference_sets_the_steps_during_a_videos_encode_and_prefill_apart():
     assert measured["step_rise"] == pytest.approx(5.0)
 
 
-def test_staged_over_gloo_answers_as_colocated_and_its_cache_hits_on_repeated_media(tmp_path):
+def _loadtest(folder: Path, processes: int, *options: str) -> dict:
+    """`mmtoken loadtest` of the tiny LLaVA, saved to `folder`, under torchrun with `processes` processes on the CPU;
+    its serving.json."""
     model, processor = model_and_processor("llava")
-    model.save_pretrained(tmp_path / "model")
-    processor.save_pretrained(tmp_path / "model")
-    out = tmp_path / "out"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
-               "mmtoken", "loadtest", str(tmp_path / "model"), "--deployments", "colocated", "threaded", "staged",
-               "staged-cache",
-               "--methods", "none", "fastv:ratio=0.5", "--rates", "20", "--count", "8", "--mix", "image=1,images=1",
-               "--counts", "images=2", "--repeat", "0.6", "--max-tokens", "4", "--batching", "static", "continuous",
-               "overlapped", "--out", str(out)]  # fmt: skip
+    model.save_pretrained(folder / "model")
+    processor.save_pretrained(folder / "model")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
+               "-m", "mmtoken", "loadtest", str(folder / "model"), "--count", "8", "--mix", "image=1,images=1",
+               "--counts", "images=2", "--max-tokens", "4", "--out", str(folder / "out"), *options]  # fmt: skip
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=environment)
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = json.loads((out / "serving.json").read_text())["rows"]
+    return json.loads((folder / "out" / "serving.json").read_text())
+
+
+def test_staged_over_gloo_answers_as_colocated_and_its_cache_hits_on_repeated_media(tmp_path):
+    rows = _loadtest(tmp_path, 2, "--deployments", "colocated", "threaded", "staged", "staged-cache", "--methods",
+                     "none", "fastv:ratio=0.5", "--rates", "20", "--repeat", "0.6", "--batching", "static",
+                     "continuous", "overlapped")["rows"]  # fmt: skip
+    out = tmp_path / "out"
     assert [(row["deployment"], row["method"], row["batching"]) for row in rows] == [
         (deployment, method, batching) for deployment in ("colocated", "threaded", "staged", "staged-cache")
         for method in ("unpatched", "fastv:ratio=0.5") for batching in ("static", "continuous", "overlapped")
@@ -97,18 +103,7 @@ def test_staged_over_gloo_answers_as_colocated_and_its_cache_hits_on_repeated_me
 
 
 def test_two_encoder_processes_share_the_requests_and_their_images_and_answer_as_colocated(tmp_path):
-    model, processor = model_and_processor("llava")
-    model.save_pretrained(tmp_path / "model")
-    processor.save_pretrained(tmp_path / "model")
-    out = tmp_path / "out"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3", "-m",
-               "mmtoken", "loadtest", str(tmp_path / "model"), "--deployments", "colocated", "staged",
-               "--rates", "40", "--count", "8", "--mix", "image=1,images=1", "--counts", "images=2",
-               "--max-tokens", "4", "--batching", "continuous", "--out", str(out)]  # fmt: skip
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=environment)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads((out / "serving.json").read_text())
+    result = _loadtest(tmp_path, 3, "--deployments", "colocated", "staged", "--rates", "40", "--batching", "continuous")
     assert result["environment"]["encoders"] == 2
     colocated, staged = ([record["tokens"] for record in row["records"]] for row in result["rows"])
     assert staged == colocated and all(tokens for tokens in staged)

@@ -16,9 +16,9 @@ from transformers import DynamicCache
 from mmtoken.api import handle_of
 from mmtoken.engine.request import request_of
 from mmtoken.methods.base import Method
-from mmtoken.staging.batching import batch_key, collate, collate_encoded
+from mmtoken.staging.batching import batch_key
 from mmtoken.staging.decoding import Decoding, joined, prefill, step
-from mmtoken.staging.encoders import Encoder, on_model
+from mmtoken.staging.encoders import Encoder
 from mmtoken.staging.jobs import Job
 from mmtoken.staging.scheduler import OutOfMemory, Scheduler
 
@@ -107,16 +107,8 @@ class ContinuousScheduler(Scheduler):
             return
         self._running += jobs
 
-    @torch.no_grad()
     def _prefill(self, group: list[Job]) -> Decoding:
-        started = time.perf_counter()
-        encodings = []
-        for job in group:
-            job.started = started
-            encodings.append(self.encoder.features(job))
-            job.encoded = time.perf_counter()
-        inputs = on_model(self.model, collate([job.inputs for job in group], self.pad_id))
-        return prefill(self.model, inputs, collate_encoded(encodings))
+        return prefill(self.model, *self._batch_inputs(group))
 
     def _step(self) -> None:
         try:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from transformers.generation.streamers import BaseStreamer
 
-from mmtoken.encoding import feeding
+from mmtoken.encoding import Encoded, feeding
 from mmtoken.staging.batching import batch_key, collate, collate_encoded
 from mmtoken.staging.encoders import Encoder, on_model
 from mmtoken.staging.jobs import Job
@@ -139,16 +139,20 @@ class Scheduler:
         for job in batch:
             job.future.set_result(list(job.tokens))
 
-    @torch.no_grad()
-    def _run(self, batch: list[Job]) -> None:
+    def _batch_inputs(self, batch: list[Job]) -> tuple[dict, Encoded]:
+        """The batch's inputs, left-padded on the model's device, and its encodings from the encoder, as the batch
+        starts (each request's start and encoding times recorded)."""
         started = time.perf_counter()
         encodings = []
         for job in batch:
             job.started = started
             encodings.append(self.encoder.features(job))
             job.encoded = time.perf_counter()
-        inputs = on_model(self.model, collate([job.inputs for job in batch], self.pad_id))
-        encoded = collate_encoded(encodings)
+        return on_model(self.model, collate([job.inputs for job in batch], self.pad_id)), collate_encoded(encodings)
+
+    @torch.no_grad()
+    def _run(self, batch: list[Job]) -> None:
+        inputs, encoded = self._batch_inputs(batch)
         streamer = _RowStreamer(batch, self.end_ids, self.device.type == "cuda")
         new_tokens = max(job.max_tokens for job in batch)
         with feeding(self.model, encoded):
