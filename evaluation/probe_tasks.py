@@ -25,8 +25,12 @@ from mmtoken.zoo.embedded import RELIABLE_TASKS
 
 SEED = 4242
 PER_TASK = {"image": 100, "video": 40}
+# Long videos for the KV presses, where which chunk of frames holds the answer matters: the needle task (the one
+# whose answer the 8-frame probe model still finds in 64 and 128 frames, 94% unpatched) at those lengths.
+LONG_VIDEOS = {"needle_64f": ("needle", 64), "needle_128f": ("needle", 128)}
+PER_LONG_TASK = 32
 VIDEO_FPS = 4
-VERSION = 1  # bump when the data or the YAML changes, so caches are written anew
+VERSION = 2  # bump when the data or the YAML changes, so caches are written anew
 METRIC = "exact_match"
 MAX_NEW_TOKENS = 6
 _FUNCTIONS = "mmtoken.evaluation.probe_tasks"
@@ -65,10 +69,12 @@ def tasks_path() -> Path:
 
 def _write(staging: Path, final: Path) -> None:
     """Data and YAML into `staging`; paths inside point at `final`, where the folder is renamed to."""
-    tasks = [(kind, task) for kind in PER_TASK for task in probe.tasks(kind)]
+    tasks = [(kind, task, task, 8) for kind in PER_TASK for task in probe.tasks(kind)]
+    tasks += [("video", name, task, frames) for name, (task, frames) in LONG_VIDEOS.items()]
     progress = Console(stderr=True)  # stdout carries the folder, for `--include_path "$(mmtoken tasks-path)"`
-    for kind, task in track(tasks, description="writing the probe tasks", console=progress):
-        samples = probe.generate(kind, n=PER_TASK[kind], seed=SEED, task=task)
+    for kind, task, drawn, frames in track(tasks, description="writing the probe tasks", console=progress):
+        count = PER_TASK[kind] if task == drawn else PER_LONG_TASK
+        samples = probe.generate(kind, n=count, seed=SEED, task=drawn, frames=frames)
         media = staging / "data" / task
         media.mkdir(parents=True)
         docs = []

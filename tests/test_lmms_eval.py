@@ -50,6 +50,11 @@ def test_task_data_is_the_probe_generator_output_pixel_for_pixel():
     assert metadata.total_num_frames == len(video.video) == len(frames)
     assert np.array_equal(frames, np.stack([np.asarray(frame) for frame in video.video]))
     assert len(count) == probe_tasks.PER_TASK["image"] and len(docs("needle")) == probe_tasks.PER_TASK["video"]
+    long = docs("needle_64f")
+    needles = probe.generate("video", n=probe_tasks.PER_LONG_TASK, seed=probe_tasks.SEED, task="needle", frames=64)
+    assert len(long) == probe_tasks.PER_LONG_TASK and long[0]["answer"] == needles[0].answer
+    frames, _ = read_video(long[0]["path"], 128)
+    assert np.array_equal(frames, np.stack([np.asarray(frame) for frame in needles[0].video]))  # all 64 frames
 
 
 def test_model_by_name_through_the_entry_point_on_a_probe_group(manager):
@@ -121,11 +126,13 @@ def test_bad_method_is_refused_before_the_model_loads():
 def test_tasks_path_prints_only_the_folder_it_writes(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MMTOKEN_CACHE", str(tmp_path))
     monkeypatch.setattr(probe_tasks, "PER_TASK", {"image": 2, "video": 1})
+    monkeypatch.setattr(probe_tasks, "PER_LONG_TASK", 1)
     main(["tasks-path"])
     folder = tmp_path / f"lmms-tasks-v{probe_tasks.VERSION}"
     assert capsys.readouterr().out == f"{folder}\n"  # so `--include_path "$(mmtoken tasks-path)"` works
     names = TaskManager(verbosity="WARNING", include_path=str(folder), include_defaults=False).all_tasks
     tasks = [probe_tasks.task_name(task) for kind in ("image", "video") for task in probe.tasks(kind)]
+    tasks += [probe_tasks.task_name(task) for task in probe_tasks.LONG_VIDEOS]
     groups = [
         "mmtoken_probe_image",
         "mmtoken_probe_video",

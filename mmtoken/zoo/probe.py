@@ -691,17 +691,18 @@ def _to_pil(frames: Tensor) -> list[Image.Image]:
     return [Image.fromarray(frame.permute(1, 2, 0).contiguous().numpy()) for frame in frames]
 
 
-def generate(kind: str = "image", n: int = 16, seed: int = 0, task: str | None = None) -> list[Sample]:
-    """n samples of `task`, or spread round-robin over all `kind` tasks when None; deterministic in `seed`.
+def generate(kind: str = "image", n: int = 16, seed: int = 0, task: str | None = None, frames: int = 8) -> list[Sample]:
+    """n samples of `task`, or spread round-robin over all `kind` tasks when None, videos of `frames` frames;
+    deterministic in `seed`.
 
     Renders on CPU through :func:`render_batch` (in chunks of 120 samples), so any seed gives a fresh split
     drawn from the same distribution as training batches.
     """
-    _check(kind, n, task, 8)
+    _check(kind, n, task, frames)
     generator = torch.Generator().manual_seed(seed)
     samples = []
     for start in range(0, n, _CHUNK):
-        batch = render_batch(kind, min(_CHUNK, n - start), generator, "cpu", task)
+        batch = render_batch(kind, min(_CHUNK, n - start), generator, "cpu", task, frames)
         for i, (question, answer, name) in enumerate(zip(batch.questions, batch.answers, batch.tasks, strict=True)):
             if kind == "image":
                 samples.append(Sample(name, question, answer, _to_pil(batch.pixels[i : i + 1]), None))
