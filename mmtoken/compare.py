@@ -108,8 +108,8 @@ def _report(rows: list[dict], tasks: tuple[str, ...], per_task: int, out: Path) 
 
 
 def _plot(rows: list[dict], path: Path) -> None:
-    series: dict[str, list[tuple[float, float]]] = {}
-    for row in rows:
-        series.setdefault(row["method"], []).append((row["flops_exact"], row["average"]))
+    series: dict[str, list[tuple[float, float, float]]] = {}
+    for row in rows:  # the table gives no interval, so the points have no error bars
+        series.setdefault(row["method"], []).append((row["flops_exact"], row["average"], 0.0))
     pareto_plot(series, "language-model prefill FLOPs, % of unpatched (exact)", "probe accuracy, %",
                 f"{MODEL}: accuracy against cost", path)  # fmt: skip
