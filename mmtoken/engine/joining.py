@@ -73,10 +73,15 @@ def join_rows(parts: Sequence[Rows]) -> tuple[Cache, torch.Tensor]:
     seen = _left_padded([part.seen[row : row + 1, seen_lead[id(part)][row] :] for part, _, row in picked], 1, 0)
 
     depth = len(parts[0].cache.layers)
-    cache, leads = DynamicCache(), []
+    cache, leads, known = DynamicCache(), [], {}  # layers that share a record share its leads: one host read each
     for layer in range(depth):
-        lead = {id(part): _leading(request.records[layer].entries_valid() if patched else part.seen)
-                for part, request in zip(parts, requests, strict=True)}  # fmt: skip
+        lead = {}
+        for part, request in zip(parts, requests, strict=True):
+            record = request.records[layer] if patched else None
+            key = (id(part), id(record))
+            if key not in known:
+                known[key] = _leading(part.seen if record is None else record.entries_valid())
+            lead[id(part)] = known[key]
         leads.append(lead)
         pieces = [(part.cache.layers[layer], row, lead[id(part)][row]) for part, _, row in picked]
         keys = _left_padded([entries.keys[row : row + 1, :, start:] for entries, row, start in pieces], 2)
