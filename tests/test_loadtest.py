@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import model_and_processor
 
+from mmtoken.evaluation import serving
 from mmtoken.staging.load import arrivals, make_trace, read_trace, write_trace
 from mmtoken.staging.metrics import SLO, interference, summarize
 
@@ -113,3 +114,10 @@ def test_two_encoder_processes_share_the_requests_and_their_images_and_answer_as
     assert images and all(len(ranks) == 2 for ranks in images)  # a two-image prompt went out in two parts
     assert {rank for ranks in parts for rank in ranks} == {0, 1}
     assert {record["encoder"] for record in result["rows"][0]["records"]} == {None}
+
+
+def test_loadtest_refuses_a_method_continuous_batching_cannot_take_before_any_work(tmp_path):
+    with pytest.raises(SystemExit, match=r"h2o.*h2o"):
+        serving.main(["probe-llava", "--methods", "h2o", "--batching", "static", "continuous", "--out",
+                      str(tmp_path / "out")])  # fmt: skip
+    assert not (tmp_path / "out").exists()
