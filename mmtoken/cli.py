@@ -58,15 +58,20 @@ def main(argv: list[str] | None = None) -> None:
         kind.add_argument("--seed", type=int, default=0, help="probe seed of the calibration set (default 0)")
         kind.add_argument("--out", type=Path, help="YAML file to write (default results/KIND.yaml)")
     zoo = commands.add_parser("zoo", help="the embedded probe models").add_subparsers(dest="zoo", required=True)
+    recipes = ["probe-llava", "probe-qwen2vl", "probe-llava-v2", "probe-qwen2vl-v2"]
     train = zoo.add_parser("train", help="train a probe model (on the GPU), resumable")
-    train.add_argument("name", choices=["probe-llava", "probe-qwen2vl"])
-    train.add_argument("--out", type=Path, required=True)
-    train.add_argument("--resume", type=Path)
-    train.add_argument("--steps", type=int, default=6000)
-    train.add_argument("--batch-size", type=int, default=128)
-    train.add_argument("--lr", type=float, default=6e-4)
-    train.add_argument("--minutes", type=float, help="stop (with a checkpoint) after this long")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("name", choices=recipes)
+    train.add_argument("--pretrained", type=Path, help="start from this tower pretraining checkpoint (v2 recipes)")
+    pretrain = zoo.add_parser("pretrain", help="pretrain a v2 probe model's tower on captions (on the GPU), resumable")
+    pretrain.add_argument("name", choices=[name for name in recipes if name.endswith("-v2")])
+    for stage, steps, batch, lr in ((train, 6000, 128, 6e-4), (pretrain, 3000, 256, 5e-4)):
+        stage.add_argument("--out", type=Path, required=True)
+        stage.add_argument("--resume", type=Path, help="continue the run checkpointed in this folder")
+        stage.add_argument("--steps", type=int, default=steps)
+        stage.add_argument("--batch-size", type=int, default=batch)
+        stage.add_argument("--lr", type=float, default=lr)
+        stage.add_argument("--minutes", type=float, help="stop (with a checkpoint) after this long")
+        stage.add_argument("--seed", type=int, default=0)
     args, rest = parser.parse_known_args(argv)
     if args.command == "compare":
         from mmtoken.compare import BrokenMeasurement
@@ -79,11 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "search":
         _search(args)
     elif args.command == "zoo":
-        from mmtoken.zoo.train import TrainConfig, train
-
-        config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, minutes=args.minutes,
-                             seed=args.seed)  # fmt: skip
-        train(args.name, args.out, config, resume=args.resume)
+        _zoo(args, parser)
     elif args.command == "demo":
         if not args.online:
             import os
@@ -130,6 +131,23 @@ def main(argv: list[str] | None = None) -> None:
         for method in list_methods():
             params = ", ".join(f"{name}={value!r}" for name, value in method["parameters"].items())
             print(f"{method['name']:8} {method['stage']:10} {method['paper']:18} {params}")
+
+
+def _zoo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """`mmtoken zoo train` and `mmtoken zoo pretrain`; a bad checkpoint is a message, not a stack trace."""
+    schedule = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "minutes": args.minutes,
+                "seed": args.seed}  # fmt: skip
+    try:
+        if args.zoo == "pretrain":
+            from mmtoken.zoo.pretrain import PretrainConfig, pretrain
+
+            pretrain(args.name, args.out, PretrainConfig(**schedule), resume=args.resume)
+        else:
+            from mmtoken.zoo.train import TrainConfig, train
+
+            train(args.name, args.out, TrainConfig(**schedule), resume=args.resume, pretrained=args.pretrained)
+    except ValueError as bad:
+        parser.exit(2, f"mmtoken zoo {args.zoo}: {bad}\n")
 
 
 def _search(args: argparse.Namespace) -> None:

@@ -13,18 +13,15 @@ from transformers import AutoModelForImageTextToText
 from mmtoken.zoo import ask, card, load, probe
 from mmtoken.zoo.embedded import RELIABLE_TASKS
 from mmtoken.zoo.formats import probe_format
-from mmtoken.zoo.recipes import RECIPES
+from mmtoken.zoo.recipes import RECIPES, WORLDS
 from mmtoken.zoo.train import PACKED_ATTENTION, PromptEncoder, TrainConfig, train
 
 
 @pytest.fixture(scope="module", params=sorted(RECIPES))
 def recipe(request):
+    """A fresh recipe's model, processor, format and the world it reads."""
     model, processor = RECIPES[request.param]()
-    return model, processor, probe_format(model, processor)
-
-
-def _kinds(recipe) -> tuple[str, ...]:
-    return recipe[2].kinds
+    return model, processor, probe_format(model, processor), WORLDS[request.param]
 
 
 def _media(sample: probe.Sample) -> tuple[str, dict]:
@@ -34,10 +31,10 @@ def _media(sample: probe.Sample) -> tuple[str, dict]:
 
 
 def test_training_tokens_equal_the_processors(recipe):
-    _, processor, model_format = recipe
+    _, processor, model_format, world = recipe
     encoder = PromptEncoder(processor, model_format)
     for kind in model_format.kinds:
-        for sample in probe.generate(kind, n=8, seed=3):
+        for sample in world.generate(kind, n=2 * len(world.tasks(kind)), seed=3):
             messages = [{"role": "user", "content": [{"type": kind}, {"type": "text", "text": sample.question}]}]
             prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             expected = processor(text=prompt, return_tensors="pt", **_media(sample)[1])["input_ids"][0].tolist()
@@ -47,9 +44,9 @@ def test_training_tokens_equal_the_processors(recipe):
 
 
 def test_training_pixels_equal_the_processors(recipe):
-    _, processor, model_format = recipe
+    _, processor, model_format, world = recipe
     for kind in model_format.kinds:
-        batch = probe.render_batch(kind, 2, torch.Generator().manual_seed(0))
+        batch = world.render_batch(kind, 2, torch.Generator().manual_seed(0))
         frames = batch.pixels if kind == "video" else batch.pixels[:, None]
         pil = [[Image.fromarray(frame.permute(1, 2, 0).numpy()) for frame in sample] for sample in frames]
         if kind == "image":
@@ -63,7 +60,7 @@ def test_training_pixels_equal_the_processors(recipe):
 
 
 def test_patch_targets_follow_the_patch_order(recipe):
-    _, processor, model_format = recipe
+    _, processor, model_format, _ = recipe
     batch = probe.render_batch("image", 2, torch.Generator().manual_seed(5), task="color")
     labels = torch.arange(2 * 24 * 24).view(2, 24, 24)
     # a label map that encodes each patch's pixels: the patch order of the targets must match the features'
@@ -107,9 +104,11 @@ def test_packed_vision_attention_equals_one_call_per_sequence():
     assert torch.allclose(packed.last_hidden_state, expected.last_hidden_state, atol=1e-5)
 
 
-def test_qwen_training_alternates_images_and_videos(tmp_path):
-    state = train("probe-qwen2vl", tmp_path, TrainConfig(steps=2, batch_size=2, eval_every=2, eval_per_task=1))
-    assert set(state["evaluations"][-1]["accuracy"]) == set(probe.tasks("image")) | set(probe.tasks("video"))
+@pytest.mark.parametrize("name", ["probe-qwen2vl", "probe-qwen2vl-v2"])
+def test_qwen_training_alternates_images_and_videos_of_its_world(tmp_path, name):
+    state = train(name, tmp_path, TrainConfig(steps=2, batch_size=2, eval_every=2, eval_per_task=1))
+    world = WORLDS[name]
+    assert set(state["evaluations"][-1]["accuracy"]) == set(world.tasks("image")) | set(world.tasks("video"))
     model = AutoModelForImageTextToText.from_pretrained(tmp_path, local_files_only=True)
     assert model.config.model_type == "qwen2_vl"
 

@@ -37,6 +37,16 @@ class LlavaFormat:
     def vision_inputs(self, batch: Batch, kind: str) -> dict[str, Tensor]:
         return {"pixel_values": _normalised(batch.pixels, self.processor)}
 
+    def image_features(self, batch: Batch) -> Tensor:
+        """(n, 576, width) the projected patch features the language model reads for each image."""
+        config = self.model.config
+        features = self.model.model.get_image_features(
+            **self.vision_inputs(batch, "image"),
+            vision_feature_layer=config.vision_feature_layer,
+            vision_feature_select_strategy=config.vision_feature_select_strategy,
+        ).pooler_output
+        return torch.stack(list(features))
+
     def patch_layer(self) -> nn.Module:
         return self.model.model.vision_tower.encoder.layers[self.model.config.vision_feature_layer]
 
@@ -89,6 +99,11 @@ class QwenFormat:
         if kind == "image":
             return {"pixel_values": self.patches(pixels), "image_grid_thw": grid}
         return {"pixel_values_videos": self.patches(pixels), "video_grid_thw": grid}
+
+    def image_features(self, batch: Batch) -> Tensor:
+        """(n, 144, width) the merged patch features the language model reads for each image."""
+        features = self.model.model.get_image_features(**self.vision_inputs(batch, "image")).pooler_output
+        return torch.stack(list(features))
 
     def patch_layer(self) -> nn.Module:
         return self.model.model.visual.blocks[-2]

@@ -1,12 +1,24 @@
-"""The probe models' architectures, built from scratch with random weights before training.
+"""The probe models' architectures, built from scratch with random weights before training, and the world each
+is trained on.
 
 `probe-llava` is LLaVA-1.5's format at LLaVA-1.5's geometry (a CLIP tower at 336 px with 14-px patches, so 576
 visual tokens and the papers' 192 / 128 / 64 budgets mean what they mean there), shrunk in width and depth.
 `probe-qwen2vl` is Qwen2-VL's format (14-px patches in pairs of frames, 2 x 2 merge, M-RoPE) at the same width
-and depth: a 336-px probe image becomes 144 visual tokens, an 8-frame 224-px probe video 256.
+and depth: a 336-px probe image becomes 144 visual tokens, an 8-frame 224-px probe video 256. Both read probe
+world v1 (:mod:`mmtoken.zoo.probe`) with a 6-layer language model.
+
+The `-v2` recipes read probe world v2 (:mod:`mmtoken.zoo.world`) with a language model of 24 narrow layers, deep
+enough for the papers' layer schedules (FastV's cut at layer 2, PyramidDrop's four stages, FEATHER's late
+re-selection), and a deeper tower that is pretrained contrastively before the question answering
+(:mod:`mmtoken.zoo.pretrain`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from types import ModuleType
 
 from transformers import (
     AutoModelForImageTextToText,
@@ -22,22 +34,38 @@ from transformers import (
     Qwen2VLVideoProcessor,
 )
 
-from mmtoken.zoo.probe import VIDEO_SIZE, VOCABULARY
+from mmtoken.zoo import probe, world
+from mmtoken.zoo.probe import VIDEO_SIZE
 from mmtoken.zoo.text import LLAVA_TEMPLATE, chatml_template, llama_tokenizer, qwen_tokenizer
 
 IMAGE_SIZE, PATCH_SIZE = 336, 14
-WIDTH, DEPTH = 256, 6
+HEADS = 4
 
 
-def _language_model(tokenizer: PreTrainedTokenizerFast, **extra: object) -> dict[str, object]:
-    """The language model both probe models share: 6 layers, 256 wide, 4 heads, the tokenizer's special ids."""
+@dataclass(frozen=True)
+class Geometry:
+    """Widths and depths of a probe model's vision tower and language model, and the world it reads."""
+
+    tower_width: int
+    tower_depth: int
+    width: int
+    depth: int
+    world: ModuleType
+
+
+V1 = Geometry(tower_width=256, tower_depth=6, width=256, depth=6, world=probe)
+V2 = Geometry(tower_width=256, tower_depth=8, width=128, depth=24, world=world)
+
+
+def _language_model(tokenizer: PreTrainedTokenizerFast, geometry: Geometry, **extra: object) -> dict[str, object]:
+    """A probe language model: the geometry's width and depth, 4 heads, the tokenizer's special ids."""
     return {
         "vocab_size": len(tokenizer),
-        "hidden_size": WIDTH,
-        "intermediate_size": 4 * WIDTH,
-        "num_hidden_layers": DEPTH,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 4,
+        "hidden_size": geometry.width,
+        "intermediate_size": 4 * geometry.width,
+        "num_hidden_layers": geometry.depth,
+        "num_attention_heads": HEADS,
+        "num_key_value_heads": HEADS,
         "pad_token_id": tokenizer.pad_token_id,
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
@@ -45,20 +73,20 @@ def _language_model(tokenizer: PreTrainedTokenizerFast, **extra: object) -> dict
     }
 
 
-def probe_llava() -> tuple[PreTrainedModel, ProcessorMixin]:
-    """A fresh (untrained) probe-llava: 6-layer 256-wide CLIP ViT, projector, 6-layer 256-wide Llama."""
-    tokenizer = llama_tokenizer(VOCABULARY)
+def probe_llava(geometry: Geometry = V1) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """A fresh (untrained) probe-llava: CLIP ViT, projector and Llama of the geometry (v1: 6 layers, 256 wide)."""
+    tokenizer = llama_tokenizer(geometry.world.VOCABULARY)
     config = LlavaConfig(
-        text_config=_language_model(tokenizer, model_type="llama", max_position_embeddings=1024),
+        text_config=_language_model(tokenizer, geometry, model_type="llama", max_position_embeddings=1024),
         vision_config={
             "model_type": "clip_vision_model",
             "image_size": IMAGE_SIZE,
             "patch_size": PATCH_SIZE,
-            "hidden_size": WIDTH,
-            "intermediate_size": 4 * WIDTH,
-            "num_hidden_layers": DEPTH,
-            "num_attention_heads": 4,
-            "projection_dim": WIDTH,
+            "hidden_size": geometry.tower_width,
+            "intermediate_size": 4 * geometry.tower_width,
+            "num_hidden_layers": geometry.tower_depth,
+            "num_attention_heads": HEADS,
+            "projection_dim": geometry.tower_width,
         },
         image_token_index=tokenizer.image_token_id,
         image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2,
@@ -78,14 +106,16 @@ def probe_llava() -> tuple[PreTrainedModel, ProcessorMixin]:
     return AutoModelForImageTextToText.from_config(config), processor
 
 
-def probe_qwen2vl() -> tuple[PreTrainedModel, ProcessorMixin]:
-    """A fresh (untrained) probe-qwen2vl: 6-layer 256-wide Qwen2-VL ViT and merger, 6-layer 256-wide Qwen2."""
+def probe_qwen2vl(geometry: Geometry = V1) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """A fresh (untrained) probe-qwen2vl: Qwen2-VL ViT and merger and Qwen2 of the geometry (v1: 6 layers, 256
+    wide)."""
     vision_marks = ("<|vision_start|>", "<|vision_end|>")
-    tokenizer = qwen_tokenizer(VOCABULARY, "<|image_pad|>", "<|video_pad|>", extra=vision_marks)
-    head_dim = WIDTH // 4
+    tokenizer = qwen_tokenizer(geometry.world.VOCABULARY, "<|image_pad|>", "<|video_pad|>", extra=vision_marks)
+    head_dim = geometry.width // HEADS
     config = Qwen2VLConfig(
         text_config=_language_model(
             tokenizer,
+            geometry,
             max_position_embeddings=2048,
             # Qwen2-VL's split of the rotary frequencies between time, height and width (16/24/24 of 64)
             rope_parameters={
@@ -95,11 +125,11 @@ def probe_qwen2vl() -> tuple[PreTrainedModel, ProcessorMixin]:
             },
         ),
         vision_config={
-            "depth": DEPTH,
-            "embed_dim": WIDTH,
-            "hidden_size": WIDTH,
+            "depth": geometry.tower_depth,
+            "embed_dim": geometry.tower_width,
+            "hidden_size": geometry.width,  # the merger's output: the language model's width
             "mlp_ratio": 4,
-            "num_heads": 4,
+            "num_heads": HEADS,
             "patch_size": PATCH_SIZE,
             "spatial_merge_size": 2,
             "temporal_patch_size": 2,
@@ -123,4 +153,11 @@ def probe_qwen2vl() -> tuple[PreTrainedModel, ProcessorMixin]:
     return AutoModelForImageTextToText.from_config(config), processor
 
 
-RECIPES = {"probe-llava": probe_llava, "probe-qwen2vl": probe_qwen2vl}
+RECIPES: dict[str, Callable[[], tuple[PreTrainedModel, ProcessorMixin]]] = {
+    "probe-llava": probe_llava,
+    "probe-qwen2vl": probe_qwen2vl,
+    "probe-llava-v2": partial(probe_llava, V2),
+    "probe-qwen2vl-v2": partial(probe_qwen2vl, V2),
+}
+WORLDS: dict[str, ModuleType] = {"probe-llava": probe, "probe-qwen2vl": probe, "probe-llava-v2": world,
+                                 "probe-qwen2vl-v2": world}  # fmt: skip

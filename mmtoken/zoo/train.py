@@ -1,10 +1,11 @@
 """Training a probe model on probe batches rendered on the fly on the training device; resumable.
 
-Each step renders a fresh batch (so the data never repeats; a model that reads videos alternates image and video
-batches), trains on the answer tokens, and on image batches adds an auxiliary loss that asks the vision tower's
-penultimate layer to name the colour under each patch, which makes the tower look at every patch early.
-Checkpoints are plain `save_pretrained` folders (bf16 weights in shards under 16 MB) plus `state.json`; resuming
-restarts the optimiser with a short warm-up.
+Each step renders a fresh batch of the recipe's world (so the data never repeats; a model that reads videos
+alternates image and video batches) and trains on the answer tokens. On probe world v1 it adds an auxiliary loss
+on image batches that asks the vision tower's penultimate layer to name the colour under each patch, which makes
+the tower look at every patch early; a v2 recipe starts instead from a tower pretrained on captions
+(:mod:`mmtoken.zoo.pretrain`). Checkpoints are plain `save_pretrained` folders (bf16 weights in shards under
+16 MB) plus `state.json`; resuming restarts the optimiser with a short warm-up.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ import torch
 from torch import nn
 from transformers import AttentionInterface, AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin
 
+from mmtoken.zoo import probe
 from mmtoken.zoo.formats import LlavaFormat, QwenFormat, probe_format
-from mmtoken.zoo.probe import Batch, render_batch, tasks
-from mmtoken.zoo.recipes import RECIPES
+from mmtoken.zoo.probe import Batch
+from mmtoken.zoo.recipes import RECIPES, WORLDS
 
 IGNORE = -100
 PATCH_CLASSES = 16
@@ -60,18 +62,25 @@ AttentionInterface.register(PACKED_ATTENTION, equal_length_attention)
 
 
 @dataclass
-class TrainConfig:
-    """Optimisation settings of one run (kept in `state.json`)."""
+class Schedule:
+    """The optimisation settings every training run has (kept in `state.json`)."""
 
     steps: int = 6000
     batch_size: int = 128
     lr: float = 6e-4
     warmup: int = 300
-    aux_weight: float = 0.3
     seed: int = 0
     eval_every: int = 500
-    eval_per_task: int = 64
     minutes: float | None = None
+
+
+@dataclass
+class TrainConfig(Schedule):
+    """Settings of one question-answering run: the schedule, the weight of v1's patch-colour loss, the held-out
+    samples per task."""
+
+    aux_weight: float = 0.3
+    eval_per_task: int = 64
 
 
 class PromptEncoder:
@@ -134,7 +143,7 @@ class PatchProbe(nn.Module):
         return nn.functional.cross_entropy(logits, self.format.patch_targets(labels))
 
 
-def learning_rate(step: int, start: int, config: TrainConfig) -> float:
+def learning_rate(step: int, start: int, config: Schedule) -> float:
     """Linear warm-up (again after a resume), then cosine decay to a tenth."""
     warm = min(1.0, (step - start + 1) / config.warmup)
     progress = min(1.0, step / config.steps)
@@ -153,24 +162,46 @@ def answer_accuracy(model: PreTrainedModel, encoder: PromptEncoder, batch: Batch
     return float(((predicted == target) | ~answered).all(-1).float().mean())
 
 
-def evaluation_batches(kinds: tuple[str, ...], config: TrainConfig, device: torch.device) -> dict[str, Batch]:
-    """A fixed held-out batch per task of each kind, from a seed apart from training's."""
+def evaluation_batches(name: str, kinds: tuple[str, ...], config: TrainConfig, device: torch.device) -> dict:
+    """A fixed held-out batch per task of each kind of the recipe's world, from a seed apart from training's."""
+    world = WORLDS[name]
     generator = torch.Generator(device=device).manual_seed(10_000 + config.seed)
-    return {(kind, task): render_batch(kind, config.eval_per_task, generator, device, task=task)
-            for kind in kinds for task in tasks(kind)}  # fmt: skip
+    return {(kind, task): world.render_batch(kind, config.eval_per_task, generator, device, task=task)
+            for kind in kinds for task in world.tasks(kind)}  # fmt: skip
 
 
-def train(name: str, out: Path, config: TrainConfig, resume: Path | None = None) -> dict:
-    """Train `name` into `out`; returns the final state (steps, curve, per-task accuracy). A model that reads
-    images and videos alternates between an image batch and a video batch."""
+def new_state(name: str, **extra: object) -> dict:
+    """The state of a run that starts from nothing."""
+    return {"name": name, "step": 0, "samples": 0, "seconds": 0.0, "curve": [], "evaluations": [], "runs": [], **extra}
+
+
+def load_checkpoint(folder: Path) -> tuple[PreTrainedModel, ProcessorMixin, dict]:
+    """The model (fp32), processor and state of a checkpoint folder."""
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32)
+    return model, AutoProcessor.from_pretrained(folder), json.loads((folder / "state.json").read_text())
+
+
+def train(
+    name: str, out: Path, config: TrainConfig, resume: Path | None = None, pretrained: Path | None = None
+) -> dict:
+    """Train `name` into `out`, from scratch, from the checkpoint `resume` of this run, or from the tower
+    pretraining checkpoint `pretrained`; returns the final state (steps, curve, per-task accuracy). A model that
+    reads images and videos alternates between an image batch and a video batch."""
+    if resume is not None and pretrained is not None:
+        raise ValueError("give resume (a run to continue) or pretrained (a tower to start from), not both")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if resume is None:
-        model, processor = RECIPES[name]()
-        state = {"name": name, "step": 0, "samples": 0, "seconds": 0.0, "curve": [], "evaluations": [], "runs": []}
+    if resume is not None:
+        model, processor, state = load_checkpoint(resume)
+    elif pretrained is not None:
+        model, processor, tower = load_checkpoint(pretrained)
+        if tower.get("stage") != "pretrain" or tower["name"] != name:
+            raise ValueError(f"{pretrained} is not a tower pretraining checkpoint of {name}")
+        last = tower["evaluations"][-1] if tower["evaluations"] else {}
+        summary = {key: tower[key] for key in ("step", "samples", "seconds", "runs")}
+        state = new_state(name, pretrained={**summary, "retrieval": last.get("retrieval")})
     else:
-        model = AutoModelForImageTextToText.from_pretrained(resume, dtype=torch.float32)
-        processor = AutoProcessor.from_pretrained(resume)
-        state = json.loads((resume / "state.json").read_text())
+        model, processor = RECIPES[name]()
+        state = new_state(name)
     state["config"] = asdict(config)
     state["runs"] = [
         *state.get("runs", []),
@@ -180,25 +211,28 @@ def train(name: str, out: Path, config: TrainConfig, resume: Path | None = None)
     model_format = probe_format(model, processor)
     if isinstance(model_format, QwenFormat):
         model.model.visual.config._attn_implementation = PACKED_ATTENTION
-    patch_probe = PatchProbe(model, model_format).to(device)
-    if resume is not None and (resume / PATCH_HEAD).exists():
+    world = WORLDS[name]
+    patch_probe = PatchProbe(model, model_format).to(device) if world is probe else None  # v1's patch labels
+    heads = {} if patch_probe is None else {PATCH_HEAD: patch_probe.head}
+    if resume is not None and (resume / PATCH_HEAD).exists() and patch_probe is not None:
         patch_probe.head.load_state_dict(torch.load(resume / PATCH_HEAD, map_location=device))
     encoder = PromptEncoder(processor, model_format)
-    optimizer = torch.optim.AdamW([*model.parameters(), *patch_probe.parameters()], lr=config.lr,
-                                  betas=(0.9, 0.98), weight_decay=0.05)  # fmt: skip
+    optimizer = torch.optim.AdamW([*model.parameters(), *(p for h in heads.values() for p in h.parameters())],
+                                  lr=config.lr, betas=(0.9, 0.98), weight_decay=0.05)  # fmt: skip
     generator = torch.Generator(device=device).manual_seed(config.seed * 1_000_003 + state["step"])
-    held_out = evaluation_batches(model_format.kinds, config, device)
+    held_out = evaluation_batches(name, model_format.kinds, config, device)
     start, began = state["step"], time.perf_counter()
     for step in range(start, config.steps):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, start, config)
         kind = model_format.kinds[step % len(model_format.kinds)]
-        batch = render_batch(kind, config.batch_size, generator, device)
+        batch = world.render_batch(kind, config.batch_size, generator, device)
         inputs = encoder.encode(batch, kind, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             answer_loss = model(**inputs, **model_format.vision_inputs(batch, kind)).loss
-            # the per-patch colour labels exist for images only
-            aux_loss = patch_probe.loss(batch.patch_labels) if kind == "image" else answer_loss.new_zeros(())
+            # the per-patch colour labels exist for v1's images only
+            labelled = patch_probe is not None and kind == "image"
+            aux_loss = patch_probe.loss(batch.patch_labels) if labelled else answer_loss.new_zeros(())
         loss = answer_loss + config.aux_weight * aux_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -217,22 +251,28 @@ def train(name: str, out: Path, config: TrainConfig, resume: Path | None = None)
             model.train()
             state["evaluations"].append({"step": step + 1, "accuracy": accuracy})
             print(json.dumps(state["evaluations"][-1]), flush=True)
-            save(model, processor, patch_probe, state, out, time.perf_counter() - began)
+            save(model, processor, state, out, time.perf_counter() - began, heads)
         if out_of_time:
             break
     return state
 
 
 def save(
-    model: PreTrainedModel, processor: ProcessorMixin, patch_probe: PatchProbe, state: dict, out: Path, seconds: float
+    model: PreTrainedModel,
+    processor: ProcessorMixin,
+    state: dict,
+    out: Path,
+    seconds: float,
+    heads: dict[str, nn.Module],
 ) -> None:
-    """A resumable checkpoint that is also the shippable model: bf16 shards under 16 MB, processor, the
-    auxiliary head, state."""
+    """A resumable checkpoint that is also the shippable model: bf16 shards under 16 MB, processor, the training
+    heads (file name to module; each file under 16 MB), state."""
     out.mkdir(parents=True, exist_ok=True)
     state = {**state, "seconds": state["seconds"] + seconds,
              "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}  # fmt: skip
     weights = {key: value.to(torch.bfloat16) for key, value in model.state_dict().items()}
     model.save_pretrained(out, state_dict=weights, max_shard_size="15MB")
     processor.save_pretrained(out)
-    torch.save(patch_probe.head.state_dict(), out / PATCH_HEAD)
+    for file, head in heads.items():
+        torch.save(head.state_dict(), out / file)
     (out / "state.json").write_text(json.dumps(state, indent=1))
