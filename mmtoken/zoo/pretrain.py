@@ -12,6 +12,7 @@ weights and `state.json`; :func:`mmtoken.zoo.train.train` starts the question an
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -137,7 +138,7 @@ def pretrain(name: str, out: Path, config: PretrainConfig, resume: Path | None =
             elapsed = time.perf_counter() - began
             state["curve"].append({"step": step + 1, "loss": loss.item(),
                                    "samples_per_s": (step + 1 - start) * config.batch_size / elapsed})  # fmt: skip
-            print(state["curve"][-1], flush=True)
+            print(json.dumps(state["curve"][-1]), flush=True)
         out_of_time = config.minutes is not None and time.perf_counter() - began > 60 * config.minutes
         if (step + 1) % config.eval_every == 0 or step + 1 == config.steps or out_of_time:
             model.eval()
@@ -146,7 +147,7 @@ def pretrain(name: str, out: Path, config: PretrainConfig, resume: Path | None =
                 accuracy = retrieval(encoder.logits(images, encoder.embed_captions(held_out.captions, device)))
             model.train()
             state["evaluations"].append({"step": step + 1, "retrieval": accuracy})
-            print(state["evaluations"][-1], flush=True)
+            print(json.dumps(state["evaluations"][-1]), flush=True)
             save(model, processor, state, out, time.perf_counter() - began, {CAPTION_ENCODER: encoder})
         if out_of_time:
             break
