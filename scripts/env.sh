@@ -16,6 +16,13 @@ esac
 lock="$root/locks/$end.txt"
 stamp="$venv/.mmtoken-installed"
 if [ ! -f "$stamp" ] || [ "$root/pyproject.toml" -nt "$stamp" ] || [ "$lock" -nt "$stamp" ]; then
+  # torch's CUDA build makes each environment large (newest ~7.5 GB, oldest ~6 GB): say so before pip runs out
+  need_gb=$([ "$end" = newest ] && echo 9 || echo 7)
+  free_gb=$(( $(df --output=avail -k "$root" | tail -1) / 1024 / 1024 ))
+  if [ ! -d "$venv" ] && [ "$free_gb" -lt "$need_gb" ]; then
+    echo "scripts/env.sh: the $end environment needs about $need_gb GB free; $root has $free_gb GB" >&2
+    exit 1
+  fi
   python3 -m venv "$venv"
   # pip warns about every local index folder it skips; keep its errors only
   { "$venv/bin/python" -m pip install --quiet -r "$lock" \
