@@ -56,6 +56,7 @@ from mmtoken.zoo.probe import (
     _to_pil,
     _uniform,
 )
+from mmtoken.zoo.probe import _check as _check_counts
 
 TASK_GROUPS: dict[str, tuple[str, ...]] = {
     "perception": ("exist", "shape"),
@@ -568,12 +569,9 @@ def tasks(kind: str = "image") -> tuple[str, ...]:
 def _check(kind: str, n: int, task: str | None, frames: int) -> tuple[str, ...]:
     """The tasks to sample, round-robin; ValueError on an invalid kind, n, task or frame count."""
     valid = tasks(kind)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive integer, got {n!r}")
+    _check_counts(kind, n, None, frames)  # version 1's checks of n and frames
     if task is not None and task not in valid:
         raise ValueError(f"unknown {kind} task {task!r}; valid: {', '.join(valid)}")
-    if kind == "video" and (isinstance(frames, bool) or not isinstance(frames, int) or frames < 2):
-        raise ValueError(f"frames must be an integer >= 2, got {frames!r}")
     return valid if task is None else (task,)
 
 
