@@ -13,7 +13,7 @@ from rich.table import Table
 
 import mmtoken
 from mmtoken.evaluation.report import pareto_plot
-from mmtoken.zoo.embedded import ACCURACY_FLOOR, METHOD_DEFAULTS, RELIABLE_TASKS, accuracy, ask, load, probe_samples
+from mmtoken.zoo.embedded import ACCURACY_FLOOR, RELIABLE_TASKS, accuracy, ask, load, method_parameters, probe_samples
 from mmtoken.zoo.probe import Sample
 
 BUDGETS = (192, 128, 64)
@@ -56,8 +56,10 @@ def compare(per_task: int = 16, seed: int = 7, out: Path = Path("results")) -> l
         rows = [{"method": "unpatched", "budget": 576, **_run(model, processor, samples, handle)}]
     check_unpatched(rows[0], MODEL)
     cells = [(name, budget) for name in METHODS for budget in BUDGETS]
+    depth, visual = model.config.text_config.num_hidden_layers, model.config.image_seq_length
     for name, budget in track(cells, description="methods x budgets"):
-        with mmtoken.patched(model, name, budget=budget, timing=True, **METHOD_DEFAULTS[MODEL].get(name, {})) as handle:
+        parameters = method_parameters(MODEL, name, budget, depth, visual)
+        with mmtoken.patched(model, name, budget=budget, timing=True, **parameters) as handle:
             try:
                 rows.append({"method": name, "budget": budget, **_run(model, processor, samples, handle)})
             except ValueError as unreachable:

@@ -10,6 +10,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, BatchFeatur
 
 from mmtoken import encoding
 from mmtoken.encoding import Encoded
+from mmtoken.methods.registry import build
 from mmtoken.zoo import probe
 from mmtoken.zoo.probe import Sample
 
@@ -28,7 +29,41 @@ _SIX_LAYERS = {
     "atp": {"layers": (1, 3, 4)},
     "holitom": {"layer": 3},
 }
-METHOD_DEFAULTS = {"probe-llava": _SIX_LAYERS, "probe-qwen2vl": _SIX_LAYERS}
+_24_LAYERS = {
+    "fastv": {"k": 2},
+    "pdrop": {"layers": (6, 12, 18)},
+    "feather": {"layers": (6, 12)},
+    "atp": {"layers": (3, 10, 18)},
+    "holitom": {"layer": 14},
+}
+METHOD_DEFAULTS = {"probe-llava": _SIX_LAYERS, "probe-qwen2vl": _SIX_LAYERS, "probe-llava-v2": _24_LAYERS,
+                   "probe-qwen2vl-v2": _24_LAYERS}  # fmt: skip
+# Budgets below what those layers reach (a first cut at layer 8 of 32 keeps a quarter of the tokens on average)
+# take the same shape started earlier, as PyramidDrop's author advises for 128 and 64 tokens (issue 29 of
+# Cooperx521/PyramidDrop: stages at 2, 8, 16 with the ratios lambda, lambda^2, ...): each stage moves to the
+# place of the one before it and a new first stage sits at layer 2 of 32. The curve methods lower their floor.
+_24_LAYERS_LOW_BUDGET = {
+    "pdrop": {"layers": (2, 6, 12)},
+    "feather": {"layers": (2, 6)},
+    "atp": {"layers": (2, 3, 10)},
+    "pmod": {"lowest": 0.05},
+    "psigmoid": {"floor": 0.03},
+}
+LOW_BUDGET_DEFAULTS = {"probe-llava-v2": _24_LAYERS_LOW_BUDGET, "probe-qwen2vl-v2": _24_LAYERS_LOW_BUDGET}
+
+
+def method_parameters(model_name: str, method: str, budget: float, depth: int, visual: int) -> dict[str, object]:
+    """The parameters `method` runs with on the probe model `model_name` (of `depth` decoder layers) at `budget`
+    visual tokens per layer out of `visual`: its defaults, or its low-budget shape where they cannot reach it."""
+    defaults = METHOD_DEFAULTS.get(model_name, {}).get(method, {})
+    low = LOW_BUDGET_DEFAULTS.get(model_name, {}).get(method)
+    if low is None:
+        return defaults
+    try:
+        build(method, budget=budget, **defaults).cuts(depth, visual)
+    except ValueError:
+        return {**defaults, **low}
+    return defaults
 
 
 def path(name: str) -> Path:
