@@ -1,9 +1,11 @@
 """How far a probe model's verdicts are from a real model's: each method's accuracy relative to the unpatched model
-on the probe, beside the published relative accuracy of LLaVA-1.5-7B at the same budget, with the gap and the rank
-correlation (Spearman) per budget.
+on the probe, beside the published relative accuracy of a real model at the same share of the visual tokens, with
+the gap and the rank correlation (Spearman) per budget.
 
-The published numbers are means over a benchmark suite (GQA, MMB, MME, POPE, SQA, VQAv2, TextVQA and others) in %
-of the 576-token model, from the sources named beside each. Where several papers report a method, the one that ran
+Images compare with LLaVA-1.5-7B (576 tokens; budgets 192 / 128 / 64), videos with LLaVA-OneVision-7B (32 frames of
+196 tokens; 10 / 5 / 2 % of them). The published numbers are means over a benchmark suite (GQA, MMB, MME, POPE,
+SQA, VQAv2, TextVQA and others for images; MVBench, EgoSchema, MLVU, LongVideoBench and VideoMME for videos) in %
+of the unpatched model, from the sources named beside each. Where several papers report a method, the one that ran
 the most methods in one environment is taken, since the same baseline differs by several points between papers
 (FastV at 192 tokens: 87.9 to 96.5%).
 """
@@ -17,16 +19,25 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Published:
-    """One published relative accuracy (% of the unpatched model) of `method` at `budget` visual tokens."""
+    """One published relative accuracy (% of the unpatched model) of `method` at `budget` visual tokens of `of`
+    (the real model's 576 for LLaVA-1.5; 100 where a paper gives the share kept in %)."""
 
     method: str
-    budget: int
+    budget: float
     relative: float
     source: str
+    of: int = 576
+
+    @property
+    def share(self) -> float:
+        return self.budget / self.of
 
 
-MMTOK, PDROP, WEN = "MMTok", "PDrop", "Wen"
+MMTOK, PDROP, WEN, UNIFIED = "MMTok", "PDrop", "Wen", "Unified"
 SOURCES = {
+    UNIFIED: "the main table of arXiv 2603.21957 (CVPR 2026, Unified Spatiotemporal Token Compression), LLaVA-OV-7B "
+    "at 32 frames of 196 tokens, as quoted; its HoliTom rows match HoliTom's own abstract. FastV's share there is the "
+    "share kept after its cut, not the average over layers",
     MMTOK: "MMTok's re-evaluation of FastV, VisionZip and DivPrune in one environment, as quoted from its table",
     PDROP: "PyramidDrop (CVPR 2025, arXiv 2410.17247), Table 2, as quoted",
     WEN: "Wen et al., Token Pruning in Multimodal LLMs (ACL Findings 2025, arXiv 2502.11501), Table 1, as quoted",
@@ -49,6 +60,18 @@ LLAVA15_7B: tuple[Published, ...] = (
     Published("tome", 64, 70.5, PDROP),
     Published("random", 64, 89.1, WEN),
 )
+ONEVISION_7B: tuple[Published, ...] = (
+    Published("fastv", 10, 90.8, UNIFIED, of=100),
+    Published("fastv", 5, 84.7, UNIFIED, of=100),
+    Published("fastv", 2, 81.0, UNIFIED, of=100),
+    Published("visionzip", 10, 91.2, UNIFIED, of=100),
+    Published("visionzip", 5, 81.4, UNIFIED, of=100),
+    Published("visionzip", 2, 75.3, UNIFIED, of=100),
+    Published("holitom", 10, 98.3, UNIFIED, of=100),
+    Published("holitom", 5, 94.0, UNIFIED, of=100),
+    Published("holitom", 2, 87.7, UNIFIED, of=100),
+)
+REFERENCES = {"image": ("LLaVA-1.5-7B", LLAVA15_7B), "video": ("LLaVA-OneVision-7B", ONEVISION_7B)}
 
 
 def ranks(values: list[float]) -> list[float]:
@@ -85,28 +108,33 @@ def spearman(first: list[float], second: list[float]) -> tuple[float, float] | N
     return observed, extreme / len(orderings)
 
 
-def compare(entries: list[dict], published: tuple[Published, ...] = LLAVA15_7B) -> list[dict]:
-    """One row per published (method, budget) that the probe's `entries` (`mmtoken.evaluation.report.settings`)
-    measured: the probe's relative accuracy and its 95% half-width, the published one, and the gap."""
-    measured = {(entry["method"], entry["budget"]): entry for entry in entries if entry.get("relative") is not None}
+def compare(entries: list[dict], published: tuple[Published, ...]) -> list[dict]:
+    """One row per published (method, share of the visual tokens) that the probe's `entries`
+    (`mmtoken.evaluation.report.settings`) measured: the probe's relative accuracy and its 95% half-width, the
+    published one, and the gap."""
+    measured = {(entry["method"], round(entry["budget"] / entry["original_visual_tokens"], 6)): entry
+                for entry in entries if entry.get("relative") is not None and entry["budget"] is not None}  # fmt: skip
     rows = []
     for point in published:
-        entry = measured.get((point.method, point.budget))
+        entry = measured.get((point.method, round(point.share, 6)))
         if entry is not None:
-            rows.append({"method": point.method, "budget": point.budget, "probe": entry["relative"],
-                         "probe_interval": entry.get("relative_interval"), "published": point.relative,
-                         "gap": point.relative - entry["relative"], "source": point.source})  # fmt: skip
+            rows.append({"method": point.method, "budget": entry["budget"], "share": point.share,
+                         "probe": entry["relative"], "probe_interval": entry.get("relative_interval"),
+                         "published": point.relative, "gap": point.relative - entry["relative"],
+                         "source": point.source})  # fmt: skip
     return rows
 
 
-def markdown(model: str, rows: list[dict]) -> str:
-    """The calibration table and, per budget, the mean |gap| and Spearman's rho over the methods measured."""
-    lines = [f"Calibration of {model} against published LLaVA-1.5-7B results (relative accuracy, % of unpatched):",
-             "", "| method | budget | probe % ± 95% | LLaVA-1.5-7B % | gap (points) | source |",
+def markdown(model: str, rows: list[dict], reference: str) -> str:
+    """The calibration table against the real model `reference` and, per budget, the mean |gap| and Spearman's rho
+    over the methods measured."""
+    lines = [f"Calibration of {model} against published {reference} results (relative accuracy, % of unpatched):",
+             "", f"| method | budget (share of tokens) | probe % ± 95% | {reference} % | gap (points) | source |",
              "|---|---|---|---|---|---|"]  # fmt: skip
     for row in sorted(rows, key=lambda row: (-row["budget"], row["method"])):
         interval = "" if row["probe_interval"] is None else f" ± {row['probe_interval']:.1f}"
-        lines.append(f"| {row['method']} | {row['budget']} | {row['probe']:.1f}{interval} | {row['published']:.1f} | "
+        budget = f"{row['budget']:g} ({100 * row['share']:.3g}%)"
+        lines.append(f"| {row['method']} | {budget} | {row['probe']:.1f}{interval} | {row['published']:.1f} | "
                      f"{row['gap']:+.1f} | {row['source']} |")  # fmt: skip
     lines.append("")
     for budget in sorted({row["budget"] for row in rows}, reverse=True):
@@ -115,7 +143,7 @@ def markdown(model: str, rows: list[dict]) -> str:
         correlation = spearman([row["probe"] for row in at], [row["published"] for row in at])
         rank = "too few methods for a rank correlation" if correlation is None else (
             f"Spearman rho {correlation[0]:+.2f} (exact p = {correlation[1]:.2f})")  # fmt: skip
-        lines.append(f"- Budget {budget}: {len(at)} methods, mean |gap| {gap:.1f} points; {rank}.")
+        lines.append(f"- Budget {budget:g}: {len(at)} methods, mean |gap| {gap:.1f} points; {rank}.")
     cited = dict.fromkeys(row["source"] for row in rows)
     lines += ["", "Sources: " + "; ".join(f"{key}: {SOURCES[key]}" for key in cited) + "."]
     return "\n".join(lines)

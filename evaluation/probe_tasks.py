@@ -40,6 +40,14 @@ def task_name(task: str) -> str:
     return f"mmtoken_probe_{task}"
 
 
+def task_kind(name: str) -> str | None:
+    """ "image" or "video" for the lmms-eval name of a probe task (long videos included), None for another task."""
+    for kind in PER_TASK:
+        if name in {task_name(task) for task in probe.tasks(kind)}:
+            return kind
+    return "video" if name in {task_name(task) for task in LONG_VIDEOS} else None
+
+
 def reliable_group(model: str) -> str:
     """The group over the tasks that embedded model `model` answers reliably unpatched."""
     return "mmtoken_" + model.replace("-", "_") + "_reliable"

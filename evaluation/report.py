@@ -4,8 +4,9 @@ Per model, one table: each method and budget with its score on every task, the m
 relative to the unpatched model (mean over tasks of method / unpatched, in %), both with their 95% intervals where
 the scores are accuracies, average visual tokens per layer, language-model prefill FLOPs in % of unpatched by both
 formulas, and the median measured prefill time. Two plots per model: mean score against FLOPs % (exact), and
-against measured prefill time, with the intervals as error bars. For a LLaVA-1.5-format model (576 visual tokens),
-the calibration against published LLaVA-1.5-7B results (`mmtoken.evaluation.calibration`).
+against measured prefill time, with the intervals as error bars. The calibration against published results
+(`mmtoken.evaluation.calibration`): LLaVA-1.5-7B's for probe images of a LLaVA-1.5-format model (576 visual
+tokens), LLaVA-OneVision-7B's for probe videos.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import os
 import statistics
 from pathlib import Path
 
-from mmtoken.evaluation import calibration
+from mmtoken.evaluation import calibration, probe_tasks
 
 UNPATCHED = "none"
 SIMPLE_BASELINES = ("random", "uniform", "pooling")
@@ -174,6 +175,15 @@ def against_baselines(entries: list[dict], scale: float) -> str:
     return "\n".join(lines)
 
 
+def _calibration_reference(measured: list[dict]) -> str | None:
+    """Which published results a table compares with: LLaVA-1.5-7B's for probe images of its 576 tokens,
+    LLaVA-OneVision-7B's for probe videos, none for other tasks or a mix."""
+    kinds = {probe_tasks.task_kind(task) for entry in measured for task in entry["scores"]}
+    if kinds == {"image"} and {entry.get("original_visual_tokens") for entry in measured} == {LLAVA15_TOKENS}:
+        return "image"
+    return "video" if kinds == {"video"} else None
+
+
 def pareto_plot(series: dict[str, list[tuple[float, float, float]]], xlabel: str, ylabel: str, title: str,
                 path: Path) -> None:  # fmt: skip
     """One line per method (its budgets, each point (x, y, half-width of y's 95% interval) drawn with its error
@@ -246,10 +256,12 @@ def report(paths: list[Path], markdown: Path, figures: Path, command: str) -> st
         verdicts = against_baselines(entries, scale)
         if verdicts:
             note += "\n\nAgainst the simple baselines (mean over tasks, same budget):\n\n" + verdicts
-        if {entry.get("original_visual_tokens") for entry in measured} == {LLAVA15_TOKENS}:
-            compared = calibration.compare(entries)
+        reference = _calibration_reference(measured)
+        if reference is not None:
+            name, published = calibration.REFERENCES[reference]
+            compared = calibration.compare(entries, published)
             if compared:
-                note += "\n\n" + calibration.markdown(model, compared)
+                note += "\n\n" + calibration.markdown(model, compared, name)
         sections.append(markdown_table(model, entries) + "\n\n" + note + "\n\n" + "\n".join(links) + "\n")
     text = "\n".join(sections)
     markdown.parent.mkdir(parents=True, exist_ok=True)

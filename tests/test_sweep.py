@@ -100,7 +100,7 @@ def test_report_tables_and_plots(swept, tmp_path):
     # a LLaVA-1.5-format probe is calibrated against the published LLaVA-1.5-7B numbers of what it measured
     relative = rows[("random", "64")][header.index("vs unpatched % ± 95%")].split(" ± ")[0]
     calibrated = [line for line in text.split("Calibration of probe-llava")[1].splitlines()
-                  if line.startswith("| random | 64 | ")]  # fmt: skip
+                  if line.startswith("| random | 64 (11.1%) | ")]  # fmt: skip
     assert len(calibrated) == 1 and calibrated[0].split(" | ")[2].startswith(relative + " ± ")
     assert f"| 89.1 | {89.1 - float(relative):+.1f} | Wen |" in calibrated[0]
     assert "- Budget 64: 1 methods, mean |gap|" in text and "too few methods for a rank correlation" in text
@@ -162,6 +162,29 @@ def test_a_data_parallel_sweep_gives_the_rows_of_one_process(tmp_path):
     assert rows["one"].keys() == rows["two"].keys() and len(rows["one"]) == 4
     for key, row in rows["one"].items():
         assert (rows["two"][key]["metrics"], rows["two"][key]["samples"]) == (row["metrics"], row["samples"])
+
+
+def test_videos_calibrate_against_onevision_by_the_share_of_tokens_kept():
+    def entry(method, budget, relative, task="mmtoken_probe_order", original=256):
+        return {"method": method, "budget": budget, "relative": relative, "relative_interval": 3.0,
+                "original_visual_tokens": original, "scores": {task: 0.5}}  # fmt: skip
+
+    entries = [entry("holitom", 25.6, 60.0), entry("visionzip", 25.6, 80.0), entry("fastv", 25.6, 70.0),
+               entry("holitom", 64, 90.0), entry("random", 25.6, 99.0)]  # fmt: skip
+    assert report._calibration_reference(entries) == "video"
+    name, published = calibration.REFERENCES["video"]
+    rows = calibration.compare(entries, published)
+    # 25.6 of 256 tokens is the published 10%; 64 of 256 (25%) and random have no published number
+    assert {(row["method"], row["budget"]) for row in rows} == {("holitom", 25.6), ("visionzip", 25.6), ("fastv", 25.6)}
+    holitom = next(row for row in rows if row["method"] == "holitom")
+    assert holitom["published"] == 98.3 and holitom["gap"] == pytest.approx(38.3) and holitom["share"] == 0.1
+    text = calibration.markdown("probe-qwen2vl", rows, name)
+    assert "| holitom | 25.6 (10%) | 60.0 ± 3.0 | 98.3 | +38.3 | Unified |" in text
+    assert "- Budget 25.6: 3 methods, mean |gap| 23.4 points; Spearman rho -0.50" in text
+    images = [entry("fastv", 192, 80.0, "mmtoken_probe_count", 576)]
+    assert report._calibration_reference(images) == "image"
+    assert report._calibration_reference([entry("fastv", 48, 80.0, "mmtoken_probe_count", 144)]) is None
+    assert report._calibration_reference([*images, *entries]) is None  # a table of images and videos
 
 
 def test_spearman_ranks_ties_and_counts_every_ordering_for_its_p_value():
