@@ -4,8 +4,11 @@
 (`mmtoken_probe_count`, ..., `mmtoken_probe_needle`), the groups `mmtoken_probe_image` and `mmtoken_probe_video`
 over all of them, and for each embedded probe model a group over the tasks it is reliable on
 (`mmtoken_probe_llava_reliable`): a method is judged on those, and the rest show where the model itself fails.
-Images are PNG files, videos lossless MP4 files (decoded like any benchmark's videos); samples come from
-`mmtoken.zoo.probe.generate` with a fixed seed, so every machine writes the same questions and pixels.
+Probe world v2's tasks (`mmtoken.zoo.world`) come as `mmtoken_probe_world_exist`, ..., with at least 500 samples
+per setting, and the groups `mmtoken_probe_world_image` (every image task but counting, which is reported on its
+own as a stress task) and `mmtoken_probe_world_video`. Images are PNG files, videos lossless MP4 files (decoded
+like any benchmark's videos); samples come from each world's `generate` with a fixed seed, so every machine writes
+the same questions and pixels.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from PIL import Image
 from rich.console import Console
 from rich.progress import track
 
-from mmtoken.zoo import probe
+from mmtoken.zoo import probe, world
 from mmtoken.zoo.embedded import RELIABLE_TASKS
 
 SEED = 4242
@@ -29,8 +32,11 @@ PER_TASK = {"image": 100, "video": 40}
 # whose answer the 8-frame probe model still finds in 64 and 128 frames, 94% unpatched) at those lengths.
 LONG_VIDEOS = {"needle_64f": ("needle", 64), "needle_128f": ("needle", 128)}
 PER_LONG_TASK = 32
+# probe world v2: 9 image tasks of 60 samples and 4 video tasks of 125, so every setting has at least 500
+WORLD_PER_TASK = {"image": 60, "video": 125}
+WORLD = "world_"
 VIDEO_FPS = 4
-VERSION = 2  # bump when the data or the YAML changes, so caches are written anew
+VERSION = 3  # bump when the data or the YAML changes, so caches are written anew
 METRIC = "exact_match"
 MAX_NEW_TOKENS = 6
 _FUNCTIONS = "mmtoken.evaluation.probe_tasks"
@@ -41,11 +47,12 @@ def task_name(task: str) -> str:
 
 
 def task_kind(name: str) -> str | None:
-    """ "image" or "video" for the lmms-eval name of a probe task (long videos included), None for another task."""
-    for kind in PER_TASK:
-        if name in {task_name(task) for task in probe.tasks(kind)}:
+    """The kind ("image" or "video") of the probe task of either world (long videos included) that lmms-eval knows
+    as `name`; None for another task."""
+    for _, kind, _, _, _, label in _sources():
+        if name == task_name(label):
             return kind
-    return "video" if name in {task_name(task) for task in LONG_VIDEOS} else None
+    return None
 
 
 def reliable_group(model: str) -> str:
@@ -75,14 +82,21 @@ def tasks_path() -> Path:
     return folder
 
 
+def _sources() -> list[tuple]:
+    """Every task to write: (world module, kind, task it draws, frames, samples, label of its files and name)."""
+    sources = [(probe, kind, task, 8, PER_TASK[kind], task) for kind in PER_TASK for task in probe.tasks(kind)]
+    sources += [(probe, "video", task, frames, PER_LONG_TASK, name) for name, (task, frames) in LONG_VIDEOS.items()]
+    sources += [(world, kind, task, 8, WORLD_PER_TASK[kind], WORLD + task)
+                for kind in WORLD_PER_TASK for task in world.tasks(kind)]  # fmt: skip
+    return sources
+
+
 def _write(staging: Path, final: Path) -> None:
     """Data and YAML into `staging`; paths inside point at `final`, where the folder is renamed to."""
-    tasks = [(kind, task, task, 8) for kind in PER_TASK for task in probe.tasks(kind)]
-    tasks += [("video", name, task, frames) for name, (task, frames) in LONG_VIDEOS.items()]
     progress = Console(stderr=True)  # stdout carries the folder, for `--include_path "$(mmtoken tasks-path)"`
-    for kind, task, drawn, frames in track(tasks, description="writing the probe tasks", console=progress):
-        count = PER_TASK[kind] if task == drawn else PER_LONG_TASK
-        samples = probe.generate(kind, n=count, seed=SEED, task=drawn, frames=frames)
+    for module, kind, drawn, frames, count, task in track(_sources(), description="writing the probe tasks",
+                                                          console=progress):  # fmt: skip
+        samples = module.generate(kind, n=count, seed=SEED, task=drawn, frames=frames)
         media = staging / "data" / task
         media.mkdir(parents=True)
         docs = []
@@ -96,7 +110,10 @@ def _write(staging: Path, final: Path) -> None:
                          "kind": kind, "path": str(final / "data" / task / file)})  # fmt: skip
         (staging / "data" / f"{task}.jsonl").write_text("".join(json.dumps(doc) + "\n" for doc in docs))
         (staging / f"{task_name(task)}.yaml").write_text(_task_yaml(task, final / "data" / f"{task}.jsonl"))
-    groups = {"mmtoken_probe_image": probe.tasks("image"), "mmtoken_probe_video": probe.tasks("video")}
+    suite = [task for group, tasks in world.TASK_GROUPS.items() if group != "counting" for task in tasks]
+    groups = {"mmtoken_probe_image": probe.tasks("image"), "mmtoken_probe_video": probe.tasks("video"),
+              "mmtoken_probe_world_image": tuple(WORLD + task for task in suite),
+              "mmtoken_probe_world_video": tuple(WORLD + task for task in world.tasks("video"))}  # fmt: skip
     groups |= {reliable_group(model): tasks for model, tasks in RELIABLE_TASKS.items()}
     for group, tasks in groups.items():
         (staging / f"{group}.yaml").write_text(_group_yaml(group, tasks))

@@ -17,7 +17,7 @@ from PIL import Image
 from mmtoken.cli import main
 from mmtoken.evaluation import probe_tasks
 from mmtoken.evaluation.lmms_model import MmtokenModel, read_video
-from mmtoken.zoo import ask, load, probe
+from mmtoken.zoo import ask, load, probe, world
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +55,15 @@ def test_task_data_is_the_probe_generator_output_pixel_for_pixel():
     assert len(long) == probe_tasks.PER_LONG_TASK and long[0]["answer"] == needles[0].answer
     frames, _ = read_video(long[0]["path"], 128)
     assert np.array_equal(frames, np.stack([np.asarray(frame) for frame in needles[0].video]))  # all 64 frames
+    signs = docs("world_read")
+    drawn = world.generate("image", n=probe_tasks.WORLD_PER_TASK["image"], seed=probe_tasks.SEED, task="read")
+    assert len(signs) == len(drawn) and (signs[0]["question"], signs[0]["answer"]) == (
+        drawn[0].question,
+        drawn[0].answer,
+    )
+    assert np.array_equal(np.asarray(Image.open(signs[0]["path"])), np.asarray(drawn[0].images[0]))
+    settings = {kind: probe_tasks.WORLD_PER_TASK[kind] * len(world.tasks(kind)) for kind in ("image", "video")}
+    assert min(settings.values()) >= 500  # samples per setting, for intervals of about 2 points
 
 
 def test_model_by_name_through_the_entry_point_on_a_probe_group(manager):
@@ -127,19 +136,29 @@ def test_tasks_path_prints_only_the_folder_it_writes(tmp_path, monkeypatch, caps
     monkeypatch.setenv("MMTOKEN_CACHE", str(tmp_path))
     monkeypatch.setattr(probe_tasks, "PER_TASK", {"image": 2, "video": 1})
     monkeypatch.setattr(probe_tasks, "PER_LONG_TASK", 1)
+    monkeypatch.setattr(probe_tasks, "WORLD_PER_TASK", {"image": 1, "video": 1})
     main(["tasks-path"])
     folder = tmp_path / f"lmms-tasks-v{probe_tasks.VERSION}"
     assert capsys.readouterr().out == f"{folder}\n"  # so `--include_path "$(mmtoken tasks-path)"` works
     names = TaskManager(verbosity="WARNING", include_path=str(folder), include_defaults=False).all_tasks
     tasks = [probe_tasks.task_name(task) for kind in ("image", "video") for task in probe.tasks(kind)]
     tasks += [probe_tasks.task_name(task) for task in probe_tasks.LONG_VIDEOS]
+    tasks += [probe_tasks.task_name("world_" + task) for kind in ("image", "video") for task in world.tasks(kind)]
     groups = [
         "mmtoken_probe_image",
         "mmtoken_probe_video",
+        "mmtoken_probe_world_image",
+        "mmtoken_probe_world_video",
         "mmtoken_probe_llava_reliable",
         "mmtoken_probe_qwen2vl_reliable",
     ]
     assert set(names) == {*tasks, *groups}
+    suite = (folder / "mmtoken_probe_world_image.yaml").read_text()
+    assert "mmtoken_probe_world_relation" in suite and "mmtoken_probe_world_count" not in suite  # counting apart
+    kinds = {name: probe_tasks.task_kind(name) for name in tasks}
+    assert {kind for name, kind in kinds.items() if "_world_" in name} == {"image", "video"}
+    assert kinds["mmtoken_probe_world_exist"] == "image" and kinds["mmtoken_probe_needle_64f"] == "video"
+    assert probe_tasks.task_kind("mmtoken_probe_world_needle") == "video" and probe_tasks.task_kind("mme") is None
     assert len(docs_in(folder, "needle")) == 1 and not list(tmp_path.glob("*.partial-*"))
 
 

@@ -185,6 +185,8 @@ def test_video_answers_follow_from_the_scene_and_change_slowly(task, frames):
             star = (o.shape[i] == 3).nonzero().squeeze(1)
             assert len(star) == 1 and int(o.active[i, :, star[0]].sum()) == 1
             assert answer == COLORS[o.color[i, star[0]]]
+            still = (~o.active[i, :, star[0]]).nonzero().squeeze(1)  # frames without the star: a still scene
+            assert all(torch.equal(batch.pixels[i, still[0]], batch.pixels[i, f]) for f in still.tolist())
 
 
 def test_same_seed_same_scenes_and_errors_before_work():

@@ -11,7 +11,8 @@ answer in a handful of tokens and loses four to eight times more than LLaVA-1.5-
   nearer and hide part of the rows behind (an object stays more than half visible);
 - the reading task shows a three-digit code, 36 to 46 px tall, on a sign in front of the scene;
 - videos (224-px frames, 2 x 2 cells) change slowly: an object travels 24 to 40 px over the whole clip, whatever its
-  length, and only the grain changes between frames of a still scene.
+  length; the grain of the image sensor stays put, as in compressed video, so a still scene's frames are
+  identical.
 
 Every scene comes with a caption that lists its objects, for the vision tower's contrastive pretraining
 (:mod:`mmtoken.zoo.pretrain`). Tasks fall in the groups of real benchmark suites (:data:`TASK_GROUPS`): perception,
@@ -621,15 +622,14 @@ def render_batch(
     noise = torch.Generator(device=generator.device).manual_seed(
         int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
     )
-    grain = torch.randint(-4, 5, canvas.shape, generator=noise, device=generator.device, dtype=torch.int16)
-    pixels = (canvas + grain).round().clamp(0, 255).to(torch.uint8).to(device)
+    grain = torch.randint(-4, 5, (n, 1, 3, size, size), generator=noise, device=generator.device, dtype=torch.int16)
+    pixels = (canvas.view(n, frames, 3, size, size) + grain).round().clamp(0, 255).to(torch.uint8).to(device)
     pick = rows.tolist()
     questions, answers, labels = [questions[i] for i in pick], [answers[i] for i in pick], [labels[i] for i in pick]
     if kind == "video":
-        pixels = pixels.view(n, frames, 3, size, size)
         return Scenes(pixels, questions, answers, labels, None, [], objects, codes)
     captions = [_caption(objects, codes, scene) for scene in range(n)]
-    return Scenes(pixels, questions, answers, labels, None, captions, objects, codes)
+    return Scenes(pixels[:, 0], questions, answers, labels, None, captions, objects, codes)
 
 
 def generate(kind: str = "image", n: int = 16, seed: int = 0, task: str | None = None, frames: int = 8) -> list[Sample]:
