@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mmtoken.zoo import world
+from mmtoken.zoo import card, world
 from mmtoken.zoo.pretrain import CAPTION_ENCODER, CaptionEncoder, PretrainConfig, contrastive_loss, pretrain, retrieval
 from mmtoken.zoo.recipes import RECIPES
 from mmtoken.zoo.train import TrainConfig, train
@@ -84,3 +84,11 @@ def test_question_answering_starts_from_the_pretrained_tower(tmp_path):
     refused = subprocess.run(cli, capture_output=True, text=True, cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"})
     assert refused.returncode == 2 and "not a tower pretraining checkpoint of probe-qwen2vl-v2" in refused.stderr
     assert json.loads((tower_dir / "state.json").read_text())["step"] == 2
+    text = card.write_card("probe-llava-v2", per_task=1, folder=qa_dir)
+    assert "- Data: `mmtoken.zoo.world`, version" in text and "- Tower pretraining: 2 steps (6 images)" in text
+    assert "`mmtoken zoo pretrain probe-llava-v2 --out TOWER --steps 2 --batch-size 3`" in text
+    assert "`mmtoken zoo train probe-llava-v2 --out DIR --steps 1 --batch-size 9 --pretrained TOWER`" in text
+    assert "auxiliary per-patch colour loss" not in text
+    header = "| setting | " + " | ".join(world.IMAGE_TASKS) + " |"
+    assert header in text and "| image blanked |" in text and "| uniform @64 |" in text and "material 1/3" in text
+    assert (qa_dir / "MODEL_CARD.md").read_text() == text and (qa_dir / "training_curve.png").stat().st_size > 10_000

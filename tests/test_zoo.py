@@ -135,6 +135,6 @@ def test_model_card_blanks_every_frame_and_names_the_tasks_below_the_floor():
     assert all(frame.getextrema() == ((128, 128),) * 3 for frame in grey.video)
     rows = {"unpatched": {"order": 90, "events": 80, "needle": 100}, "video blanked": {"order": 50, "events": 20,
                                                                                        "needle": 10}}  # fmt: skip
-    table = "\n".join(card.accuracy_table(rows))
+    table = "\n".join(card.accuracy_table(rows, "video"))
     assert "| video blanked | 50 | 20 | 10 |" in table
     assert "Below the 85% floor unpatched: events;" in table

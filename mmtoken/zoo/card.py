@@ -1,4 +1,4 @@
-"""The model card of an embedded probe model: how it was trained, and proof that it looks at the image."""
+"""The model card of a probe model: how it was trained, and proof that it looks at the image."""
 
 from __future__ import annotations
 
@@ -6,15 +6,19 @@ import hashlib
 import inspect
 import json
 from dataclasses import replace
+from pathlib import Path
+from types import ModuleType
 
+import torch
 from PIL import Image
 from rich.progress import track
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import mmtoken
-from mmtoken.zoo import probe
-from mmtoken.zoo.embedded import ACCURACY_FLOOR, answers, load, path, prompts
+from mmtoken.zoo.embedded import ACCURACY_FLOOR, answers, path, prompts
 from mmtoken.zoo.embedded import accuracy as tally
 from mmtoken.zoo.probe import Sample
+from mmtoken.zoo.recipes import WORLDS
 
 CARD_SEED = 20_261_122
 ABOUT = {
@@ -23,19 +27,26 @@ ABOUT = {
     "probe-qwen2vl": "A Qwen2-VL-format model (ViT with 14-px patches over pairs of frames, 2 x 2 merge, M-RoPE; 6 "
     "layers, 256 wide, in the tower and in the Qwen2 language model), trained from scratch on mmtoken's image and "
     "video probe tasks, alternating batches: a 336-px image is 144 visual tokens, an 8-frame 224-px video 256.",
+    "probe-llava-v2": "A LLaVA-1.5-format model (CLIP ViT at 336 px with 14-px patches: 576 visual tokens; an 8-layer "
+    "256-wide tower, a 24-layer 128-wide Llama language model), its tower pretrained contrastively on captions of "
+    "probe world v2, then trained on its image tasks.",
+    "probe-qwen2vl-v2": "A Qwen2-VL-format model (ViT with 14-px patches over pairs of frames, 2 x 2 merge, M-RoPE; an "
+    "8-layer 256-wide tower, a 24-layer 128-wide Qwen2 language model), its tower pretrained contrastively on "
+    "captions of probe world v2, then trained on its image and video tasks, alternating batches.",
 }
 # The baselines' budgets: LLaVA-1.5 at the papers' 192 / 128 / 64 of 576, Qwen2-VL at 25 / 10 / 5 % of its tokens.
-BUDGETS = {
-    "probe-llava": {f"@{n}": {"budget": n} for n in (192, 128, 64)},
-    "probe-qwen2vl": {f"@{round(100 * r)}%": {"ratio": r} for r in (0.25, 0.10, 0.05)},
-}
+_LLAVA_BUDGETS = {f"@{n}": {"budget": n} for n in (192, 128, 64)}
+_QWEN_BUDGETS = {f"@{round(100 * r)}%": {"ratio": r} for r in (0.25, 0.10, 0.05)}
+BUDGETS = {"probe-llava": _LLAVA_BUDGETS, "probe-qwen2vl": _QWEN_BUDGETS, "probe-llava-v2": _LLAVA_BUDGETS,
+           "probe-qwen2vl-v2": _QWEN_BUDGETS}  # fmt: skip
 CHANCE = {"count": "1/6", "color": "1/7", "locate": "1/9", "exist": "1/2", "read": "1/1000", "relation": "1/4",
-          "motion": "1/4", "order": "1/2", "events": "1/4", "needle": "1/7"}  # fmt: skip
+          "motion": "1/4", "order": "1/2", "events": "1/4", "needle": "1/7", "shape": "1/3", "material": "1/3",
+          "size": "1/2"}  # fmt: skip
 
 
-def data_version() -> str:
-    """A short hash of the probe generator's source: the same version renders the same samples."""
-    return hashlib.sha256(inspect.getsource(probe).encode()).hexdigest()[:12]
+def data_version(world: ModuleType) -> str:
+    """A short hash of a probe world's source: the same version renders the same samples."""
+    return hashlib.sha256(inspect.getsource(world).encode()).hexdigest()[:12]
 
 
 def blanked(sample: Sample) -> Sample:
@@ -58,11 +69,13 @@ def accuracy(model, processor, samples: list[Sample], label: str, batch_size: in
     return scores
 
 
-def evaluate(name: str, kind: str, per_task: int, seed: int = CARD_SEED) -> dict[str, dict[str, float]]:
-    """Per-task accuracy on a fresh seed of `kind` samples: unpatched, with the media blanked, and under the
-    random and uniform baselines at the model's budgets."""
-    model, processor = load(name)
-    samples = probe.generate(kind, n=per_task * len(probe.tasks(kind)), seed=seed)
+def evaluate(name: str, folder: Path, kind: str, per_task: int, seed: int = CARD_SEED) -> dict[str, dict[str, float]]:
+    """Per-task accuracy of the probe model `name` in `folder` on a fresh seed of `kind` samples of its world:
+    unpatched, with the media blanked, and under the random and uniform baselines at the model's budgets."""
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32, local_files_only=True).eval()
+    processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
+    world = WORLDS[name]
+    samples = world.generate(kind, n=per_task * len(world.tasks(kind)), seed=seed)
     rows = {
         "unpatched": accuracy(model, processor, samples, f"{kind} unpatched"),
         f"{kind} blanked": accuracy(model, processor, [blanked(s) for s in samples], f"{kind} blanked"),
@@ -87,7 +100,8 @@ def plot_curve(state: dict, path) -> None:
     loss_axis.plot([p["step"] for p in images], [p["loss"] for p in images], label="answer, images")
     if videos:
         loss_axis.plot([p["step"] for p in videos], [p["loss"] for p in videos], label="answer, videos")
-    loss_axis.plot([p["step"] for p in images], [p["aux"] for p in images], label="patch colour")
+    if any(p["aux"] for p in images):  # v1's patch-colour loss; v2 has none
+        loss_axis.plot([p["step"] for p in images], [p["aux"] for p in images], label="patch colour")
     loss_axis.set(xlabel="step", ylabel="loss", yscale="log", title="training loss")
     loss_axis.legend()
     steps = [evaluation["step"] for evaluation in state["evaluations"]]
@@ -102,12 +116,14 @@ def plot_curve(state: dict, path) -> None:
     figure.savefig(path, dpi=110)
 
 
-def accuracy_table(rows: dict[str, dict[str, float]]) -> list[str]:
+def accuracy_table(rows: dict[str, dict[str, float]], kind: str) -> list[str]:
+    """The card's table of one kind of media: a row per setting, a column per task; chance and the tasks below
+    the floor."""
     tasks = list(rows["unpatched"])
     table = ["| setting | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
     for setting, scores in rows.items():
         table.append(f"| {setting} | " + " | ".join(f"{scores[task]:.0f}" for task in tasks) + " |")
-    floor = ACCURACY_FLOOR["image" if tasks[0] in probe.tasks("image") else "video"]
+    floor = ACCURACY_FLOOR[kind]
     below = [task for task in tasks if rows["unpatched"][task] < floor]
     notes = ["", "Chance: " + ", ".join(f"{task} {CHANCE[task]}" for task in tasks) + ".", ""]
     if below:
@@ -117,12 +133,46 @@ def accuracy_table(rows: dict[str, dict[str, float]]) -> list[str]:
     return [*table, *notes]
 
 
-def write_card(name: str, per_task: int = 30) -> str:
-    """Evaluate `name` and write MODEL_CARD.md and its training-curve plot beside its weights; returns the text."""
-    folder = path(name)
+def _options(run: dict) -> str:
+    """A run's schedule as the command-line options that repeat it."""
+    minutes = "" if run["minutes"] is None else f" --minutes {run['minutes']}"
+    return f"--steps {run['steps']} --batch-size {run['batch_size']}{minutes}"
+
+
+def _training(name: str, state: dict) -> list[str]:
+    """The card's lines on how the model was trained: its tower's pretraining, if any, then every run."""
+    lines = []
+    pretrained = state.get("pretrained")
+    if pretrained is not None:
+        retrieval = pretrained["retrieval"]
+        lines += [f"- Tower pretraining: {pretrained['step']} steps ({pretrained['samples']} images), "
+                  f"{pretrained['seconds'] / 60:.1f} minutes, contrastive on captions (CLIP's objective); held-out "
+                  f"caption retrieval at the end: {'not measured' if retrieval is None else f'{100 * retrieval:.0f}%'}"
+                  " top-1 of its batch. Runs:"]  # fmt: skip
+        lines += [f"  - from step {run['from_step']}: `mmtoken zoo pretrain {name} --out TOWER {_options(run)}"
+                  + (" --resume TOWER`" if run["resumed"] else "`") for run in pretrained["runs"]]  # fmt: skip
+    auxiliary = "" if pretrained is not None else (", auxiliary per-patch colour loss on the tower's penultimate "
+                                                   "layer (image batches)")  # fmt: skip
+    lines += [f"- Training: {state['step']} steps of {state['config']['batch_size']} samples ({state['samples']} in "
+              f"all), {state['seconds'] / 60:.1f} minutes of training steps on {state['device']}, AdamW "
+              f"{state['config']['lr']} with warm-up and cosine decay{auxiliary}.",
+              "- Runs on the GPU (each stops at its step target or its time budget; a resumed run restarts AdamW "
+              "with a warm-up):"]  # fmt: skip
+    start = " --pretrained TOWER" if pretrained is not None else ""
+    for run in state.get("runs", []):
+        lines.append(f"  - from step {run['from_step']}: `mmtoken zoo train {name} --out DIR {_options(run)}"
+                     + (" --resume DIR`" if run["resumed"] else f"{start}`"))  # fmt: skip
+    return lines
+
+
+def write_card(name: str, per_task: int = 30, folder: Path | None = None) -> str:
+    """Evaluate the probe model `name` (the embedded one, or the checkpoint in `folder`) and write MODEL_CARD.md and
+    its training-curve plot beside its weights; returns the text."""
+    folder = path(name) if folder is None else folder
+    world = WORLDS[name]
     state = json.loads((folder / "state.json").read_text())
     kinds = ("image", "video") if any(p.get("kind") == "video" for p in state["curve"]) else ("image",)
-    tables = {kind: evaluate(name, kind, per_task) for kind in kinds}
+    tables = {kind: evaluate(name, folder, kind, per_task) for kind in kinds}
     final = state["evaluations"][-1]["accuracy"] if state["evaluations"] else {}
     curve = [
         f"| {p['step']} | {p.get('kind', 'image')} | {p['loss']:.3f} | {p['aux']:.3f} |" for p in state["curve"][::20]
@@ -135,20 +185,8 @@ def write_card(name: str, per_task: int = 30) -> str:
             ABOUT[name] + " It exists to show what token-reduction methods throw away; it is not a general-purpose"
             " model.",
             "",
-            f"- Data: `mmtoken.zoo.probe`, version `{data_version()}`; every step renders a fresh batch.",
-            f"- Training: {state['step']} steps of {state['config']['batch_size']} samples "
-            f"({state['samples']} in all), "
-            f"{state['seconds'] / 60:.1f} minutes of training steps on {state['device']}, AdamW "
-            f"{state['config']['lr']} with warm-up and cosine decay, auxiliary per-patch colour loss on the tower's "
-            "penultimate layer (image batches).",
-            "- Runs on the GPU (each stops at its step target or its time budget; a resumed run restarts AdamW "
-            "with a warm-up):",
-            *(
-                f"  - from step {run['from_step']}: `mmtoken zoo train {name} --out DIR --steps {run['steps']} "
-                f"--batch-size {run['batch_size']} --minutes {run['minutes']}"
-                + (" --resume DIR`" if run["resumed"] else "`")
-                for run in state.get("runs", [])
-            ),
+            f"- Data: `{world.__name__}`, version `{data_version(world)}`; every step renders a fresh batch.",
+            *_training(name, state),
             f"- This card: `python -m mmtoken.zoo.card {name} --per-task {per_task}` (CPU).",
             f"- Held-out accuracy at the last step (teacher-forced, {state['config']['eval_per_task']} per task): "
             + ", ".join(f"{task} {100 * value:.0f}%" for task, value in final.items()),
@@ -160,7 +198,7 @@ def write_card(name: str, per_task: int = 30) -> str:
                     f"## {kind.capitalize()} accuracy (%) on a fresh seed ({CARD_SEED}), {per_task} samples per task,"
                     " greedy answers",
                     "",
-                    *accuracy_table(rows),
+                    *accuracy_table(rows, kind),
                 ]
             ),
             "Budgets: " + ", ".join(BUDGETS[name]) + " visual tokens per language-model layer (an absolute count, or a"
@@ -189,8 +227,9 @@ def write_card(name: str, per_task: int = 30) -> str:
 if __name__ == "__main__":
     import argparse
 
-    parser = argparse.ArgumentParser(description="evaluate an embedded probe model and write its model card")
-    parser.add_argument("name")
+    parser = argparse.ArgumentParser(description="evaluate a probe model and write its model card")
+    parser.add_argument("name", choices=sorted(WORLDS))
     parser.add_argument("--per-task", type=int, default=30, help="fresh samples per task and setting")
+    parser.add_argument("--folder", type=Path, help="a checkpoint folder (default: the embedded model)")
     arguments = parser.parse_args()
-    print(write_card(arguments.name, arguments.per_task))
+    print(write_card(arguments.name, arguments.per_task, arguments.folder))
