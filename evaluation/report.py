@@ -19,6 +19,7 @@ import statistics
 from pathlib import Path
 
 from mmtoken.evaluation import calibration, probe_tasks
+from mmtoken.zoo import world
 
 UNPATCHED = "none"
 SIMPLE_BASELINES = ("random", "uniform", "pooling")
@@ -92,25 +93,50 @@ def _variance(entry: dict, task: str) -> float:
     return adjusted * (1 - adjusted) / (samples + 4)
 
 
+def task_weights(tasks: list[str]) -> dict[str, float]:
+    """The weight of each task in a setting's mean (they sum to 1): probe world v2's tasks as a benchmark suite
+    weighs them (each group of `mmtoken.zoo.world.TASK_GROUPS` alike, a group's tasks alike, counting left out as a
+    stress task of its own); any other tasks alike."""
+    groups = {probe_tasks.task_name(probe_tasks.WORLD + task): group
+              for group, members in world.TASK_GROUPS.items() if group != "counting" for task in members}  # fmt: skip
+    if not set(tasks) <= {*groups, probe_tasks.task_name(probe_tasks.WORLD + "count")} or not set(tasks) & set(groups):
+        return dict.fromkeys(tasks, 1 / len(tasks))
+    present = {groups[task] for task in tasks if task in groups}
+    return {task: 1 / (len(present) * sum(groups.get(other) == groups[task] for other in tasks))
+            for task in tasks if task in groups}  # fmt: skip
+
+
+def _weighted_mean(values: dict[str, float], weights: dict[str, float]) -> float:
+    """The mean of `values` under `weights`; exact where the weights are equal, so that equal sums stay ties."""
+    listed = [values[task] for task in weights]
+    if len(set(weights.values())) == 1:
+        return statistics.mean(listed)
+    return statistics.fmean(listed, weights=list(weights.values()))
+
+
 def _add_relative(entries: list[dict]) -> None:
     baseline = next((entry for entry in entries if entry["method"] == UNPATCHED and "scores" in entry), None)
     accuracies = _fraction_tasks(entries)
     for entry in entries:
         if "scores" not in entry:
             continue
-        entry["mean"] = statistics.mean(entry["scores"].values())
-        if set(entry["scores"]) <= accuracies:
-            spread = sum(_variance(entry, task) for task in entry["scores"])
-            entry["mean_interval"] = Z95 * math.sqrt(spread) / len(entry["scores"])
+        weights = task_weights(list(entry["scores"]))
+        entry["mean"] = _weighted_mean(entry["scores"], weights)
+        if set(weights) <= accuracies:
+            spread = sum(weight**2 * _variance(entry, task) for task, weight in weights.items())
+            entry["mean_interval"] = Z95 * math.sqrt(spread)
         if baseline is not None:
-            shared = [task for task in entry["scores"] if baseline["scores"].get(task)]
-            ratios = [entry["scores"][task] / baseline["scores"][task] for task in shared]
-            entry["relative"] = 100 * statistics.mean(ratios) if ratios else None
+            shared = {task: weight for task, weight in weights.items() if baseline["scores"].get(task)}
+            ratios = {task: entry["scores"][task] / baseline["scores"][task] for task in shared}
+            entry["relative"] = 100 * _weighted_mean(ratios, shared) if ratios else None
             if ratios and entry is not baseline and set(shared) <= accuracies:
-                spread = sum(_variance(entry, task) / baseline["scores"][task] ** 2
-                             + entry["scores"][task] ** 2 * _variance(baseline, task) / baseline["scores"][task] ** 4
-                             for task in shared)  # fmt: skip
-                entry["relative_interval"] = 100 * Z95 * math.sqrt(spread) / len(shared)
+                total, spread = sum(shared.values()), 0.0
+                for task, weight in shared.items():
+                    unpatched = baseline["scores"][task]
+                    variance = _variance(entry, task) / unpatched**2
+                    variance += entry["scores"][task] ** 2 * _variance(baseline, task) / unpatched**4
+                    spread += (weight / total) ** 2 * variance
+                entry["relative_interval"] = 100 * Z95 * math.sqrt(spread)
             if "kv_bytes" in entry and "kv_bytes" in baseline:
                 entry["kv_percent"] = 100 * entry["kv_bytes"] / baseline["kv_bytes"]
 
@@ -253,6 +279,10 @@ def report(paths: list[Path], markdown: Path, figures: Path, command: str) -> st
                 "taken on a shared CPU are noisy, GPU speed is `mmtoken bench`'s (BENCHMARKS.md). ± is the 95% "
                 "interval of the samples (normal approximation, accuracies adjusted by Agresti-Coull; the relative "
                 "one counts the unpatched model's own noise too), and the error bars of the plots.")  # fmt: skip
+        tasks = list(dict.fromkeys(task for entry in measured for task in entry["scores"]))
+        if set(task_weights(tasks)) != set(tasks) or len(set(task_weights(tasks).values())) > 1:
+            note += (" The means weigh probe world v2's task groups alike (perception, attributes, relations, "
+                     "reading) and leave counting out, as a stress task in its own column.")  # fmt: skip
         verdicts = against_baselines(entries, scale)
         if verdicts:
             note += "\n\nAgainst the simple baselines (mean over tasks, same budget):\n\n" + verdicts

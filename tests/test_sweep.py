@@ -164,6 +164,24 @@ def test_a_data_parallel_sweep_gives_the_rows_of_one_process(tmp_path):
         assert (rows["two"][key]["metrics"], rows["two"][key]["samples"]) == (row["metrics"], row["samples"])
 
 
+def test_world_tables_weigh_the_suite_groups_alike_and_leave_counting_apart():
+    names = {task: f"mmtoken_probe_world_{task}" for task in ("exist", "shape", "color", "read", "count")}
+    weights = report.task_weights(list(names.values()))
+    # perception (exist, shape), attributes (color) and reading (read) count a third each; count not at all
+    assert weights == pytest.approx({names["exist"]: 1 / 6, names["shape"]: 1 / 6, names["color"]: 1 / 3,
+                                     names["read"]: 1 / 3})  # fmt: skip
+    assert report.task_weights(["mmtoken_probe_count", "mmtoken_probe_color"]) == {
+        "mmtoken_probe_count": 0.5, "mmtoken_probe_color": 0.5}  # fmt: skip
+    scores = {names["exist"]: 1.0, names["shape"]: 0.5, names["color"]: 0.9, names["read"]: 0.6, names["count"]: 0.0}
+    unpatched = {"method": "none", "scores": dict.fromkeys(names.values(), 1.0),
+                 "task_samples": dict.fromkeys(names.values(), 60)}  # fmt: skip
+    pruned = {"method": "fastv", "scores": scores, "task_samples": dict.fromkeys(names.values(), 60)}
+    report._add_relative([unpatched, pruned])
+    expected = (1.0 + 0.5) / 6 + 0.9 / 3 + 0.6 / 3
+    assert pruned["mean"] == pytest.approx(expected) and pruned["relative"] == pytest.approx(100 * expected)
+    assert 0 < pruned["mean_interval"] < 0.1 and pruned["relative_interval"] > 100 * pruned["mean_interval"]
+
+
 def test_videos_calibrate_against_onevision_by_the_share_of_tokens_kept():
     def entry(method, budget, relative, task="mmtoken_probe_order", original=256):
         return {"method": method, "budget": budget, "relative": relative, "relative_interval": 3.0,
