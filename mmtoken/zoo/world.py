@@ -129,10 +129,6 @@ class Objects:
     active: Tensor
     dark: Tensor
 
-    def apply(self, fn: Callable[[Tensor], Tensor]) -> Objects:
-        """The same objects with `fn` applied to every field."""
-        return Objects(**{f.name: fn(getattr(self, f.name)) for f in fields(self)})
-
 
 @dataclass
 class Scenes(Batch):
