@@ -56,7 +56,7 @@ def cut_inputs(language: torch.nn.Module, batch: int, media: int, side: int, vis
     return lambda: ScoreInput(
         hidden, language.layers[1], embeddings, candidates, torch.ones_like(candidates), lambda: geometry,
         kinds=kinds, weight=torch.ones(batch, length, device=device), keep=None,
-        text_counts=[TEXT_TOKENS] * batch, visual_counts=[visual] * batch, measure=lambda: signal,
+        visual_counts=[visual] * batch, measure=lambda: signal,
     )  # fmt: skip
 
 

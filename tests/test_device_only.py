@@ -36,7 +36,6 @@ def _meta_inputs(layer: torch.nn.Module) -> ScoreInput:
         kinds=torch.zeros(BATCH, LENGTH, dtype=torch.long, device=meta),
         weight=torch.ones(BATCH, LENGTH, device=meta),
         keep=[KEEP] * BATCH,
-        text_counts=[LENGTH - VISUAL] * BATCH,
         visual_counts=[VISUAL] * BATCH,
         measure=lambda: torch.empty(BATCH, LENGTH, device=meta),
     )

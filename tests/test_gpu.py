@@ -15,6 +15,7 @@ from transformers.utils import import_utils
 import mmtoken
 from mmtoken.compat import cache_of, with_cache
 from mmtoken.encoding import encode
+from mmtoken.graphs import prefill
 from mmtoken.graphs.cache import CAPACITY_STEP
 from mmtoken.graphs.prefill import SYNC_WARNING, PrefillGraphs
 from mmtoken.graphs.vision import VisionGraphs
@@ -153,6 +154,25 @@ def test_graphed_prefill_equals_eager_for_other_media_of_one_signature(family, v
         runs = [greedy_run(model, prompt) for prompt in prompts]
         (prefill,) = [graphs for graphs in handle.graphs if isinstance(graphs, PrefillGraphs)]
         assert len(prefill.signatures()) == (0 if method == "atp" else 1)
+    for (tokens, logits), (eager_tokens, eager_logits) in zip(runs, expected, strict=True):
+        assert torch.equal(tokens, eager_tokens)
+        torch.testing.assert_close(logits, eager_logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("case", "method"), method_cases(["aim", "divprune", "fastv", "pdrop", "tome", "visionzip"]))
+def test_graphed_prefill_of_questions_in_one_bucket_equals_eager(case, method, monkeypatch):
+    """Questions of three lengths padded up to one bucket: the first runs eagerly, the second is captured, the
+    third and fourth replayed; each gives the eager patch's tokens and logits, from one graph."""
+    family, video = case
+    monkeypatch.setattr(prefill, "PROMPT_STEP", 512)  # past every tiny prompt: one bucket
+    model = on_gpu(family, "sdpa")
+    prompts = [to_gpu(inputs(family, video, rows=[1], question_lengths=[length])) for length in (4, 9, 6, 4)]
+    with mmtoken.patched(model, method, **PRUNING[method]):
+        expected = [greedy_run(model, prompt) for prompt in prompts]
+    with mmtoken.patched(model, method, cuda_graphs=True, **PRUNING[method]) as handle:
+        runs = [greedy_run(model, prompt) for prompt in prompts]
+        (graphs,) = [graphs for graphs in handle.graphs if isinstance(graphs, PrefillGraphs)]
+        assert len(graphs.signatures()) == 1
     for (tokens, logits), (eager_tokens, eager_logits) in zip(runs, expected, strict=True):
         assert torch.equal(tokens, eager_tokens)
         torch.testing.assert_close(logits, eager_logits, rtol=1e-4, atol=1e-4)

@@ -7,7 +7,8 @@ import gc
 
 import pytest
 import torch
-from conftest import CASE_IDS, CASES, greedy_run, inputs, model_and_processor
+from conftest import CASE_IDS, CASES, PRUNING, greedy_run, inputs, method_cases, model_and_processor
+from transformers import DynamicCache
 
 import mmtoken
 from mmtoken.compat import cache_of, with_cache
@@ -151,6 +152,97 @@ def test_prefills_over_fixed_inputs_equal_the_plain_patch(family, video, method,
     for (tokens, logits), (plain_tokens, plain_logits) in zip(runs, expected, strict=True):
         assert torch.equal(tokens, plain_tokens)
         torch.testing.assert_close(logits, plain_logits, rtol=1e-5, atol=1e-5)
+
+
+def _graphed_path(model, handle, prompts):
+    """Greedy runs of `prompts` through the graphed prefill's path (run eagerly), and the signatures it added."""
+    graphs = PrefillGraphs(handle.engine.adapter.language_model, handle.method, capture=False)
+    known = set(graphs.signatures())  # of this model's other cases
+    graphs.attach()
+    try:
+        runs = [greedy_run(model, prompt) for prompt in prompts]
+    finally:
+        graphs.detach()
+    return runs, set(graphs.signatures()) - known
+
+
+@pytest.mark.parametrize(("case", "method"), method_cases(PRUNING))
+def test_questions_of_other_lengths_in_one_bucket_answer_as_the_plain_patch(case, method, monkeypatch):
+    """Three questions of different lengths, padded up to one bucket, through the graphed prefill's path: each
+    answer as the plain patch gives it, and at most one signature (none where a cut decides its count on the
+    device, which prefills eagerly)."""
+    family, video = case
+    monkeypatch.setattr(prefill, "PROMPT_STEP", 512)  # past every tiny prompt: one bucket
+    model, _ = model_and_processor(family)
+    prompts = [inputs(family, video, rows=[1], question_lengths=[length]) for length in (4, 9, 6)]
+    assert len({prompt["input_ids"].shape[1] for prompt in prompts}) == 3
+    with mmtoken.patched(model, method, **PRUNING[method]) as handle:
+        expected = [greedy_run(model, prompt) for prompt in prompts]
+        runs, added = _graphed_path(model, handle, prompts)
+    assert len(added) <= 1
+    for (tokens, logits), (plain_tokens, plain_logits) in zip(runs, expected, strict=True):
+        assert torch.equal(tokens, plain_tokens)
+        torch.testing.assert_close(logits, plain_logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("family", "video"), CASES, ids=CASE_IDS)
+def test_padded_rows_of_other_lengths_share_their_buckets_signature(family, video, monkeypatch):
+    """FastV's cut inside the language model over two padded rows whose questions change length: prompts of one
+    bucket share one graph and answer as the plain patch; prompts past that bucket get a graph of their own (a
+    signature is captured the second time it is seen)."""
+    monkeypatch.setattr(prefill, "PROMPT_STEP", 256)
+    model, _ = model_and_processor(family)
+    lengths = [(4, 9), (7, 5), (4, 9), (4, 9 + 300), (5, 9 + 300)]  # the last two: 300 words more, a second bucket
+    prompts = [inputs(family, video, rows=[0, 1], question_lengths=pair) for pair in lengths]
+    buckets = [prefill.bucket(prompt["input_ids"].shape[1]) for prompt in prompts]
+    assert buckets[0] == buckets[1] < buckets[3] == buckets[4]
+    with mmtoken.patched(model, "fastv", k=2, ratio=0.4) as handle:
+        expected = [greedy_run(model, prompt) for prompt in prompts]
+        runs, added = _graphed_path(model, handle, prompts)
+        graphs = PrefillGraphs(handle.engine.adapter.language_model, handle.method, capture=False)
+        graphs.attach()
+        try:  # what a graph holds fixed: the width of every layer's tokens
+            widths = [_set_widths(model, prompt) for prompt in prompts[:2]]
+        finally:
+            graphs.detach()
+    assert len(added) == 2
+    assert widths[0] == widths[1] and len(widths[0]) == 2
+    for (tokens, logits), (plain_tokens, plain_logits) in zip(runs, expected, strict=True):
+        assert torch.equal(tokens, plain_tokens)
+        torch.testing.assert_close(logits, plain_logits, rtol=1e-5, atol=1e-5)
+
+
+def _set_widths(model, prompt) -> dict[int, int]:
+    cache = DynamicCache(config=model.config.text_config)  # as generate gives it; without one, no graphs
+    with torch.no_grad():
+        model(**prompt, use_cache=True, **with_cache(cache))
+    return {start: len(tokens) for start, tokens in request_of(cache).call.sets.items()}
+
+
+def test_methods_patched_in_turn_keep_their_own_graphs(monkeypatch):
+    """The least recently used graph goes when a method holds more than MAX_GRAPHS, never another method's: a
+    benchmark that patches methods in turn replays each one's graphs."""
+    monkeypatch.setattr(prefill, "MAX_GRAPHS", 1)
+    model, _ = tiny_model("llava")  # its own, so no other test's graphs
+    prompts = [inputs("llava", False, rows=[1], question_lengths=[length]) for length in (4, 4 + 40)]
+    assert prefill.bucket(prompts[0]["input_ids"].shape[1]) < prefill.bucket(prompts[1]["input_ids"].shape[1])
+    kept = {}
+    for ratio in (0.4, 0.6, 0.4, 0.6):
+        with mmtoken.patched(model, "fastv", k=2, ratio=ratio) as handle:
+            graphs = PrefillGraphs(handle.engine.adapter.language_model, handle.method, capture=False)
+            graphs.attach()
+            try:
+                for prompt in (prompts[0], prompts[0], prompts[1], prompts[1]):
+                    greedy_run(model, prompt, new_tokens=1)
+            finally:
+                graphs.detach()
+            kept[ratio] = graphs
+    assert [len(graphs.signatures()) for graphs in kept.values()] == [1, 1]  # each its graph of the second bucket
+
+
+def test_buckets_round_up_to_the_step():
+    step = prefill.PROMPT_STEP
+    assert [prefill.bucket(n) for n in (1, step, step + 1, 3 * step - 1)] == [step, step, 2 * step, 3 * step]
 
 
 def test_a_prefill_of_many_tokens_stays_eager(monkeypatch):

@@ -52,6 +52,16 @@ def test_select_keeps_text_and_the_best_visual_tokens(data):
         for row in range(batch)
     ]
     assert local.shape[1] == max(widths)
+    # keeping padding and fillers too: the same tokens valid, every other non-candidate kept beside them
+    padded_local, padded_valid = select(scores, candidates, valid, keep, keep_invalid=True)
+    for row in range(batch):
+        indices = padded_local[row].tolist()
+        assert {i for i in range(length) if not candidates[row, i]} <= set(indices)
+        assert {i for i, ok in zip(indices, padded_valid[row].tolist(), strict=True) if ok} == {
+            i for i, ok in zip(local[row].tolist(), kept_valid[row].tolist(), strict=True) if ok
+        }
+    others = [int((~candidates[row]).sum()) + min(int(keep[row]), int(candidates[row].sum())) for row in range(batch)]
+    assert padded_local.shape[1] == max(others)
 
 
 def test_select_never_keeps_a_candidate_scored_minus_infinity():

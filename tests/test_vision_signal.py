@@ -98,7 +98,7 @@ def test_text_rank_is_pagerank_over_the_full_sharpened_attention():
     positions = torch.arange(length).expand(batch, -1)
     cos, sin = language.rotary_emb(hidden, positions[None].expand(3, -1, -1))
     inputs_ = ScoreInput(hidden, layer, (cos, sin), candidates, valid, lambda: None)
-    inputs_.text_counts = (valid & ~candidates).sum(1).tolist()
+    inputs_.visual_counts = candidates.sum(1).tolist()
     with torch.no_grad():
         scores = TextRank().score(inputs_)
         attention = layer.self_attn

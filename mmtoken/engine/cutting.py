@@ -45,7 +45,6 @@ def _score_input(call: CallState, tokens: TokenSet, hidden: torch.Tensor, keep: 
         kinds=call.kinds.gather(1, tokens.position),
         weight=tokens.weight,
         keep=keep,
-        text_counts=call.text_counts,
         visual_counts=tokens.visual_counts,
         measure=lambda: call.vision_signal.gather(1, tokens.position),
     )
@@ -69,15 +68,18 @@ def _cut(
         inputs.position_embeddings = (gather_tokens(cos, tokens.slot), gather_tokens(sin, tokens.slot))
     elif scorer.layer_offset == -1:
         inputs.layer, inputs.hidden, inputs.position_embeddings = request.prefill.previous
-    sizes = [text + visual for text, visual in zip(call.text_counts, kept, strict=True)]
+    # a bucketed prefill keeps its padding, so that each cut's width follows from counts the signature holds
+    keep_invalid = request.prefill.keep_padding
+    others = [len(tokens) - alive for alive in tokens.visual_counts] if keep_invalid else call.text_counts
+    sizes = [other + visual for other, visual in zip(others, kept, strict=True)]
     counted = not decides_count(scorer)
     local, valid = select(scorer.score(inputs), inputs.candidates, tokens.valid, planned.keep_on_device,
-                          max(sizes) if counted else None)  # fmt: skip
+                          max(sizes) if counted else None, keep_invalid)  # fmt: skip
     survivors = TokenSet(tokens.position.gather(1, local), tokens.slot.gather(1, local), valid, kept, False)
     if not counted:
         survivors.visual_counts = call.visual(survivors).sum(1).tolist()
-        sizes = [text + visual for text, visual in zip(call.text_counts, survivors.visual_counts, strict=True)]
-    survivors.complete = min(sizes) == len(survivors)
+        sizes = [other + visual for other, visual in zip(others, survivors.visual_counts, strict=True)]
+    survivors.complete = min(sizes) == len(survivors) and (tokens.complete or not keep_invalid)
     inputs.hidden = hidden
     hidden, survivors.weight = planned.reducer.reduce(hidden, local, valid, inputs)
     return survivors, hidden

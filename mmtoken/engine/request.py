@@ -31,11 +31,13 @@ _ACTIVE: ContextVar[Request | None] = ContextVar("mmtoken_active_request", defau
 
 @dataclass
 class PrefillScratch:
-    """What only the prefill reads: the plan of its cuts, the inputs of the layer before (for scorers that mimic
-    it), per stretch the model's mask with its slice and the rotary tables of the stretch's tokens, and per layer
-    the inputs and rotary tables of the prompt's last tokens (for presses that read their queries)."""
+    """What only the prefill reads: the plan of its cuts, whether its cuts keep padding (a prefill padded to a
+    bucket of lengths, `mmtoken.graphs`), the inputs of the layer before (for scorers that mimic it), per stretch the
+    model's mask with its slice and the rotary tables of the stretch's tokens, and per layer the inputs and rotary
+    tables of the prompt's last tokens (for presses that read their queries)."""
 
     plan: Plan
+    keep_padding: bool = False
     previous: tuple[nn.Module, torch.Tensor, tuple] | None = None
     slices: dict[int, tuple[object, object, tuple]] = field(default_factory=dict)
     windows: dict[int, tuple[torch.Tensor, tuple]] = field(default_factory=dict)

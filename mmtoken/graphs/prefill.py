@@ -2,17 +2,21 @@
 prefill has static shapes (every count is planned on the CPU), so the language model's whole forward, with the
 engine's layer hooks and their cuts inside it, is captured once per *prefill signature* and replayed.
 
-The signature is everything the forward's Python reads on the host: the batch, the prompt's length and each row's
-text and visual counts, what the cut before the language model kept, and the shapes of the arguments. A signature
-runs eagerly the first time, watched for host synchronisations (a scorer that reads the device from the host
-cannot be graphed, and stays eager); the second time it is captured, then replayed. A method whose KV press
-reads the prompt's last queries (SnapKV) prefills eagerly.
+Prompts of nearby lengths share a graph: the sequence the language model receives is padded on the left up to a
+multiple of `PROMPT_STEP` (its *bucket*), and the cuts inside keep that padding (still masked), so that every
+set's width follows from the bucket and the visual counts, not from the length of the question.
+
+The signature is everything the forward's Python reads on the host: the batch, the buckets of the prompt and of
+what the language model receives, each row's visual counts before and after the cut before the language model,
+and the shapes of the arguments. A signature runs eagerly the first time, watched for host synchronisations (a
+scorer that reads the device from the host cannot be graphed, and stays eager); the second time it is captured,
+then replayed. A method whose KV press reads the prompt's last queries (SnapKV) prefills eagerly.
 
 A graph reads fixed memory: the arguments, and the request's state that the hooks read (token kinds, padding, the
-tokens the language model receives), are copied into the graph's own before each replay (a prompt without
-padding goes without a mask, so that sdpa's causal kernel runs); what the hooks build
-inside the graph (the token sets of later layers, the KV cache, the last hidden state) is copied out into the
-request's own after it.
+tokens the language model receives), are copied into the graph's own before each replay (a prompt that fills its
+bucket without padding goes without a mask, so that sdpa's causal kernel runs); what the hooks build inside the
+graph (the token sets of later layers, the KV cache, the last hidden state) is copied out into the request's own
+after it.
 """
 
 from __future__ import annotations
@@ -35,14 +39,20 @@ from mmtoken.graphs.attention import GRAPHED_PREFILL, attention_in
 from mmtoken.graphs.capture import capture
 from mmtoken.methods.base import CachePress, Method
 from mmtoken.scorers.base import decides_count
-from mmtoken.state import TokenSet
+from mmtoken.state import TEXT, TokenSet
 
 # A prefill whose layers hold more tokens than this on average (all rows together) is bound by arithmetic, not
 # by kernel launches, and ran slower from a graph on an H200 (BENCHMARKS.md: LLaVA-1.5-7B keep-all at batch 8,
 # 4872 tokens, 0.89x; OneVision-7B keep-all, 6273 tokens, 0.68x), so it stays eager.
 GRAPHED_TOKENS = 2048
 SYNC_WARNING = "called a synchronizing CUDA operation"  # what torch's sync debug mode warns at each one
-MAX_GRAPHS = 8  # captured signatures kept per language model; the least recently used goes first
+MAX_GRAPHS = 8  # captured signatures kept per method on one language model; the least recently used goes first
+PROMPT_STEP = 32  # prompt lengths are padded up to a multiple of this
+
+
+def bucket(length: int) -> int:
+    """The length a prompt of `length` tokens is padded to."""
+    return -(-length // PROMPT_STEP) * PROMPT_STEP
 
 
 def _cloned(tokens: TokenSet) -> TokenSet:
@@ -66,14 +76,29 @@ class _RequestInputs:
         call = request.call
         return cls(call.kinds, call.padding, call.sets[0], call.vision_signal)
 
-    def cloned(self) -> _RequestInputs:
-        signal = None if self.signal is None else self.signal.clone()
-        return _RequestInputs(self.kinds.clone(), self.padding.clone(), _cloned(self.received), signal)
+    def _by_position(self) -> list[tuple[torch.Tensor, object]]:
+        """The tensors indexed by prompt position, each with what fills it past the prompt's end."""
+        listed = [(self.kinds, TEXT), (self.padding, True), (self.signal, 0.0)]
+        return [(tensor, filler) for tensor, filler in listed if tensor is not None]
 
-    def tensors(self) -> list[torch.Tensor]:
-        received = self.received
-        listed = [self.kinds, self.padding, received.position, received.slot, received.valid, received.weight]
-        return [tensor for tensor in [*listed, self.signal] if tensor is not None]
+    def fixed(self) -> _RequestInputs:
+        """Copies for a graph to read, those indexed by prompt position as long as the prompt's bucket."""
+        length = bucket(self.kinds.shape[1])
+        kinds, padding, *signal = [
+            tensor.new_full((tensor.shape[0], length), filler).index_copy_(1, _columns(tensor), tensor)
+            for tensor, filler in self._by_position()
+        ]
+        return _RequestInputs(kinds, padding, _cloned(self.received), signal[0] if signal else None)
+
+    def copy_from(self, own: _RequestInputs) -> None:
+        """Copy a request's inputs into these fixed ones (a prompt of the same bucket)."""
+        for (fixed, filler), (tensor, _) in zip(self._by_position(), own._by_position(), strict=True):
+            fixed[:, : tensor.shape[1]].copy_(tensor)
+            fixed[:, tensor.shape[1] :].fill_(filler)
+        for name in ("position", "slot", "valid", "weight"):
+            fixed = getattr(self.received, name)
+            if fixed is not None:
+                fixed.copy_(getattr(own.received, name))
 
     def put(self, request: Request) -> None:
         call = request.call
@@ -96,18 +121,44 @@ class _PrefillGraph:
     scratch: PrefillScratch | None = None
 
 
+def _columns(tensor: torch.Tensor) -> torch.Tensor:
+    return torch.arange(tensor.shape[1], device=tensor.device)
+
+
+def _padded_to_bucket(request: Request, kwargs: dict) -> tuple[dict, int]:
+    """Pad the sequence the language model receives on the left up to its bucket: the arguments, and the request's
+    token set of it (the padding invalid, at prompt position 0). Returns the arguments and the padding's length."""
+    call, tokens = request.call, request.call.sets[0]
+    pads = bucket(len(tokens)) - len(tokens)
+    if pads:
+        batch, device = call.batch_size, tokens.position.device
+        zeros = torch.zeros(batch, pads, dtype=tokens.position.dtype, device=device)
+        position = torch.cat([zeros, tokens.position], dim=1)
+        slot = torch.arange(position.shape[1], device=device).expand(batch, -1)
+        valid = torch.cat([zeros.bool(), tokens.valid], dim=1)
+        weight = None if tokens.weight is None else torch.cat([torch.ones_like(zeros, dtype=tokens.weight.dtype),
+                                                               tokens.weight], dim=1)  # fmt: skip
+        embeds, positions = kwargs["inputs_embeds"], kwargs.get("position_ids")
+        kwargs = {**kwargs, "inputs_embeds": torch.cat([embeds.new_zeros(batch, pads, embeds.shape[2]), embeds], 1)}
+        if positions is None:  # the model's own: the prompt's positions
+            kwargs["position_ids"] = position
+        else:
+            kwargs["position_ids"] = torch.cat([positions.new_zeros(*positions.shape[:-1], pads), positions], -1)
+        tokens = call.sets[0] = TokenSet(position, slot, valid, list(tokens.visual_counts), False, weight)
+        request.shortened = True  # decode steps mask by the cache's record, which holds the padding
+    return {**kwargs, "attention_mask": None if tokens.complete else tokens.valid.long()}, pads
+
+
 def _signature(request: Request, kwargs: dict) -> tuple | None:
     """What the prefill's Python reads on the host (None where a graph cannot hold the call)."""
-    if kwargs.get("output_hidden_states") or kwargs.get("output_attentions"):
-        return None
     call, received = request.call, request.call.sets[0]
     arguments = tuple(
         (name, (tuple(value.shape), value.dtype) if torch.is_tensor(value) else value)
         for name, value in sorted(kwargs.items())
         if name not in CACHE_NAMES
     )
-    key = (tuple(call.text_counts), tuple(call.visual_counts), call.prompt_length, tuple(received.visual_counts),
-           len(received), received.complete, call.vision_signal is None, arguments)  # fmt: skip
+    key = (tuple(call.visual_counts), bucket(call.prompt_length), tuple(received.visual_counts), len(received),
+           received.complete, call.vision_signal is None, arguments)  # fmt: skip
     try:
         hash(key)
     except TypeError:
@@ -136,7 +187,8 @@ def _mean_tokens(request: Request) -> float:
 @dataclass
 class _Known:
     """What a language model's prefills taught: the graphs captured (by method and signature, most recently used
-    last), the signatures seen once, and those that stay eager. It outlives a patch, as the decode graphs' pool:
+    last; methods patched in turn keep theirs), the signatures seen once, and those that stay eager. It outlives a
+    patch, as the decode graphs' pool:
     a graph reads only the model's weights and its own memory, so a later patch of the same method replays it."""
 
     pool: object
@@ -190,23 +242,30 @@ class PrefillGraphs:
         request = active()
         if self.eager or args or cache is None or not request.in_prefill or cache.get_seq_length() > 0:
             return self._forward_inside(*args, **kwargs)
-        if request.call.sets[0].complete:  # no padding: without a mask, sdpa runs causal (flash) inside the graph
-            kwargs = {**kwargs, "attention_mask": None}
+        asks_more = kwargs.get("output_hidden_states") or kwargs.get("output_attentions")
+        if asks_more or not _counts_planned(request) or _mean_tokens(request) > GRAPHED_TOKENS:
+            return self._forward_inside(**kwargs)
+        kwargs, pads = _padded_to_bucket(request, kwargs)
+        request.prefill.keep_padding = True
+        output = self._graphed(request, kwargs, cache)
+        output.last_hidden_state = output.last_hidden_state[:, pads:]  # the caller's tokens, as received
+        return output
+
+    def _graphed(self, request: Request, kwargs: dict, cache: object) -> object:
+        """The prefill of a padded prompt: eager the first time and where a graph cannot hold it, else replayed."""
         signature = _signature(request, kwargs)
         known, key = self.known, (self.method, signature)
         if signature is None or key in known.eager:
-            return self._forward_inside(*args, **kwargs)
+            return self._forward_inside(**kwargs)
         with known.lock:
             if key not in known.graphs:
-                if not _counts_planned(request) or _mean_tokens(request) > GRAPHED_TOKENS:
-                    known.eager.add(key)
-                    return self._forward_inside(*args, **kwargs)
                 if key not in known.seen:
                     known.seen.add(key)
                     return self._first_run(key, kwargs, cache)
                 known.graphs[key] = self._prepare(request, kwargs)
-                while len(known.graphs) > MAX_GRAPHS:
-                    known.graphs.popitem(last=False)
+                mine = [other for other in known.graphs if other[0] == self.method]  # least recently used first
+                for evicted in mine[: max(0, len(mine) - MAX_GRAPHS)]:
+                    del known.graphs[evicted]
             known.graphs.move_to_end(key)
             return self._replay(known.graphs[key], request, kwargs, cache)
 
@@ -229,7 +288,7 @@ class PrefillGraphs:
     def _prepare(self, request: Request, kwargs: dict) -> _PrefillGraph:
         arguments = {name: value.clone() if torch.is_tensor(value) else value for name, value in kwargs.items()
                      if name not in CACHE_NAMES}  # fmt: skip
-        prepared = _PrefillGraph(arguments, _RequestInputs.of(request).cloned())
+        prepared = _PrefillGraph(arguments, _RequestInputs.of(request).fixed())
         if self.pool is not None:
             self._record(prepared, request, captured=True)
         return prepared
@@ -258,8 +317,7 @@ class PrefillGraphs:
         for name, value in prepared.arguments.items():
             if torch.is_tensor(value):
                 value.copy_(kwargs[name])
-        for fixed, own in zip(prepared.inputs.tensors(), _RequestInputs.of(request).tensors(), strict=True):
-            fixed.copy_(own)
+        prepared.inputs.copy_from(_RequestInputs.of(request))
         if prepared.graph is None:
             self._record(prepared, request, captured=False)
         else:

@@ -20,9 +20,9 @@ class ScoreInput:
     `geometry` (batch, n, 4) is (media, frame, row, column) of visual tokens and -1 elsewhere, worked out by
     `locate` only for scorers that read it; `kinds` (batch, n) is text, image or video. `weight` (batch, n) is each
     token's merge weight (how many original tokens it stands for), `keep` the number of visual tokens each row
-    keeps, `text_counts` and `visual_counts` the number of valid text tokens and of candidates in each row (these three
-    counted on the CPU), and `vision_signal` (batch, n) the vision encoder's attention to each visual token, from
-    `measure`, for methods that declare `needs_vision`.
+    keeps and `visual_counts` the number of candidates in each row (both counted on the CPU), and `vision_signal`
+    (batch, n) the vision encoder's attention to each visual token, from `measure`, for methods that declare
+    `needs_vision`.
     """
 
     hidden: torch.Tensor
@@ -34,7 +34,6 @@ class ScoreInput:
     kinds: torch.Tensor | None = None
     weight: torch.Tensor | None = None
     keep: list[int] | None = None
-    text_counts: list[int] | None = None
     visual_counts: list[int] | None = None
     measure: Callable[[], torch.Tensor] | None = None
 

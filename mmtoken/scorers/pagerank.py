@@ -29,7 +29,8 @@ class TextRank:
         states = inputs.layer.input_layernorm(inputs.hidden)
         batch, length, _ = states.shape
         text = inputs.valid & ~inputs.candidates
-        rows = text.int().argsort(dim=1, descending=True, stable=True)[:, : max(inputs.text_counts)]
+        width = length - min(inputs.visual_counts)  # every row's text fits; the other rows are masked below
+        rows = text.int().argsort(dim=1, descending=True, stable=True)[:, :width]
         cos, sin = (table.expand(batch, -1, -1) for table in inputs.position_embeddings)
         query = attention.q_proj(gather_tokens(states, rows)).view(batch, rows.shape[1], -1, attention.head_dim)
         query = rotate(query.transpose(1, 2), gather_tokens(cos, rows), gather_tokens(sin, rows))
