@@ -57,12 +57,18 @@ from mmtoken.zoo.text import LLAVA_TEMPLATE, chatml_template, llama_tokenizer, q
 SENTENCE = "describe what happens in this picture and name every object you can see with its color and place"
 WORDS = SENTENCE.split(" ")
 QUESTION = " ".join(WORDS + WORDS[:10])  # 28 words, as a benchmark question with its answer instructions
+
 NEW_TOKENS = 32
 FRACTIONS = (1 / 3, 2 / 9, 1 / 9)  # 192 / 128 / 64 of LLaVA-1.5's 576 visual tokens, the papers' budgets
 QWEN_VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>")
 _QWEN2_7B_TEXT = {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
                   "num_key_value_heads": 4, "vocab_size": 152064, "max_position_embeddings": 32768,
                   "rope_theta": 1_000_000.0}  # fmt: skip
+
+
+def questions(count: int) -> list[str]:
+    """`count` questions: QUESTION, then ones 5, 10, ... words longer, as requests that ask other things."""
+    return [" ".join((WORDS * 8)[: len(QUESTION.split(" ")) + 5 * extra]) for extra in range(count)]
 
 
 @dataclass
@@ -198,8 +204,8 @@ def build_model(shape: Shape, attention: str, device: str, dtype: torch.dtype) -
     return model.eval()
 
 
-def prompt_inputs(shape: Shape, batch: int, device: str, dtype: torch.dtype) -> dict:
-    messages = [{"role": "user", "content": [{"type": shape.media}, {"type": "text", "text": QUESTION}]}]
+def prompt_inputs(shape: Shape, batch: int, device: str, dtype: torch.dtype, question: str = QUESTION) -> dict:
+    messages = [{"role": "user", "content": [{"type": shape.media}, {"type": "text", "text": question}]}]
     text = shape.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     media = {"images": [shape.frames] * batch} if shape.media == "image" else {"videos": [shape.frames] * batch}
     inputs = shape.processor(text=[text] * batch, return_tensors="pt", padding=True, **media)
@@ -295,12 +301,15 @@ def measure(
     fractions: tuple[float, ...] = FRACTIONS,
     warmup: int = 2,
     graphs: bool = False,
+    question_count: int = 1,
 ) -> list[dict]:
-    """Rows for one shape: every setting at every batch size, as ratios against the unpatched row."""
+    """Rows for one shape: every setting at every batch size, as ratios against the unpatched row. With several
+    questions (`question_count`), the rounds take them in turn, as requests of other lengths on the same media."""
     rows = []
     dtype = next(model.parameters()).dtype
     for batch in batches:
-        inputs = prompt_inputs(shape, batch, device, dtype)
+        prompts = [prompt_inputs(shape, batch, device, dtype, question) for question in questions(question_count)]
+        inputs = prompts[0]
         features = encode(model, inputs)
         with mmtoken.patched(model, "fastv", k=1, ratio=1.0) as handle:  # counts the visual tokens
             _prefill(model, inputs, features)
@@ -326,22 +335,25 @@ def measure(
         times: dict[str, list[float]] = {setting.label: [] for setting in grid}
         vision_times: dict[str, list[float]] = {label: [] for label in encoding}
         stats: dict[str, object] = {}
+        # every question's bucket warms up: a graphed prefill's first run is eager and its second captures
+        warmup *= question_count
         for round_index in track(range(warmup + repeats), description=f"{shape.name}, batch {batch}: prefill"):
+            prompt = prompts[round_index % question_count]
             for setting in grid:
                 given = None if setting.label in encoding else features
-                run = partial(_encoded_prefill, model, inputs, given, device, setting.label in watching)
+                run = partial(_encoded_prefill, model, prompt, given, device, setting.label in watching)
                 (encoder_ms, prefill_ms), stats[setting.label] = _under(model, setting, run)
                 if round_index >= warmup:
                     times[setting.label].append(prefill_ms)
                     if encoder_ms is not None:
                         vision_times[setting.label].append(encoder_ms)
         generated: dict[str, list[dict]] = {setting.label: [] for setting in grid}
-        # a graphed prefill's first run is eager and its second captures: both are warm-up
-        generate_warmup = 2 if graphs else 1
+        generate_warmup = (2 if graphs else 1) * question_count
         description = f"{shape.name}, batch {batch}: generate"
         for round_index in track(range(generate_warmup + generate_repeats), description=description):
+            prompt = prompts[round_index % question_count]
             for setting in grid:
-                result, _ = _under(model, setting, partial(_generate, model, inputs, device))
+                result, _ = _under(model, setting, partial(_generate, model, prompt, device))
                 if round_index >= generate_warmup:
                     generated[setting.label].append(result)
         unpatched = vision_times[grid[0].label]
@@ -430,7 +442,7 @@ def run(shapes: dict[str, Shape], args: argparse.Namespace, build: Callable[[Sha
     for shape in shapes.values():
         model = build(shape)
         rows += measure(shape, model, args.batch, args.methods, args.repeats, args.generate_repeats, args.device,
-                        tuple(args.fractions), graphs=args.graphs)  # fmt: skip
+                        tuple(args.fractions), graphs=args.graphs, question_count=args.questions)  # fmt: skip
         del model
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
@@ -449,6 +461,7 @@ def write(rows: list[dict], args: argparse.Namespace, out: Path) -> str:
         "repeats": args.repeats,
         "generate_repeats": args.generate_repeats,
         "graphs": args.graphs,
+        "questions": args.questions,
     }
     (out / "speed.json").write_text(json.dumps({"environment": environment, "rows": rows}, indent=1))
     table = markdown(rows)
@@ -466,6 +479,8 @@ def parser() -> argparse.ArgumentParser:
                         help="budgets, as fractions of each shape's visual tokens (192/128/64 of 576)")  # fmt: skip
     parser.add_argument("--graphs", action="store_true",
                         help="also time every setting with CUDA graphs (decode steps, vision tower)")  # fmt: skip
+    parser.add_argument("--questions", type=int, default=1,
+                        help="questions of rising length (5 words apart) that the rounds take in turn")  # fmt: skip
     parser.add_argument("--attention", default="sdpa")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--device", default="cuda")

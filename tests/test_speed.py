@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -38,6 +39,7 @@ def test_harness_end_to_end_on_tiny_models(tmp_path):
     # layer 18 is past the tiny models' 6, so its settings are reported as skipped
     methods = "fastv pdrop visionzip holitom"
     options = f"--device cpu --dtype float32 --batch 2 --methods {methods} --repeats 1 --generate-repeats 1"
+    options += " --questions 2"  # the rounds take two questions in turn
     args = speed.parser().parse_args([*options.split(), "--fractions", "0.5", "--out", str(tmp_path)])
     rows = speed.run(shapes, args, lambda shape: models[shape.name])
     table = speed.write(rows, args, tmp_path)
@@ -63,6 +65,13 @@ def test_harness_end_to_end_on_tiny_models(tmp_path):
                 if "@" in label:
                     assert row["avg_visual_tokens"] == pytest.approx(row["visual_tokens"] / 2, abs=1)
                     assert row["kv_bytes"] < base["kv_bytes"] and row["flops_ceiling"] > 1.2
+
+
+def test_questions_grow_by_five_words_from_the_benchmark_question():
+    asked = speed.questions(4)
+    assert asked[0] == speed.QUESTION
+    assert [len(question.split(" ")) for question in asked] == [28, 33, 38, 43]
+    assert all(longer.startswith(shorter) for shorter, longer in itertools.pairwise(asked))
 
 
 def test_speedups_pair_each_round_with_the_unpatched_run_beside_it():
