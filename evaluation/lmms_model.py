@@ -28,6 +28,7 @@ from transformers.video_utils import VideoMetadata, load_video
 import mmtoken
 from mmtoken.methods import build
 from mmtoken.zoo import embedded
+from mmtoken.zoo.formats import probe_format
 
 MANIFEST = ModelManifest(model_id="mmtoken", chat_class_path="mmtoken.evaluation.lmms_model.MmtokenModel")
 UNPATCHED = "none"
@@ -90,7 +91,8 @@ def read_video(path: str, max_frames: int) -> tuple[np.ndarray, VideoMetadata]:
 class MmtokenModel(lmms):
     """Any VLM mmtoken supports, loaded with `AutoModelForImageTextToText` / `AutoProcessor` and patched with a
     method: `method=<name>` plus its parameters, or none for the unpatched model. An embedded probe model gets
-    its `METHOD_DEFAULTS` (the papers' layers scaled to its depth) unless the parameters say otherwise.
+    its `METHOD_DEFAULTS` (the papers' layers scaled to its depth) unless the parameters say otherwise, and at a
+    `budget` those cannot reach for one of its media, its low-budget shape (`embedded.method_parameters`).
 
     Images, and videos (files decoded with PyAV, at most `max_num_frames` frames, evenly spaced); batches are
     left-padded. Each sample returns its input and output token counts and mmtoken's stats of its row: visual
@@ -121,8 +123,21 @@ class MmtokenModel(lmms):
             self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model, self.processor = _latest_loaded(pretrained, device, dtype, attn_implementation)
+        if method != UNPATCHED and "budget" in self.params and pretrained in embedded.LOW_BUDGET_DEFAULTS:
+            shaped = self._budget_shape(pretrained, method, self.params["budget"])
+            self.params = patch_params = {**shaped, **method_params(params)}
         self.batch_size, self.max_num_frames, self.max_new_tokens = int(batch_size), max_num_frames, max_new_tokens
         self.handle = mmtoken.patch(self.model, name, timing=True, **patch_params)
+
+    def _budget_shape(self, pretrained: str, method: str, budget: float) -> dict[str, object]:
+        """The probe model's parameters for `method` at `budget`: its low-budget shape where its defaults cannot
+        reach the budget for one of the media it takes (images, and videos), else its defaults."""
+        depth = self.model.config.text_config.num_hidden_layers
+        model_format = probe_format(self.model, self.processor)
+        defaults = embedded.METHOD_DEFAULTS.get(pretrained, {}).get(method, {})
+        shapes = [embedded.method_parameters(pretrained, method, budget, depth, model_format.visual_tokens(kind))
+                  for kind in model_format.kinds]  # fmt: skip
+        return next((shape for shape in shapes if shape != defaults), defaults)
 
     @property
     def device(self) -> torch.device:

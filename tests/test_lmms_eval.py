@@ -17,7 +17,7 @@ from PIL import Image
 from mmtoken.cli import main
 from mmtoken.evaluation import probe_tasks
 from mmtoken.evaluation.lmms_model import MmtokenModel, read_video
-from mmtoken.zoo import ask, load, probe, world
+from mmtoken.zoo import ask, embedded, load, probe, world
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +82,22 @@ def test_model_by_name_through_the_entry_point_on_a_probe_group(manager):
             assert stats["visual_tokens_per_layer"] == [576, 144, 36, 36, 9, 9]
             assert 0 < stats["flops_ratio_exact"] < 0.5 and stats["prefill_ms"] > 0
             assert sample["token_counts"][0]["input_tokens"] > 576
+
+
+def test_a_budget_the_probes_defaults_cannot_reach_takes_its_low_budget_shape(monkeypatch):
+    """On the 6-layer probe, PyramidDrop's default layers (1, 2, 4) keep at least 96 tokens per layer on average:
+    at budget 64 the model takes the low-budget shape (here a stand-in), resolved once the model is loaded."""
+    monkeypatch.setitem(embedded.LOW_BUDGET_DEFAULTS, "probe-llava", {"pdrop": {"layers": (1, 2, 3)}})
+    resolved = []
+    for arguments in ({"budget": 64}, {"budget": 192}, {"budget": 64, "layers": "[1,2,5]"}):
+        lm = MmtokenModel(pretrained="probe-llava", method="pdrop", device="cpu", **arguments)
+        resolved.append((lm.params, lm.handle.method.layers))
+        lm.clean()  # the model is loaded once; unpatched for the next
+    assert resolved == [
+        ({"layers": (1, 2, 3), "budget": 64}, (1, 2, 3)),
+        ({"layers": (1, 2, 4), "budget": 192}, (1, 2, 4)),  # the defaults reach it
+        ({"layers": (1, 2, 5), "budget": 64}, (1, 2, 5)),  # what the arguments say wins
+    ]
 
 
 def test_unpatched_answers_are_the_reference_prompting_answers(manager):
