@@ -128,6 +128,18 @@ def other_media(batch):
     return {key: value.flip(-1) if key in PIXELS.values() else value for key, value in batch.items()}
 
 
+def _graphed_path(model, handle, prompts):
+    """Greedy runs of `prompts` through the graphed prefill's path (run eagerly), and the signatures it added."""
+    graphs = PrefillGraphs(handle.engine.adapter.language_model, handle.method, capture=False)
+    known = set(graphs.signatures())  # of this model's other cases
+    graphs.attach()
+    try:
+        runs = [greedy_run(model, prompt) for prompt in prompts]
+    finally:
+        graphs.detach()
+    return runs, set(graphs.signatures()) - known
+
+
 @pytest.mark.parametrize("rows", [[1], [0, 1]], ids=["one row", "padded rows"])
 @pytest.mark.parametrize(("family", "video"), CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("method", sorted(PREFILL_METHODS))
@@ -140,30 +152,12 @@ def test_prefills_over_fixed_inputs_equal_the_plain_patch(family, video, method,
     prompts = [batch, other_media(batch), batch]
     with mmtoken.patched(model, **PREFILL_METHODS[method]) as handle:
         expected = [greedy_run(model, prompt) for prompt in prompts]
-        graphs = PrefillGraphs(handle.engine.adapter.language_model, handle.method, capture=False)
-        known = set(graphs.signatures())  # of this model's other cases
-        graphs.attach()
-        try:
-            runs = [greedy_run(model, prompt) for prompt in prompts]
-        finally:
-            graphs.detach()
-        assert len(set(graphs.signatures()) - known) == 1
+        runs, added = _graphed_path(model, handle, prompts)
+    assert len(added) == 1
     assert not torch.equal(expected[1][1], expected[0][1])  # the other media change the answer's logits
     for (tokens, logits), (plain_tokens, plain_logits) in zip(runs, expected, strict=True):
         assert torch.equal(tokens, plain_tokens)
         torch.testing.assert_close(logits, plain_logits, rtol=1e-5, atol=1e-5)
-
-
-def _graphed_path(model, handle, prompts):
-    """Greedy runs of `prompts` through the graphed prefill's path (run eagerly), and the signatures it added."""
-    graphs = PrefillGraphs(handle.engine.adapter.language_model, handle.method, capture=False)
-    known = set(graphs.signatures())  # of this model's other cases
-    graphs.attach()
-    try:
-        runs = [greedy_run(model, prompt) for prompt in prompts]
-    finally:
-        graphs.detach()
-    return runs, set(graphs.signatures()) - known
 
 
 @pytest.mark.parametrize(("case", "method"), method_cases(PRUNING))
