@@ -3,16 +3,14 @@ for the length of a graphed call (other calls keep sdpa):
 - `FIXED_CACHE`, a decode step over a fixed cache: the one-query attention kernel (`mmtoken.kernels.decode_attention`);
 - `GRAPHED_PREFILL`, a prefill: sdpa over a mask that is built wherever there is a padding mask, since skipping it
   would be decided by reading the padding mask on the host, which a graph cannot do.
+`mmtoken.engine.attending.attention_in` switches them on.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
 from torch import nn
-from transformers import AttentionInterface, PretrainedConfig
+from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -52,17 +50,3 @@ AttentionInterface.register(FIXED_CACHE, fixed_cache_attention)
 AttentionMaskInterface.register(FIXED_CACHE, sdpa_mask)
 AttentionInterface.register(GRAPHED_PREFILL, sdpa_attention_forward)
 AttentionMaskInterface.register(GRAPHED_PREFILL, built_sdpa_mask)
-
-
-@contextmanager
-def attention_in(config: PretrainedConfig, implementation: str) -> Iterator[None]:
-    """While the block runs, layers of `config` that use sdpa attend through `implementation` (`FIXED_CACHE` or
-    `GRAPHED_PREFILL`)."""
-    if config._attn_implementation != "sdpa":
-        yield
-        return
-    config._attn_implementation_internal = implementation
-    try:
-        yield
-    finally:
-        config._attn_implementation_internal = "sdpa"

@@ -20,8 +20,9 @@ from transformers import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from mmtoken.compat import cache_in, cache_of, replace_cache, with_cache
+from mmtoken.engine.attending import attention_in
 from mmtoken.engine.request import give_to, request_of
-from mmtoken.graphs.attention import FIXED_CACHE, attention_in
+from mmtoken.graphs.attention import FIXED_CACHE
 from mmtoken.graphs.cache import FixedBuffers, FixedCache, Lease, groups_of, signature
 from mmtoken.graphs.capture import capture, warm_up
 

@@ -34,8 +34,9 @@ from transformers import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from mmtoken.compat import CACHE_NAMES, cache_in, with_cache
+from mmtoken.engine.attending import attention_in
 from mmtoken.engine.request import PrefillScratch, Request, active
-from mmtoken.graphs.attention import GRAPHED_PREFILL, attention_in
+from mmtoken.graphs.attention import GRAPHED_PREFILL
 from mmtoken.graphs.capture import capture
 from mmtoken.methods.base import CachePress, Method
 from mmtoken.scorers.base import decides_count
