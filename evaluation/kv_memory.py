@@ -72,9 +72,11 @@ def lengthened(model: torch.nn.Module, inputs: dict, encoded: Encoded, frames: i
     base = pixels.shape[1]
     pooled = encoded.features[VIDEO].pooler_output  # (1, base frames x tokens [+ the newline, on newer releases])
     per_frame = pooled.shape[1] // base
-    frame_tokens = pooled[:, : base * per_frame].unflatten(1, (base, per_frame))
-    repeated = frame_tokens[:, torch.arange(frames, device=pooled.device) % base].flatten(1, 2)
-    features = torch.cat([repeated, pooled[:, base * per_frame :]], dim=1).expand(batch, -1, -1)
+    # one gather of every token (the frames', then those after them), so the long features are made once, not twice
+    tokens = torch.arange(pooled.shape[1], device=pooled.device)
+    frame_tokens = tokens[: base * per_frame].unflatten(0, (base, per_frame))
+    repeated = frame_tokens[torch.arange(frames, device=pooled.device) % base].flatten()
+    features = pooled[:, torch.cat([repeated, tokens[base * per_frame :]])].expand(batch, -1, -1)
     long_ids = _with_video_tokens(model, inputs["input_ids"][0], (frames - base) * per_frame)
     long_inputs = {"input_ids": long_ids.repeat(batch, 1),
                    "pixel_values_videos": pixels[:1, :1].expand(batch, frames, *pixels.shape[2:])}  # fmt: skip

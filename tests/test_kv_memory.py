@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import model_and_processor
+from conftest import greedy_run, model_and_processor
+from torch.nn.attention.bias import CausalBias
 
+import mmtoken
 from mmtoken.encoding import encode, feeding
+from mmtoken.engine import streaming
 from mmtoken.engine.streaming import RowScatter
 from mmtoken.evaluation import kv_memory
 from mmtoken.zoo.tiny import _draw
@@ -87,3 +90,35 @@ def test_row_scatter_merges_as_masked_scatter_does(dtype):
         merged = target.masked_scatter(mask, source)
         full = target.masked_scatter(mask.expand_as(target), source)  # an element-wise mask goes to torch's kernel
     assert torch.equal(merged, expected) and torch.equal(full, expected)
+
+
+def test_row_scatter_merges_into_an_embedding_lookup_made_while_it_is_active():
+    weight, ids = torch.randn(9, 5), torch.tensor([[1, 3, 3, 2, 3]])
+    mask, source = (ids == 3)[..., None], torch.randn(3, 5)
+    expected = torch.nn.functional.embedding(ids, weight).masked_scatter(mask, source)
+    before = torch.nn.functional.embedding(ids, weight)
+    with RowScatter():
+        embeds = torch.nn.functional.embedding(ids, weight)
+        merged, other = embeds.masked_scatter(mask, source), before.masked_scatter(mask, source)
+    assert merged is embeds and torch.equal(merged, expected)  # the prompt's embeddings are never held twice
+    assert torch.equal(other, expected) and torch.equal(before, torch.nn.functional.embedding(ids, weight))
+
+
+@pytest.mark.parametrize("family", [FAMILY, "qwen2_5_vl"])
+@torch.no_grad()
+def test_streamed_chunks_attend_over_the_key_heads_with_no_mask_where_flash_attention_runs(family, monkeypatch):
+    model, _, _, inputs, _ = _base(family, frames=4)
+    with mmtoken.patched(model, "snapkv", capacity=8, chunk_frames=1):
+        expected_tokens, expected_logits = greedy_run(model, inputs)  # on the CPU, over the causal mask
+        calls = []
+
+        def flash(query, key, value, **kwargs):  # what flash attention would be given, run on the CPU
+            calls.append((key.shape[1], kwargs["attn_mask"], kwargs["enable_gqa"]))
+            return torch.nn.functional.scaled_dot_product_attention(query, key, value, **kwargs)
+
+        monkeypatch.setattr(streaming, "flash_runs", lambda *args: True)
+        monkeypatch.setattr(streaming, "scaled_dot_product_attention", flash)
+        tokens, logits = greedy_run(model, inputs)
+    assert torch.equal(tokens, expected_tokens) and (logits - expected_logits).abs().max() < 1e-4
+    heads = model.config.text_config.num_key_value_heads
+    assert calls and all(keys == heads and isinstance(mask, CausalBias) and grouped for keys, mask, grouped in calls)

@@ -11,21 +11,34 @@ layer keeps every entry: transformers reads its length for the next tokens' posi
 Before the language model, the model merges the media's features into the prompt's embeddings with
 `masked_scatter`, whose CUDA kernel builds the token mask over every hidden element and an int64 prefix sum of it:
 9 bytes per element, 63 GB for the 2 million tokens of 10,000 OneVision frames. While a streaming prefill's call
-runs, `RowScatter` does that merge by rows instead.
+runs, `RowScatter` does that merge by rows instead, into the embeddings themselves.
+
+Under sdpa the chunks attend through `STREAMED_PREFILL`: the model builds no causal mask, and a chunk's queries
+attend causally aligned to the newest keys (flash attention, on the key/value heads themselves). The model's own
+mask for the first layer, a chunk's queries over every token so far, would cost more than the prompt's embeddings:
+itself, sdpa's float copy of it, and the first layer's keys and values repeated to every query head (transformers
+repeats them wherever sdpa is given a mask), 7 per key/value head on OneVision-7B.
 """
 
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Callable
 from functools import partial
 
 import torch
 from torch import nn
+from torch.backends.cuda import SDPAParams, can_use_flash_attention
+from torch.nn.attention.bias import causal_lower_right
+from torch.nn.functional import scaled_dot_product_attention
 from torch.overrides import TorchFunctionMode
-from transformers import DynamicCache
+from transformers import AttentionInterface, DynamicCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 
 from mmtoken.compat import CACHE_NAMES, cache_in, with_cache
+from mmtoken.engine.attending import attention_in
 from mmtoken.engine.masks import decode_mask
 from mmtoken.engine.pressing import press_layer
 from mmtoken.engine.record import CacheRecord
@@ -67,7 +80,13 @@ def mask_chunk(request: Request, index: int, hidden: torch.Tensor, kwargs: dict,
 class RowScatter(TorchFunctionMode):
     """While active, `target.masked_scatter(mask, source)` with a token mask (one flag per row of the last
     dimension, as transformers merges media features) copies whole rows by index: the same result, without the
-    element-wise mask and prefix sum. Every other call runs as it is."""
+    element-wise mask and prefix sum. A target that an embedding lookup made while active (the prompt's embeddings,
+    which the model alone holds) is written in place: the prompt's embeddings are never held twice. Every other call
+    runs as it is."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._looked_up: list[weakref.ref] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -75,10 +94,49 @@ class RowScatter(TorchFunctionMode):
             target, mask, source = args
             if mask.dtype == torch.bool and mask.dim() == target.dim() and mask.shape[-1] == 1:
                 rows = mask[..., 0].expand(target.shape[:-1])
-                merged = target.clone()
+                merged = target if any(made() is target for made in self._looked_up) else target.clone()
                 merged[rows] = source.reshape(-1, target.shape[-1])[: int(rows.sum())].to(target.dtype)
                 return merged
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if func is torch.nn.functional.embedding:
+            self._looked_up.append(weakref.ref(out))
+        return out
+
+
+STREAMED_PREFILL = "mmtoken_streamed_prefill"
+
+
+def streamed_mask(*args, mask_function=causal_mask_function, attention_mask=None, **kwargs) -> torch.Tensor | None:
+    """No mask where the model's would be causal alone, without padding (`streamed_attention` aligns it to the
+    newest keys); else sdpa's."""
+    if mask_function is causal_mask_function and attention_mask is None and kwargs.get("local_size") is None:
+        return None
+    return sdpa_mask(*args, mask_function=mask_function, attention_mask=attention_mask, **kwargs)
+
+
+def flash_runs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: float, grouped: bool) -> bool:
+    """Whether sdpa's flash attention runs on these causal queries, keys and values (`grouped`: fewer key heads)."""
+    return query.is_cuda and can_use_flash_attention(SDPAParams(query, key, value, None, dropout, True, grouped))
+
+
+def streamed_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """sdpa, but where there is no mask and fewer queries than keys (a chunk after the first), the queries are the
+    newest of the keys: causal aligned to the last key, by flash attention on the key/value heads, with no mask made
+    and no head repeated; where flash attention cannot run, over the causal mask the model would have made."""
+    queries, keys = query.shape[2], key.shape[2]
+    if attention_mask is None and 1 < queries < keys and kwargs.get("sliding_window") is None:
+        grouped = query.shape[1] != key.shape[1]
+        if flash_runs(query, key, value, dropout, grouped):
+            out = scaled_dot_product_attention(query, key, value, attn_mask=causal_lower_right(queries, keys),
+                                               dropout_p=dropout, scale=scaling, enable_gqa=grouped)  # fmt: skip
+            return out.transpose(1, 2).contiguous(), None
+        attention_mask = torch.ones(queries, keys, dtype=torch.bool, device=query.device).tril(keys - queries)
+        attention_mask = attention_mask[None, None]
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+
+
+AttentionInterface.register(STREAMED_PREFILL, streamed_attention)
+AttentionMaskInterface.register(STREAMED_PREFILL, streamed_mask)
 
 
 class StreamingPrefill:
@@ -124,13 +182,16 @@ class StreamingPrefill:
                 if name not in (*CACHE_NAMES, "attention_mask", "cache_position")}  # fmt: skip
         empty = torch.zeros(batch, 0, dtype=torch.long, device=embeds.device)
         request.records = [CacheRecord(empty, empty.bool(), True, 0) for _ in self.layers]  # each its own
-        start = 0
-        for end in chunk_bounds(request, self.press.chunk_frames):
-            output = self._inner(inputs_embeds=embeds[:, start:end], position_ids=positions[..., start:end],
-                                 attention_mask=None, **with_cache(cache), **rest)  # fmt: skip
-            for record in request.records:
-                record.append(end - start)
-            for index in range(1, len(self.layers)):
-                press_layer(request, cache, index, self.layers[index], self.press, request.prefill.windows.get(index))
-            start = end
+        bounds, start = chunk_bounds(request, self.press.chunk_frames), 0
+        request.call.locate = None  # the geometry is read: the request, which outlives the prefill, lets go of `embeds`
+        with attention_in(self.language_model.config, STREAMED_PREFILL):
+            for end in bounds:
+                output = self._inner(inputs_embeds=embeds[:, start:end], position_ids=positions[..., start:end],
+                                     attention_mask=None, **with_cache(cache), **rest)  # fmt: skip
+                for record in request.records:
+                    record.append(end - start)
+                for index in range(1, len(self.layers)):
+                    window = request.prefill.windows.get(index)
+                    press_layer(request, cache, index, self.layers[index], self.press, window)
+                start = end
         return output
