@@ -15,6 +15,7 @@ from transformers.utils import import_utils
 import mmtoken
 from mmtoken.compat import cache_of, with_cache
 from mmtoken.encoding import encode
+from mmtoken.engine import streaming
 from mmtoken.graphs import prefill
 from mmtoken.graphs.cache import CAPACITY_STEP
 from mmtoken.graphs.prefill import SYNC_WARNING, PrefillGraphs
@@ -199,6 +200,28 @@ def test_graphed_vision_tower_equals_eager_and_replays_one_capture(family):
         torch.testing.assert_close(run[1], expected[1], rtol=1e-4, atol=1e-4)
     with mmtoken.patched(model, "visionzip", ratio=0.5, cuda_graphs=True) as handle:
         assert not any(isinstance(graphs, VisionGraphs) for graphs in handle.graphs)
+
+
+@torch.no_grad()
+def test_a_streamed_chunk_attends_by_flash_attention_at_onevision_7b_sizes():
+    """A chunk of 8 frames over 20,000 keys, on OneVision-7B's heads (28 query, 4 key/value, 128 wide, bf16): flash
+    attention runs, causal aligned to the last key, with the result of sdpa over the explicit mask and repeated
+    heads, and without memory the size of that mask or of the repeated keys."""
+    chunk, keys, heads, kv_heads = 1568, 20_000, 28, 4
+    query = torch.randn(1, heads, chunk, 128, device="cuda", dtype=torch.bfloat16)
+    key, value = (torch.randn(1, kv_heads, keys, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    assert streaming.flash_runs(query, key, value, 0.0, True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    held = torch.cuda.memory_allocated()
+    out, _ = streaming.streamed_attention(None, query, key, value, None, scaling=128**-0.5)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - held
+    mask = torch.ones(chunk, keys, dtype=torch.bool, device="cuda").tril(keys - chunk)
+    repeated = [tensor.repeat_interleave(heads // kv_heads, dim=1) for tensor in (key, value)]
+    expected = torch.nn.functional.scaled_dot_product_attention(query, *repeated, attn_mask=mask, scale=128**-0.5)
+    torch.testing.assert_close(out, expected.transpose(1, 2), rtol=2e-2, atol=2e-2)
+    assert extra < mask.numel()  # the output, its copy and flash's row statistics: less than the mask alone
 
 
 @pytest.mark.parametrize(

@@ -115,8 +115,10 @@ def streamed_mask(*args, mask_function=causal_mask_function, attention_mask=None
 
 
 def flash_runs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: float, grouped: bool) -> bool:
-    """Whether sdpa's flash attention runs on these causal queries, keys and values (`grouped`: fewer key heads)."""
-    return query.is_cuda and can_use_flash_attention(SDPAParams(query, key, value, None, dropout, True, grouped))
+    """Whether sdpa's flash attention runs on these queries, keys and values (`grouped`: fewer key heads) under
+    `causal_lower_right`. Asked as that bias asks, without `is_causal`: sdpa refuses flash for `is_causal` with
+    fewer queries than keys, and the bias then runs flash's own causal, which is aligned to the last key."""
+    return query.is_cuda and can_use_flash_attention(SDPAParams(query, key, value, None, dropout, False, grouped))
 
 
 def streamed_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
