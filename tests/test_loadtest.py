@@ -104,16 +104,22 @@ def test_staged_over_gloo_answers_as_colocated_and_its_cache_hits_on_repeated_me
 
 
 def test_two_encoder_processes_share_the_requests_and_their_images_and_answer_as_colocated(tmp_path):
-    result = _loadtest(tmp_path, 3, "--deployments", "colocated", "staged", "--rates", "40", "--batching", "continuous")
+    """Unpatched and VisionZip (which reads the tower's attention of every part): a two-image prompt goes out to
+    both encoders in two parts, and every answer is colocated's."""
+    result = _loadtest(tmp_path, 3, "--deployments", "colocated", "staged", "--methods", "none", "visionzip:ratio=0.5",
+                       "--rates", "40", "--batching", "continuous")  # fmt: skip
     assert result["environment"]["encoders"] == 2
-    colocated, staged = ([record["tokens"] for record in row["records"]] for row in result["rows"])
-    assert staged == colocated and all(tokens for tokens in staged)
-    parts = [record["encoder"] for record in result["rows"][1]["records"]]
-    images = [ranks for ranks, record in zip(parts, result["rows"][1]["records"], strict=True)
-              if record["kind"] == "images"]  # fmt: skip
-    assert images and all(len(ranks) == 2 for ranks in images)  # a two-image prompt went out in two parts
-    assert {rank for ranks in parts for rank in ranks} == {0, 1}
-    assert {record["encoder"] for record in result["rows"][0]["records"]} == {None}
+    rows = {(row["deployment"], row["method"]): row["records"] for row in result["rows"]}
+    for method in ("unpatched", "visionzip:ratio=0.5"):
+        colocated, staged = ([record["tokens"] for record in rows[deployment, method]]
+                             for deployment in ("colocated", "staged"))  # fmt: skip
+        assert staged == colocated and all(tokens for tokens in staged)
+        parts = [record["encoder"] for record in rows["staged", method]]
+        images = [ranks for ranks, record in zip(parts, rows["staged", method], strict=True)
+                  if record["kind"] == "images"]  # fmt: skip
+        assert images and all(len(ranks) == 2 for ranks in images)  # a two-image prompt went out in two parts
+        assert {rank for ranks in parts for rank in ranks} == {0, 1}
+        assert {record["encoder"] for record in rows["colocated", method]} == {None}
 
 
 def test_loadtest_refuses_a_method_continuous_batching_cannot_take_before_any_work(tmp_path):

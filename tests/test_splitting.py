@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import model_and_processor
+from conftest import PRUNING, model_and_processor
 
+import mmtoken
 from mmtoken.encoding import encode, feeding
 from mmtoken.staging.splitting import joined_parts, media_parts
 from mmtoken.zoo.tiny import VIDEO_FAMILIES, _draw
@@ -51,6 +52,37 @@ def test_parts_encoded_apart_and_joined_are_the_whole(family, images, frames, pa
     with feeding(model, joined):
         fed = model(**inputs).logits
     torch.testing.assert_close(fed, model(**inputs).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("family", "images", "frames"), _cases())
+@pytest.mark.parametrize("parts", [2, 3])
+@torch.no_grad()
+def test_vision_signals_of_parts_joined_are_the_whole(family, images, frames, parts):
+    """VisionZip's and HoliTom's signal (the tower's attention) of each part joined: the whole's, and their prefill
+    fed the joined encoding gives the whole's logits."""
+    model, processor = model_and_processor(family)
+    inputs = _prompt(processor, images, frames)
+    newline = getattr(model.model, "image_newline", None)
+    for method in ("visionzip", "holitom") if frames else ("visionzip",):
+        with mmtoken.patched(model, method, **PRUNING[method]):
+            whole = encode(model, inputs, signal=True)
+            joined = joined_parts([encode(model, piece, signal=True) for piece in media_parts(inputs, parts)],
+                                  newline)  # fmt: skip
+            signalled = {kind: signals for kind, signals in whole.signals.items() if signals}
+            assert signalled and signalled.keys() == joined.signals.keys()
+            for kind, signals in signalled.items():
+                torch.testing.assert_close(torch.cat(joined.signals[kind]), torch.cat(signals), rtol=1e-5, atol=1e-6)
+            with feeding(model, whole):
+                expected = model(**inputs).logits
+            with feeding(model, joined):
+                torch.testing.assert_close(model(**inputs).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_parts_with_and_without_the_signal_are_refused():
+    model, processor = model_and_processor("llava")
+    pieces = media_parts(_prompt(processor, images=2), 2)
+    with pytest.raises(ValueError, match="some parts carry the vision signal and others do not"):
+        joined_parts([encode(model, pieces[0], signal=True), encode(model, pieces[1])])
 
 
 def test_what_cannot_be_split_stays_whole():

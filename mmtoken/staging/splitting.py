@@ -60,16 +60,19 @@ def _video_parts(media: dict, parts: int) -> list[dict]:
 
 
 def joined_parts(encodings: list[Encoded], newline: torch.Tensor | None = None) -> Encoded:
-    """The encoding of the whole request from its parts' encodings (without vision signals), in order. `newline`
-    is the model's image newline (LLaVA-OneVision), which newer releases append to each video's features: a split
-    video gets it once, at its end."""
-    if any(encoded.signals.get(kind) for encoded in encodings for kind in (IMAGE, VIDEO)):
-        raise ValueError("joining parts: the vision signal of a split request is not joined; encode it whole")
+    """The encoding of the whole request from its parts' encodings, in order, their vision signals too where every
+    part was encoded with it. `newline` is the model's image newline (LLaVA-OneVision), which newer releases append
+    to each video's features: a split video gets it once, at its end, in its features as in its signal."""
+    signalled = {bool(encoded.signals.get(IMAGE) or encoded.signals.get(VIDEO)) for encoded in encodings}
+    if len(signalled) > 1:
+        raise ValueError("joining parts: some parts carry the vision signal and others do not; encode every part "
+                         "with it or none")  # fmt: skip
     if len(encodings) == 1:
         return encodings[0]
     kinds = list(encodings[0].features)
-    features = {}
+    features, signals = {}, {}
     for kind in kinds:
+        signals[kind] = [signal for encoded in encodings for signal in encoded.signals.get(kind, [])]
         outputs = [encoded.features[kind].pooler_output for encoded in encodings]
         if kind == IMAGE:
             joined = type(outputs[0])(item for output in outputs for item in output)
@@ -81,5 +84,7 @@ def joined_parts(encodings: list[Encoded], newline: torch.Tensor | None = None) 
             )
             body = [output[:, :-1] if ends else output for output in outputs]
             joined = torch.cat(body + ([outputs[-1][:, -1:]] if ends else []), dim=1)
+            if signals[kind]:  # every part's signal ends with its newline's entry, whatever the release
+                signals[kind] = [*(signal[:-1] for signal in signals[kind][:-1]), signals[kind][-1]]
         features[kind] = BaseModelOutputWithPooling(pooler_output=joined)
-    return Encoded(features)
+    return Encoded(features, {kind: signal for kind, signal in signals.items() if signal})

@@ -101,10 +101,10 @@ def serve_encodings(model: nn.Module, stages: Stages, cache: EmbeddingCache, set
 
 class RemoteEncoder:
     """The scheduler's encoder in the model's process: `submit` queues a request's media for the encoder processes,
-    split in as many parts as there are encoders where they split (`mmtoken.staging.splitting`; not where the
-    method reads the vision signal), each part to the encoder with the fewest pending; `features` waits for the
-    parts and joins them. `cached` and `signal` say whether the encoders go through their embedding caches and
-    record the vision signal. Per encoder, a sending and a receiving thread each hold one group."""
+    split in as many parts as there are encoders where they split (`mmtoken.staging.splitting`), each part to the
+    encoder with the fewest pending; `features` waits for the parts and joins them, with their vision signals.
+    `cached` and `signal` say whether the encoders go through their embedding caches and record the vision signal.
+    Per encoder, a sending and a receiving thread each hold one group."""
 
     def __init__(self, model: nn.Module, stages: Stages, cached: bool = True, signal: bool = False) -> None:
         self.model, self.stages, self.cached, self.signal = model, stages, cached, signal
@@ -130,7 +130,7 @@ class RemoteEncoder:
         return future
 
     def submit(self, job: Job) -> None:
-        parts = media_parts(job.inputs, 1 if self.signal else len(self.stages.encoder_ranks))
+        parts = media_parts(job.inputs, len(self.stages.encoder_ranks))
         self._parts[job.id] = len(parts)
         for index, media in enumerate(parts):
             key = job.media_key if len(parts) == 1 else None
