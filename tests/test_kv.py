@@ -9,8 +9,10 @@ from conftest import CASE_IDS, CASES, PRESSES, examples, greedy_run, inputs, mod
 
 import mmtoken
 from mmtoken.compat import cache_in
+from mmtoken.engine import pressing
 from mmtoken.kv import PressInput
 from mmtoken.kv.bilevel import bilevel_groups, frame_chunks
+from mmtoken.kv.shares import in_turns
 from mmtoken.kv.snapkv import SnapKV
 from mmtoken.kv.temporal import TemporalRedundancy
 from mmtoken.kv.value_norm import ValueNorm
@@ -238,6 +240,45 @@ def test_a_streaming_prefill_never_holds_more_than_its_capacity_and_one_chunk(fa
     assert cache.layers[1].get_seq_length() <= text + capacity < cache.layers[0].get_seq_length()
 
 
+def test_in_turns_takes_the_best_of_every_group_before_the_second_best_of_any():
+    scores = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0, 9.0, float("inf")]])
+    groups = torch.tensor([[0, 0, 0, 1, 1, -1, 1]])
+    turns = in_turns(scores, groups)
+    candidates = groups >= 0
+    best = turns.masked_fill(~candidates, float("-inf")).topk(4).indices[0].tolist()
+    assert best == [6, 0, 1, 3]  # the entry that must stay (its group's first), group 0's first, then both seconds
+    assert scores.masked_fill(~candidates, float("-inf")).topk(4).indices[0].tolist() == [6, 0, 1, 2]
+
+
+@pytest.mark.parametrize("family", STREAMING_FAMILIES)
+def test_a_streamed_press_with_chunk_shares_keeps_each_chunk_an_equal_share(family, monkeypatch):
+    """SnapKV streamed a frame at a time, 8 entries a layer: after the last chunk, every layer keeps as many visual
+    entries of each chunk (frame) as of any other, give or take one."""
+    model, _ = model_and_processor(family)
+    batch = inputs(family, True, rows=[0])
+    presses = []
+    score, choose = SnapKV.score, pressing.select
+
+    def scored(self, press_input):  # what each press of a layer read
+        presses.append({"input": press_input})
+        return score(self, press_input)
+
+    def chosen(*args):
+        presses[-1]["local"], presses[-1]["kept"] = choose(*args)
+        return presses[-1]["local"], presses[-1]["kept"]
+
+    monkeypatch.setattr(SnapKV, "score", scored)
+    monkeypatch.setattr(pressing, "select", chosen)
+    with mmtoken.patched(model, "snapkv", capacity=8, chunk_frames=1, chunk_shares=True), torch.no_grad():
+        model(**batch, use_cache=True)
+    layers = len(mmtoken.integrations.adapter_for(model).decoder_layers) - 1
+    for press in presses[-layers:]:  # the last chunk's presses, one per layer but the first
+        chunk = frame_chunks(press["input"].geometry, press["input"].visual, 1)
+        kept = chunk.gather(1, press["local"])[press["kept"]]
+        counts = torch.bincount(kept[kept >= 0], minlength=int(chunk.max()) + 1)
+        assert len(counts) > 1 and counts.sum() == 8 and counts.max() - counts.min() <= 1
+
+
 @pytest.mark.parametrize("family", STREAMING_FAMILIES)
 def test_a_streamed_batch_equals_its_rows_alone(family):
     model, _ = model_and_processor(family)
@@ -255,6 +296,7 @@ def test_a_streamed_batch_equals_its_rows_alone(family):
         ({"method": "valuenorm", "chunk_frames": 2}, "keeps a fixed capacity"),
         ({"method": "valuenorm", "capacity": 4, "ratio": 0.5}, "give one of ratio, capacity"),
         ({"method": "valuenorm", "capacity": 4, "chunk_frames": 0}, "chunk_frames must be >= 1"),
+        ({"method": "snapkv", "capacity": 4, "chunk_shares": True}, "give chunk_frames"),
         ({"method": "pipeline", "stages": ({"method": "pdrop", "layers": (2, 4)},
                                            {"method": "snapkv", "capacity": 4, "chunk_frames": 1})},
          "takes one press and no token method"),

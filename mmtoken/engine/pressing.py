@@ -11,6 +11,7 @@ from mmtoken.engine.request import PrefillScratch, Request, compact, pool
 from mmtoken.engine.select import select
 from mmtoken.kv import PressInput
 from mmtoken.kv.bilevel import bilevel_groups, frame_chunks
+from mmtoken.kv.shares import in_turns
 from mmtoken.methods.base import CachePress, Method
 from mmtoken.methods.bilevel import BiLevel
 from mmtoken.scorers.attention import rotated_queries
@@ -47,5 +48,8 @@ def press_layer(request: Request, cache: Cache, index: int, layer: nn.Module, st
         return
     candidates = visual if step.visual_only else valid
     keep = step.kept(candidates.sum(1))
-    local, kept = select(step.press.score(inputs), candidates, valid, keep)
+    scores = step.press.score(inputs)
+    if step.chunk_shares:
+        scores = in_turns(scores, frame_chunks(geometry, visual, step.chunk_frames))
+    local, kept = select(scores, candidates, valid, keep)
     compact(cache, index, local, ~kept)

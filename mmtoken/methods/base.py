@@ -256,15 +256,17 @@ class CachePress(Method):
     stay, with every text entry: the `ratio` of them (default 0.25), or at most `capacity` of them per row. With
     `visual_only=False` the share is of all entries. After the prefill by default; with `chunk_frames` (and a
     `capacity`), the prompt is prefilled that many frames at a time and the cache pressed after every chunk
-    (`mmtoken.engine.streaming`), so no layer but the first holds more than the capacity and one chunk. Presses cut
-    no tokens: the prefill computes what it computes unpatched (chunked: over the pressed cache of the chunks
-    before); the memory of the entries that leave is freed."""
+    (`mmtoken.engine.streaming`), so no layer but the first holds more than the capacity and one chunk; with
+    `chunk_shares`, every chunk so far keeps an equal share of the capacity, its best entries by the press
+    (`mmtoken.kv.shares`). Presses cut no tokens: the prefill computes what it computes unpatched (chunked: over the
+    pressed cache of the chunks before); the memory of the entries that leave is freed."""
 
     stage: ClassVar[str] = ON_CACHE
     ratio: float | None = None
     capacity: int | None = None
     visual_only: bool = True
     chunk_frames: int | None = None
+    chunk_shares: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -281,6 +283,9 @@ class CachePress(Method):
                 raise ValueError(f"{self.name}: chunk_frames must be >= 1, got {self.chunk_frames}")
             if self.capacity is None:
                 raise ValueError(f"{self.name}: a streaming prefill (chunk_frames) keeps a fixed capacity: give one")
+        elif self.chunk_shares:
+            raise ValueError(f"{self.name}: chunk_shares shares the capacity among a streaming prefill's chunks: "
+                             "give chunk_frames")  # fmt: skip
 
     def kept(self, candidates: torch.Tensor) -> torch.Tensor:
         """How many entries each row keeps of its `candidates` (a count per row, on the device)."""
