@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -73,6 +74,15 @@ def test_question_answering_starts_from_the_pretrained_tower(tmp_path):
     assert not (qa_dir / "patch_head.pt").exists()  # v2 has no patch-colour loss
     trained = weights(qa_dir)
     assert all(torch.equal(pretrained[key], trained[key]) for key in pretrained)  # lr 0: the very same weights
+    learnt = tmp_path / "learnt"
+    for steps, start in ((2, {"pretrained": tower_dir}), (4, {"resume": learnt})):  # resumed, frozen too
+        state = train("probe-llava-v2", learnt, TrainConfig(**{**asdict(config), "lr": 1e-2, "steps": steps}), **start)
+        assert state["step"] == steps
+        after = weights(learnt)
+        encoder = [key for key in pretrained if "vision_tower" in key]
+        moved = [key for key in pretrained if key not in encoder and not torch.equal(pretrained[key], after[key])]
+        assert encoder and all(torch.equal(pretrained[key], after[key]) for key in encoder)
+        assert any("multi_modal_projector" in key for key in moved) and any("language_model" in key for key in moved)
     with pytest.raises(ValueError, match="not a tower pretraining checkpoint of probe-llava-v2"):
         train("probe-llava-v2", tmp_path / "again", config, pretrained=qa_dir)
     with pytest.raises(ValueError, match="not both"):

@@ -47,6 +47,10 @@ class LlavaFormat:
         ).pooler_output
         return torch.stack(list(features))
 
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        """The vision tower's parameters, without the projector's."""
+        return list(self.model.model.vision_tower.parameters())
+
     def patch_layer(self) -> nn.Module:
         return self.model.model.vision_tower.encoder.layers[self.model.config.vision_feature_layer]
 
@@ -104,6 +108,11 @@ class QwenFormat:
         """(n, 144, width) the merged patch features the language model reads for each image."""
         features = self.model.model.get_image_features(**self.vision_inputs(batch, "image")).pooler_output
         return torch.stack(list(features))
+
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        """The vision encoder's parameters, without the merger's (Qwen's projector)."""
+        return [parameter for name, parameter in self.model.model.visual.named_parameters()
+                if not name.startswith("merger.")]  # fmt: skip
 
     def patch_layer(self) -> nn.Module:
         return self.model.model.visual.blocks[-2]

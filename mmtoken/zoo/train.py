@@ -4,7 +4,9 @@ Each step renders a fresh batch of the recipe's world (so the data never repeats
 alternates image and video batches) and trains on the answer tokens. On probe world v1 it adds an auxiliary loss
 on image batches that asks the vision tower's penultimate layer to name the colour under each patch, which makes
 the tower look at every patch early; a v2 recipe starts instead from a tower pretrained on captions
-(:mod:`mmtoken.zoo.pretrain`). Checkpoints are plain `save_pretrained` folders (bf16 weights in shards under
+(:mod:`mmtoken.zoo.pretrain`) and keeps that encoder frozen, training the projector and the language model, as
+LLaVA's second stage does (the first H200 run, which trained it too, lost part of what a linear probe reads from
+its patches: README, probe zoo v2). Checkpoints are plain `save_pretrained` folders (bf16 weights in shards under
 16 MB) plus `state.json`; resuming restarts the optimiser with a short warm-up.
 """
 
@@ -217,7 +219,11 @@ def train(
     if resume is not None and (resume / PATCH_HEAD).exists() and patch_probe is not None:
         patch_probe.head.load_state_dict(torch.load(resume / PATCH_HEAD, map_location=device))
     encoder = PromptEncoder(processor, model_format)
-    optimizer = torch.optim.AdamW([*model.parameters(), *(p for h in heads.values() for p in h.parameters())],
+    if state.get("pretrained") is not None:  # a pretrained vision encoder stays as pretrained, resumed runs too
+        for parameter in model_format.encoder_parameters():
+            parameter.requires_grad_(False)
+    trained = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    optimizer = torch.optim.AdamW([*trained, *(p for h in heads.values() for p in h.parameters())],
                                   lr=config.lr, betas=(0.9, 0.98), weight_decay=0.05)  # fmt: skip
     generator = torch.Generator(device=device).manual_seed(config.seed * 1_000_003 + state["step"])
     held_out = evaluation_batches(name, model_format.kinds, config, device)
@@ -236,7 +242,7 @@ def train(
         loss = answer_loss + config.aux_weight * aux_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         optimizer.step()
         state["step"], state["samples"] = step + 1, state["samples"] + config.batch_size
         if (step + 1) % 50 < len(model_format.kinds):  # the last step of each kind in every 50
