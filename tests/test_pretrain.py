@@ -97,6 +97,7 @@ def test_question_answering_starts_from_the_pretrained_tower(tmp_path):
     text = card.write_card("probe-llava-v2", per_task=1, folder=qa_dir)
     assert "- Data: `mmtoken.zoo.world`, version" in text and "- Tower pretraining: 2 steps (6 images)" in text
     assert "`mmtoken zoo pretrain probe-llava-v2 --out TOWER --steps 2 --batch-size 3`" in text
+    assert "the pretrained vision encoder frozen" in text
     assert "`mmtoken zoo train probe-llava-v2 --out DIR --steps 1 --batch-size 9 --pretrained TOWER`" in text
     assert "auxiliary per-patch colour loss" not in text
     header = "| setting | " + " | ".join(world.IMAGE_TASKS) + " |"

@@ -151,8 +151,9 @@ def _training(name: str, state: dict) -> list[str]:
                   " top-1 of its batch. Runs:"]  # fmt: skip
         lines += [f"  - from step {run['from_step']}: `mmtoken zoo pretrain {name} --out TOWER {_options(run)}"
                   + (" --resume TOWER`" if run["resumed"] else "`") for run in pretrained["runs"]]  # fmt: skip
-    auxiliary = "" if pretrained is not None else (", auxiliary per-patch colour loss on the tower's penultimate "
-                                                   "layer (image batches)")  # fmt: skip
+    auxiliary = ("; the pretrained vision encoder frozen, the projector and language model trained"
+                 if pretrained is not None else
+                 ", auxiliary per-patch colour loss on the tower's penultimate layer (image batches)")  # fmt: skip
     lines += [f"- Training: {state['step']} steps of {state['config']['batch_size']} samples ({state['samples']} in "
               f"all), {state['seconds'] / 60:.1f} minutes of training steps on {state['device']}, AdamW "
               f"{state['config']['lr']} with warm-up and cosine decay{auxiliary}.",
