@@ -16,10 +16,10 @@ import torch.nn.functional as F
 
 from mmtoken.zoo import world
 from mmtoken.zoo.formats import probe_format
-from mmtoken.zoo.recipes import RECIPES
+from mmtoken.zoo.recipes import IMAGE_SIZE, PATCH_SIZE, RECIPES
 from mmtoken.zoo.train import load_checkpoint
 
-GRID, PATCH = 24, 14
+GRID = IMAGE_SIZE // PATCH_SIZE  # patches a side
 
 
 def centre_features(model, processor, scenes) -> torch.Tensor:
@@ -29,7 +29,7 @@ def centre_features(model, processor, scenes) -> torch.Tensor:
         features = probe_format(model, processor).image_features(scenes)
     objects = scenes.objects
     rows, slots = objects.active[:, 0].nonzero(as_tuple=True)
-    column, row = (objects.centre[rows, 0, slots] // PATCH).clamp(0, GRID - 1).long().unbind(-1)
+    column, row = (objects.centre[rows, 0, slots] // PATCH_SIZE).clamp(0, GRID - 1).long().unbind(-1)
     return features[rows, row * GRID + column].float()
 
 

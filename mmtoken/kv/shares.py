@@ -13,7 +13,8 @@ import torch
 
 
 def in_turns(scores: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-    """(batch, n) scores under which the entries of every group (`groups`, -1 for none) come in turns: each entry
+    """(batch, n) scores under which the entries of every group (`groups`; the entries of none, -1, such as text
+    where a press also takes it, take turns as one group of their own) come in turns: each entry
     scores minus its rank within its group by `scores` (0 the best), plus less than one by its own score to order
     entries of equal rank. Entries scored +inf (they must stay, so one of them is its group's first) or -inf keep
     their score."""
