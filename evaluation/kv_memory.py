@@ -10,8 +10,9 @@ Two measurements, each setting beside the unpatched model and beside the same pr
 
 The video's frames are a few real frames through the model's processor and vision tower (`--base-frames`), their
 features repeated to the length asked (the language model's cost depends on the count of tokens only); so the
-prefill runs on encoded features, whose bytes (and the prompt's embeddings the model builds from them) are part of
-the peak. The encoder's own time per frame is measured on the real frames.
+prefill runs on encoded features, whose bytes are part of the peak, as are the prompt's embeddings the model builds
+from them, except in a streaming prefill, which embeds one chunk at a time. The encoder's own time per frame is
+measured on the real frames.
 """
 
 from __future__ import annotations

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
 from torch import nn
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from mmtoken.state import MEDIA, PIXELS, TEXT, CallState
 
@@ -32,7 +35,7 @@ class Adapter:
     """Knows one model family: its decoder layers, which prompt tokens are visual and where they sit.
 
     Subclasses list the `model_types` they serve and implement `split_run`: the (frame, row, column) layout of
-    each image or video in one run of consecutive visual tokens, read from the run's embeddings or M-RoPE
+    each image or video in one run of consecutive visual tokens, read from the run's embeddings (in blocks) or M-RoPE
     positions (so it works whether the model got pixels or `generate` passed pre-encoded features).
     """
 
@@ -44,8 +47,9 @@ class Adapter:
         self.language_model = model.get_decoder()
         self.decoder_layers = self.language_model.layers
 
-    def split_run(self, kind: int, embeddings: torch.Tensor, positions: torch.Tensor | None) -> list[torch.Tensor]:
-        """Layouts (n_i, 3) of the media items in one run; `positions` (3, n) are M-RoPE (t, h, w) or None."""
+    def split_run(self, kind: int, blocks: list[torch.Tensor], positions: torch.Tensor | None) -> list[torch.Tensor]:
+        """Layouts (n_i, 3) of the media items in one run, whose embeddings are `blocks` one after the other;
+        `positions` (3, n) are M-RoPE (t, h, w) or None."""
         raise NotImplementedError
 
     @property
@@ -115,19 +119,45 @@ class Adapter:
         encoded = _encoded(kind, inputs)
         return None if encoded is None else sum(len(item) for item in encoded.pooler_output)
 
-    def geometry(self, call: CallState, embeddings: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
-        """(batch, length, 4): media index, frame, row, column of each visual token; -1 for text."""
+    def geometry(self, call: CallState, run: Callable[[int, int, int], list[torch.Tensor]],
+                 position_ids: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+        """(batch, length, 4): media index, frame, row, column of each visual token; -1 for text. `run(row, start,
+        end)` gives the embeddings of a row's visual tokens start:end, as tensors one after the other."""
         geometry = torch.full((*call.kinds.shape, 4), -1, dtype=torch.long)
         mrope = position_ids[-3:].cpu() if position_ids is not None and position_ids.ndim == 3 else None
         kinds = call.kinds.cpu()
-        embeddings = embeddings.detach()
         for row in range(call.batch_size):
             media = 0
             for kind in MEDIA:
                 for start, end in runs(kinds[row] == kind):
                     positions = None if mrope is None else mrope[:, row, start:end]
-                    for layout in self.split_run(kind, embeddings[row, start:end], positions):
+                    # in blocks: a long video's comparisons would hold a flag per hidden element
+                    blocks = [block for part in run(row, start, end) for block in part.detach().split(65536)]
+                    for layout in self.split_run(kind, blocks, positions):
                         geometry[row, start : start + len(layout), 0] = media
                         geometry[row, start : start + len(layout), 1:] = layout
                         start, media = start + len(layout), media + 1
         return geometry.to(call.kinds.device)
+
+    def media_outputs(self, inputs: dict) -> dict[int, BaseModelOutputWithPooling]:
+        """The call's media through the vision tower and projector, as the model's `get_image_features` /
+        `get_video_features` return them (their `pooler_output`, all a prefill reads), by kind; features that
+        `generate` encoded ahead are taken as they are."""
+        outputs = {}
+        for kind, modality in MEDIA.items():
+            encoded, pixels = _encoded(kind, inputs), PIXELS[kind]
+            if encoded is None and inputs.get(pixels) is not None:
+                function = getattr(self.model.model, f"get_{modality}_features")
+                # the pixels go first, by position: their parameter's name differs between transformers releases
+                wanted = set(inspect.signature(function).parameters) - set(PIXELS.values())
+                others = {key: value for key, value in inputs.items() if key in wanted}
+                encoded = function(inputs[pixels], **others, return_dict=True)
+            if encoded is not None:
+                # the tower's own states would double what an encoding holds, caches and sends
+                outputs[kind] = BaseModelOutputWithPooling(pooler_output=encoded.pooler_output)
+        return outputs
+
+    def media_pieces(self, kind: int, output: BaseModelOutputWithPooling, tokens: int) -> list[torch.Tensor]:
+        """The features of `kind` in `output` as (tokens, hidden) pieces (views), in the order the model scatters
+        them into the prompt's `tokens` tokens of that kind."""
+        return [piece.reshape(-1, piece.shape[-1]) for piece in output.pooler_output]

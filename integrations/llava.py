@@ -30,9 +30,9 @@ class LlavaAdapter(TowerAttention, Adapter):
             return super().expected_tokens(kind, inputs)
         return pixel_values.shape[0] * len(self._layout)
 
-    def split_run(self, kind: int, embeddings: torch.Tensor, positions: torch.Tensor | None) -> list[torch.Tensor]:
+    def split_run(self, kind: int, blocks: list[torch.Tensor], positions: torch.Tensor | None) -> list[torch.Tensor]:
         layout = self._layout
-        return [layout] * (len(embeddings) // len(layout))
+        return [layout] * (sum(map(len, blocks)) // len(layout))
 
     def arrange_vision_signal(self, kind: int, raw: torch.Tensor, arguments: dict) -> torch.Tensor:
         tower = self.model.base_model.vision_tower

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 from mmtoken.integrations.base import Adapter, raster
@@ -28,16 +29,15 @@ class LlavaNextAdapter(TowerAttention, Adapter):
     def frame_pooling(self) -> torch.nn.Module | None:
         return self.model.base_model if self.config.model_type == "llava_onevision" else None
 
-    def split_run(self, kind: int, embeddings: torch.Tensor, positions: torch.Tensor | None) -> list[torch.Tensor]:
-        line = self.model.model.image_newline.to(embeddings.dtype)
-        # in blocks of rows: a whole long video's comparison would hold a flag per hidden element
-        newline = torch.cat([(block == line).all(-1).cpu() for block in embeddings.split(65536)])
+    def split_run(self, kind: int, blocks: list[torch.Tensor], positions: torch.Tensor | None) -> list[torch.Tensor]:
+        line = self.model.model.image_newline.to(blocks[0].dtype)
+        newline = torch.cat([(block == line).all(-1).cpu() for block in blocks])
         ends = (newline.nonzero().flatten() + 1).tolist()
         if kind != IMAGE:
             pooled = math.ceil(self._side / 2)
             return [self._video(end - start - 1, pooled) for start, end in zip([0, *ends[:-1]], ends, strict=True)]
         layouts, start = [], 0
-        while start < len(embeddings):
+        while start < len(newline):
             grid = start + self._side**2
             width = int(newline[grid:].int().argmax())
             rows = 0
@@ -46,6 +46,15 @@ class LlavaNextAdapter(TowerAttention, Adapter):
             layouts.append(self._image(rows, width))
             start = grid + rows * (width + 1)
         return layouts
+
+    def media_pieces(self, kind: int, output: BaseModelOutputWithPooling, tokens: int) -> list[torch.Tensor]:
+        """Each OneVision video closed by its `image_newline`, where `get_video_features` left it out (5.17's forward
+        appends it after; later releases' `get_video_features` do)."""
+        pieces = super().media_pieces(kind, output, tokens)
+        if kind != IMAGE and sum(map(len, pieces)) + len(pieces) == tokens:
+            newline = self.model.model.image_newline[None]
+            pieces = [part for piece in pieces for part in (piece, newline)]
+        return pieces
 
     def _image(self, rows: int, width: int) -> torch.Tensor:
         high = raster(1, rows, width + 1)

@@ -28,7 +28,7 @@ class Qwen2VLAdapter(Adapter):
             return super().expected_tokens(kind, inputs)
         return int(grids.prod(-1).sum()) // self.config.vision_config.spatial_merge_size**2
 
-    def split_run(self, kind: int, embeddings: torch.Tensor, positions: torch.Tensor | None) -> list[torch.Tensor]:
+    def split_run(self, kind: int, blocks: list[torch.Tensor], positions: torch.Tensor | None) -> list[torch.Tensor]:
         if positions is None:
             raise ValueError("Qwen2-VL needs its M-RoPE position ids to lay out visual tokens")
         row, column = positions[1] - positions[1].min(), positions[2] - positions[2].min()

@@ -7,6 +7,9 @@
 - `generate`'s position ids of a prompt come from the private `_prepare_position_ids_for_generation` on every
   release of the range (`generation_positions`), which a decode loop of its own needs to match `generate`.
 
+- LLaVA-OneVision closes each video with its `image_newline` in its forward on 5.17 and in `get_video_features`
+  later; the adapter's `media_pieces` counts which (`integrations/llava_next.py`).
+
 Everything else mmtoken touches is the same across the range (checked by CI, which runs the invariants on the
 oldest and the whole suite on the newest release).
 """

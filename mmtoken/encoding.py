@@ -9,7 +9,6 @@ attention to each visual token), so those methods run on features encoded ahead 
 from __future__ import annotations
 
 import functools
-import inspect
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -17,12 +16,11 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from mmtoken.api import handle_of
 from mmtoken.integrations import adapter_for
 from mmtoken.integrations.vision import VisionWatch
-from mmtoken.state import MEDIA, PIXELS
+from mmtoken.state import MEDIA
 
 
 @dataclass
@@ -36,40 +34,24 @@ class Encoded:
     signals: dict[int, list[torch.Tensor]] = field(default_factory=dict)
 
 
-def _features(model: nn.Module, inputs: dict) -> dict[int, object]:
-    features = {}
-    for kind, modality in MEDIA.items():
-        pixels = PIXELS[kind]
-        if inputs.get(pixels) is not None:
-            function = getattr(model.model, f"get_{modality}_features")
-            # the pixels go first, by position: their parameter's name differs between transformers releases
-            wanted = set(inspect.signature(function).parameters) - set(PIXELS.values())
-            others = {key: value for key, value in inputs.items() if key in wanted}
-            output = function(inputs[pixels], **others, return_dict=True)
-            # every supported family reads only this field; the tower's own states would double what an encoding
-            # holds, caches and sends
-            features[kind] = BaseModelOutputWithPooling(pooler_output=output.pooler_output)
-    return features
-
-
 @torch.no_grad()
 def encode(model: nn.Module, inputs: dict, signal: bool = False) -> Encoded:
     """The media of `inputs` (the processor's output) through the vision tower and projector, as `forward` and
     `generate` encode them; with `signal`, also the vision encoder's attention that VisionZip and HoliTom read (the
     patch's own watch records it where the model is patched for such a method)."""
     if not signal:
-        return Encoded(_features(model, inputs))
+        return Encoded(adapter_for(model).media_outputs(inputs))
     handle = handle_of(model)
     watch = None if handle is None else handle.engine.watch
     if watch is not None:
         watch.taken()  # forget what earlier encodings of this thread left
-        features = _features(model, inputs)
+        features = adapter_for(model).media_outputs(inputs)
         return Encoded(features, watch.taken())
     watch = VisionWatch(adapter_for(model))
     watch.attach()
     try:
         with nullcontext() if handle is None else handle.eager_vision_tower():
-            features = _features(model, inputs)
+            features = adapter_for(model).media_outputs(inputs)
         return Encoded(features, watch.taken())
     finally:
         watch.detach()

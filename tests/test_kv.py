@@ -3,6 +3,8 @@ press's score against an explicit computation."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 from conftest import CASE_IDS, CASES, PRESSES, examples, greedy_run, inputs, model_and_processor, unpatched
@@ -89,8 +91,7 @@ def test_pressing_keeps_the_text_and_its_share_of_the_visual_entries_bit_for_bit
     kinds = mmtoken.integrations.adapter_for(model).call_state(batch["input_ids"], batch["attention_mask"], batch).kinds
     visual = int((kinds != TEXT).sum())
     text = kinds.shape[1] - visual
-    assert torch.equal(pressed.layers[0].keys, full.layers[0].keys)  # the first layer is left whole
-    for index in range(1, len(full.layers)):
+    for index in range(len(full.layers)):  # every layer, the first too
         keys, values = pressed.layers[index].keys[0], pressed.layers[index].values[0]
         assert keys.shape[1] == text + round(0.3 * visual)  # the memory of the others is gone, not masked:
         for held in (pressed.layers[index].keys, pressed.layers[index].values):  # no view into a full-size buffer
@@ -220,24 +221,27 @@ def test_a_streaming_prefill_with_room_for_every_entry_equals_unpatched(family):
 def test_a_streaming_prefill_never_holds_more_than_its_capacity_and_one_chunk(family, press):
     model, _ = model_and_processor(family)
     batch = inputs(family, True, rows=[0])
-    kinds = mmtoken.integrations.adapter_for(model).call_state(batch["input_ids"], batch["attention_mask"], batch).kinds
+    adapter = mmtoken.integrations.adapter_for(model)
+    kinds = adapter.call_state(batch["input_ids"], batch["attention_mask"], batch).kinds
     text, capacity = int((kinds == TEXT).sum()), 3
     held = []
 
-    def watch(module, args, kwargs):  # what layer 1's cache holds as each chunk enters it
+    def watch(index, module, args, kwargs):  # what the layer's cache holds as each chunk enters it
         layers = cache_in(kwargs).layers
-        held.append(layers[1].get_seq_length() if len(layers) > 1 else 0)
+        held.append(layers[index].get_seq_length() if len(layers) > index else 0)
 
-    layer = mmtoken.integrations.adapter_for(model).decoder_layers[1]
-    hook = layer.register_forward_pre_hook(watch, with_kwargs=True)
+    hooks = [layer.register_forward_pre_hook(partial(watch, index), with_kwargs=True)
+             for index, layer in enumerate(adapter.decoder_layers)]  # fmt: skip
     try:
         with mmtoken.patched(model, press, capacity=capacity, chunk_frames=1), torch.no_grad():
             cache = model(**batch, use_cache=True).past_key_values
     finally:
-        hook.remove()
-    assert len(held) >= 2  # one call of the layer per chunk: the prompt went in several (Qwen pairs 4 frames)
-    assert max(held) <= text + capacity  # before each chunk: the text so far and the capacity, never the video
-    assert cache.layers[1].get_seq_length() <= text + capacity < cache.layers[0].get_seq_length()
+        for hook in hooks:
+            hook.remove()
+    assert len(held) >= 2 * len(hooks)  # each layer once per chunk: the prompt went in several (Qwen pairs 4 frames)
+    # before each chunk, in every layer, the first too: the text so far and the capacity, never the video
+    assert max(held) <= text + capacity
+    assert all(layer.get_seq_length() <= text + capacity for layer in cache.layers)
 
 
 def test_in_turns_takes_the_best_of_every_group_before_the_second_best_of_any():
@@ -248,6 +252,46 @@ def test_in_turns_takes_the_best_of_every_group_before_the_second_best_of_any():
     best = turns.masked_fill(~candidates, float("-inf")).topk(4).indices[0].tolist()
     assert best == [6, 0, 1, 3]  # the entry that must stay (its group's first), group 0's first, then both seconds
     assert scores.masked_fill(~candidates, float("-inf")).topk(4).indices[0].tolist() == [6, 0, 1, 2]
+
+
+@pytest.mark.parametrize("family", STREAMING_FAMILIES)
+def test_a_streamed_press_of_every_layer_decodes_at_the_positions_of_unpatched_decode_steps(family):
+    model, _ = model_and_processor(family)
+    batch = inputs(family, True, rows=[0])
+    adapter = mmtoken.integrations.adapter_for(model)
+    positions = []
+
+    def watch(module, args, kwargs):  # the positions of each decode step's token, as the language model gets them
+        cache = cache_in(kwargs)
+        if cache is not None and cache.get_seq_length() > 0:
+            positions.append(kwargs["position_ids"])
+
+    hook = adapter.language_model.register_forward_pre_hook(watch, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            greedy_run(model, batch)
+            expected, positions = positions, []
+            with mmtoken.patched(model, "snapkv", capacity=3, chunk_frames=1):
+                _, logits = greedy_run(model, batch)
+                cache = model(**batch, use_cache=True).past_key_values
+    finally:
+        hook.remove()
+    prompt = batch["input_ids"].shape[1]
+    assert cache.layers[0].get_seq_length() < prompt // 2  # the first layer was pressed too
+    assert len(positions) == len(expected) == 3 and all(map(torch.equal, positions, expected))
+    assert logits.isfinite().all()
+
+
+@pytest.mark.parametrize("family", STREAMING_FAMILIES)
+def test_a_streamed_press_decodes_alike_under_sdpa_and_eager(family):
+    batch = inputs(family, True, rows=[0])
+    outputs = []
+    for attention in ("sdpa", "eager"):
+        model, _ = model_and_processor(family, attention)
+        with mmtoken.patched(model, "snapkv", capacity=3, chunk_frames=1), torch.no_grad():
+            outputs.append(greedy_run(model, batch))
+    assert torch.equal(outputs[0][0], outputs[1][0])
+    assert (outputs[0][1] - outputs[1][1]).abs().max() < 1e-4
 
 
 @pytest.mark.parametrize("family", STREAMING_FAMILIES)
@@ -360,13 +404,14 @@ def test_bilevel_pools_each_layers_entries_into_the_means_of_their_groups(family
     with mmtoken.patched(model, "bilevel", chunk=1, top=0, pool=2):
         pooled = _prefill_cache(model, batch)
     kinds = mmtoken.integrations.adapter_for(model).call_state(batch["input_ids"], batch["attention_mask"], batch).kinds
-    assert torch.equal(pooled.layers[0].keys, full.layers[0].keys)
     visual = int((kinds != TEXT).sum())
-    assert pooled.layers[1].keys.shape[2] < kinds.shape[1] - visual // 2 + visual  # pairs became one entry each
     first_visual = int((kinds[0] != TEXT).nonzero()[0])
-    expected = full.layers[1].keys[0, :, first_visual : first_visual + 2].float().mean(1).to(full.layers[1].keys.dtype)
-    torch.testing.assert_close(pooled.layers[1].keys[0, :, first_visual], expected)
-    assert torch.equal(pooled.layers[1].keys[0, :, :first_visual], full.layers[1].keys[0, :, :first_visual])
+    for layer in (0, 1):  # the first layer too
+        keys, full_keys = pooled.layers[layer].keys, full.layers[layer].keys
+        assert keys.shape[2] < kinds.shape[1] - visual // 2 + visual  # pairs became one entry each
+        expected = full_keys[0, :, first_visual : first_visual + 2].float().mean(1).to(full_keys.dtype)
+        torch.testing.assert_close(keys[0, :, first_visual], expected)
+        assert torch.equal(keys[0, :, :first_visual], full_keys[0, :, :first_visual])
 
 
 @pytest.mark.parametrize(("family", "video"), CASES, ids=CASE_IDS)

@@ -3,16 +3,22 @@ OneVision and Qwen2.5-VL), and its rows show what the presses keep."""
 
 from __future__ import annotations
 
+import gc
+import itertools
+import warnings
+
 import pytest
 import torch
 from conftest import greedy_run, model_and_processor
 from torch.nn.attention.bias import CausalBias
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import mmtoken
 from mmtoken.encoding import encode, feeding
 from mmtoken.engine import streaming
-from mmtoken.engine.streaming import RowScatter
+from mmtoken.engine.embedding import ChunkedPrompt
 from mmtoken.evaluation import kv_memory
+from mmtoken.state import IMAGE, VIDEO
 from mmtoken.zoo.tiny import _draw
 
 FAMILY = "llava_onevision"
@@ -55,13 +61,11 @@ def test_streamed_press_holds_its_capacity_however_long_the_video(family):
     kv = {(row["setting"], row["frames"]): row.get("kv_bytes") for row in rows}
     unpatched, after, streamed = (setting.label for setting in grid)
     tokens = {row["frames"]: row["prompt_tokens"] + 1 for row in rows}  # and the first new token's entry
-    # unpatched, the cache grows with every frame's tokens; a press keeps the first layer whole and `capacity`
-    # visual entries in every other, so past the capacity it grows by the first layer's share only
+    # unpatched, the cache grows with every frame's tokens; pressed, every layer, the first too, keeps `capacity`
+    # visual entries, after the prefill as streamed: the cache is flat
     assert kv[unpatched, 4] / kv[unpatched, 2] == tokens[4] / tokens[2]
     assert kv[after, 4] == kv[streamed, 4] < kv[unpatched, 4]
-    depth = model.config.text_config.num_hidden_layers
-    per_entry = kv[unpatched, 2] // tokens[2] // depth
-    assert kv[streamed, 8] - kv[streamed, 4] == per_entry * (tokens[8] - tokens[4])
+    assert kv[streamed, 8] == kv[streamed, 4] == kv[streamed, 2] == kv[after, 2]
     skipped = [row for row in rows if "skipped" in row]
     assert [(row["setting"], row["frames"]) for row in skipped] == [(unpatched, 8), (after, 8)]
 
@@ -77,31 +81,6 @@ def test_concurrency_doubles_the_batch_to_its_bound_and_reports_ratios():
     assert [row["batch"] for row in summary] == [3, 3] and summary[0]["decode_ratio"] == 1.0
     assert all(row["decode_tokens_per_s"] > 0 for row in rows)
     assert "| snapkv 8 after prefill | 3 |" in kv_memory.markdown(rows, {})
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_row_scatter_merges_as_masked_scatter_does(dtype):
-    generator = torch.Generator().manual_seed(0)
-    target = torch.randn(2, 7, 5, generator=generator).to(dtype)
-    mask = torch.rand(2, 7, 1, generator=generator) > 0.5
-    source = torch.randn(int(mask.sum()) + 3, 5, generator=generator).to(dtype)  # spare rows are left, as torch does
-    expected = target.masked_scatter(mask, source)
-    with RowScatter():
-        merged = target.masked_scatter(mask, source)
-        full = target.masked_scatter(mask.expand_as(target), source)  # an element-wise mask goes to torch's kernel
-    assert torch.equal(merged, expected) and torch.equal(full, expected)
-
-
-def test_row_scatter_merges_into_an_embedding_lookup_made_while_it_is_active():
-    weight, ids = torch.randn(9, 5), torch.tensor([[1, 3, 3, 2, 3]])
-    mask, source = (ids == 3)[..., None], torch.randn(3, 5)
-    expected = torch.nn.functional.embedding(ids, weight).masked_scatter(mask, source)
-    before = torch.nn.functional.embedding(ids, weight)
-    with RowScatter():
-        embeds = torch.nn.functional.embedding(ids, weight)
-        merged, other = embeds.masked_scatter(mask, source), before.masked_scatter(mask, source)
-    assert merged is embeds and torch.equal(merged, expected)  # the prompt's embeddings are never held twice
-    assert torch.equal(other, expected) and torch.equal(before, torch.nn.functional.embedding(ids, weight))
 
 
 @pytest.mark.parametrize("family", [FAMILY, "qwen2_5_vl"])
@@ -122,3 +101,83 @@ def test_streamed_chunks_attend_over_the_key_heads_with_no_mask_where_flash_atte
     assert torch.equal(tokens, expected_tokens) and (logits - expected_logits).abs().max() < 1e-4
     heads = model.config.text_config.num_key_value_heads
     assert calls and all(keys == heads and isinstance(mask, CausalBias) and grouped for keys, mask, grouped in calls)
+
+
+def test_a_chunked_prompt_embeds_each_chunk_as_the_models_merge_does():
+    generator = torch.Generator().manual_seed(0)
+    embed = torch.nn.Embedding(9, 4)
+    ids = torch.tensor([[1, 3, 3, 3, 2, 5, 5], [3, 3, 1, 5, 3, 3, 2]])
+    kinds = torch.zeros_like(ids)
+    kinds[ids == 3], kinds[ids == 5] = IMAGE, VIDEO
+    images, videos = [torch.randn(n, 4, generator=generator) for n in (2, 3, 2)], [torch.randn(3, 4)]
+    prompt = ChunkedPrompt(ids, kinds, {IMAGE: images, VIDEO: videos}, embed)
+    merged = embed(ids)
+    for kind, pieces in ((IMAGE, images), (VIDEO, videos)):
+        merged = merged.masked_scatter((kinds == kind)[..., None], torch.cat(pieces))
+    with torch.no_grad():
+        for bounds in ([0, 7], [0, 2, 3, 6, 7], list(range(8))):
+            chunks = [prompt.embeddings(start, end) for start, end in itertools.pairwise(bounds)]
+            assert torch.equal(torch.cat(chunks, 1), merged)
+    assert torch.equal(torch.cat(prompt.run(1, 4, 6)), merged[1, 4:6])  # a run read by its features alone
+    with pytest.raises(ValueError, match="holds 7 image tokens but its images' features have 6"):
+        ChunkedPrompt(ids, kinds, {IMAGE: [*images[:2], images[2][:1]], VIDEO: videos}, embed)
+
+
+class MadeTensors(TorchDispatchMode):
+    """Records the shape of every new floating tensor an operation makes (views and in-place results aside)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[torch.Size] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view and not func._schema.is_mutable:
+            for tensor in out if isinstance(out, tuple | list) else [out]:
+                if torch.is_tensor(tensor) and tensor.is_floating_point():
+                    self.shapes.append(tensor.shape)
+        return out
+
+
+@pytest.mark.parametrize("family", [FAMILY, "qwen2_5_vl"])
+@torch.no_grad()
+def test_a_streamed_prefill_never_makes_the_whole_prompts_hidden_states(family):
+    model, _, _, inputs, encoded = _base(family, frames=4)
+    long_inputs, long_encoded = kv_memory.lengthened(model, inputs, encoded, 32, batch=1)
+    length, hidden = long_inputs["input_ids"].shape[1], model.config.text_config.hidden_size
+    embedded = []
+    embedding = model.get_input_embeddings()
+    hook = embedding.register_forward_hook(lambda module, args, out: embedded.append(args[0].shape[1]))
+    made = MadeTensors()
+    try:
+        with mmtoken.patched(model, "snapkv", capacity=8, chunk_frames=2), feeding(model, long_encoded), made:
+            greedy_run(model, long_inputs, new_tokens=2)
+    finally:
+        hook.remove()
+    chunks = embedded[:-1]  # the prompt, chunk by chunk, then the decode step of the second new token
+    assert sum(chunks) == length and len(chunks) >= 8 and embedded[-1] == 1
+    states = [shape for shape in made.shapes if shape[-1:] == (hidden,)]
+    assert states and max(shape.numel() for shape in states) <= max(chunks) * hidden
+
+
+def _tensors_on(pointer: int) -> list[torch.Tensor]:
+    """Every live tensor whose memory starts at `pointer`."""
+    gc.collect()
+    with warnings.catch_warnings():  # asking whether torch.distributed's deprecated `reduce_op` is a tensor warns
+        warnings.simplefilter("ignore", FutureWarning)
+        objects = [obj for obj in gc.get_objects() if torch.is_tensor(obj)]
+    return [tensor for tensor in objects if tensor.untyped_storage().data_ptr() == pointer]
+
+
+@torch.no_grad()
+def test_a_streamed_request_lets_go_of_the_media_features_once_prefilled():
+    model, _, _, inputs, encoded = _base(FAMILY, frames=4)
+    long_inputs, long_encoded = kv_memory.lengthened(model, inputs, encoded, 8, batch=1)
+    pointer = long_encoded.features[VIDEO].pooler_output.untyped_storage().data_ptr()
+    with mmtoken.patched(model, "snapkv", capacity=8, chunk_frames=2):
+        with feeding(model, long_encoded):
+            cache = model(**long_inputs, use_cache=True).past_key_values
+        assert _tensors_on(pointer)
+        del long_encoded
+        assert not _tensors_on(pointer)  # the cache, which owns the request, holds none of the features
+        assert cache.layers[0].get_seq_length() > 0

@@ -152,15 +152,44 @@ def test_a_cache_compacted_by_hand_decodes_as_a_prefill_that_kept_the_same_token
         torch.testing.assert_close(step_compacted, step_cut, rtol=1e-5, atol=1e-5)
 
 
-def test_compacting_needs_a_prefilled_request_and_a_layer_past_the_first():
+def test_compacting_needs_a_prefilled_request_and_a_layer_of_the_model():
     model, _ = model_and_processor("llava")
     batch = inputs("llava", False)
     with pytest.raises(ValueError, match="needs the KV cache of a request"), torch.no_grad():
         compact(cache_of(model(**batch, use_cache=True)), 3, torch.zeros(1, 2, dtype=torch.long))
     with mmtoken.patched(model, "fastv", k=2), torch.no_grad():
         cache = cache_of(model(**batch, use_cache=True))
-        with pytest.raises(ValueError, match=r"layer must be in \[1, 6\), got 0"):
-            compact(cache, 0, torch.zeros(1, 2, dtype=torch.long))
+        with pytest.raises(ValueError, match=r"layer must be in \[0, 6\), got 6"):
+            compact(cache, 6, torch.zeros(1, 2, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    ("family", "video", "method"),
+    [
+        ("llava", False, {"method": "visionzip", "ratio": 0.3}),
+        ("qwen2_vl", False, {"method": "visionzip", "ratio": 0.3}),
+        ("llava_onevision", True, {"method": "snapkv", "ratio": 0.3}),
+        ("qwen2_vl", True, {"method": "snapkv", "capacity": 3, "chunk_frames": 1}),
+    ],
+    ids=["llava-cut-before", "qwen2_vl-cut-before", "onevision-press", "qwen2_vl-streamed-press"],
+)
+def test_a_decode_step_by_hand_after_a_shortened_first_layer_decodes_as_generate(family, video, method):
+    """A first layer's cache shorter than the prompt (a cut before the language model, a press of every layer):
+    a caller that gives no positions gets those `generate` gives, where the model would count them from that
+    cache."""
+    model, _ = model_and_processor(family)
+    batch = inputs(family, video, rows=[0])
+    with mmtoken.patched(model, **method), torch.no_grad():
+        expected = model.generate(**batch, max_new_tokens=3, do_sample=False, output_logits=True,
+                                  return_dict_in_generate=True)  # fmt: skip
+        out = model(**batch, use_cache=True)
+        cache, mask = cache_of(out), batch["attention_mask"]
+        assert cache.layers[0].get_seq_length() < batch["input_ids"].shape[1]
+        for step in range(2):
+            token = expected.sequences[:, batch["input_ids"].shape[1] + step, None]
+            mask = torch.cat([mask, mask.new_ones(1, 1)], 1)
+            out = model(input_ids=token, attention_mask=mask, use_cache=True, **with_cache(cache))
+            torch.testing.assert_close(out.logits[:, -1], expected.logits[step + 1], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("rows", [1, 2])

@@ -77,6 +77,11 @@ def _without_refed_tokens(request: Request, args: tuple, kwargs: dict) -> tuple[
     return args, kwargs
 
 
+def _run(embeddings: torch.Tensor, row: int, start: int, end: int) -> list[torch.Tensor]:
+    """The embeddings of tokens start:end of a row of the prompt's `embeddings`."""
+    return [embeddings[row, start:end]]
+
+
 class Engine:
     """Applies `method` to `model` through hooks. Requests own their state (`mmtoken.engine.request`); the engine
     holds only the hooks, the method and the vision `watch` (for methods that read the vision encoder's attention).
@@ -104,9 +109,7 @@ class Engine:
         if streaming and (len(streaming) > 1 or any(step.stage != ON_CACHE for step in self.steps)):
             raise ValueError("a streaming prefill (chunk_frames) runs the prompt in chunks, so it takes one press "
                              "and no token method, whose cuts need the whole prompt at once")  # fmt: skip
-        self.streaming = (
-            StreamingPrefill(model, adapter.language_model, self.layers, streaming[0]) if streaming else None
-        )
+        self.streaming = StreamingPrefill(model, adapter, streaming[0]) if streaming else None
         self.implementation = adapter.language_model.config._attn_implementation
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
@@ -144,6 +147,8 @@ class Engine:
             if request.shortened:
                 args, kwargs = _without_refed_tokens(request, args, kwargs)
                 input_ids = kwargs["input_ids"]
+                if kwargs.get("position_ids") is None and request.next_position is not None:
+                    kwargs["position_ids"] = request.positions_of_next(input_ids.shape[1])
             if request.step_masks is not None and input_ids.shape[1] != 1:
                 raise ValueError(f"mmtoken: with cuda_graphs, a decode step takes one new token at a time, "
                                  f"not {input_ids.shape[1]}")  # fmt: skip
@@ -194,7 +199,9 @@ class Engine:
             if request.shortened:
                 kwargs["attention_mask"] = shortened_padding_mask(request)
             return args, kwargs
-        call.locate = partial(self.adapter.geometry, call, kwargs["inputs_embeds"], kwargs.get("position_ids"))
+        call.locate = partial(
+            self.adapter.geometry, call, partial(_run, kwargs["inputs_embeds"]), kwargs.get("position_ids")
+        )
         if self.watch is not None:
             call.vision_signal = self.watch.take(call)
         prompt = tokens = self._prompt_tokens(call)
@@ -209,6 +216,11 @@ class Engine:
             full = tokens.position if position_ids is None else gather_last(position_ids, tokens.position)
             kwargs["position_ids"] = full
         call.sets[0] = tokens
+        positions = kwargs.get("position_ids")
+        if positions is None:  # the model counts them from 0
+            request.next_position = torch.full((call.batch_size, 1), call.prompt_length, device=call.kinds.device)
+        else:
+            request.next_position = positions.amax(-1, keepdim=True) + 1
         return args, kwargs
 
     @staticmethod

@@ -1,5 +1,5 @@
-"""Pressing the KV cache once the prefill is done: each `on_cache` step scores every decoder layer's entries but
-the first layer's, keeps its share of each row's, and frees the others (`compact`)."""
+"""Pressing the KV cache once the prefill is done: each `on_cache` step scores every decoder layer's entries, keeps
+its share of each row's, and frees the others (`compact`)."""
 
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ def press_cache(request: Request, cache: Cache, scratch: PrefillScratch, layers:
     """Apply every `on_cache` step of `steps`, in order, to `cache`, which `request`'s prefill just filled."""
     for step in steps:
         if isinstance(step, CachePress) and step.chunk_frames is None:  # a streaming press pressed after each chunk
-            for index in range(1, len(layers)):
-                press_layer(request, cache, index, layers[index], step, scratch.windows.get(index))
+            for index, layer in enumerate(layers):
+                press_layer(request, cache, index, layer, step, scratch.windows.get(index))
 
 
 def press_layer(request: Request, cache: Cache, index: int, layer: nn.Module, step: CachePress,

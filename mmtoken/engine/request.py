@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from transformers import Cache
 
+from mmtoken.engine.embedding import ChunkedPrompt
 from mmtoken.engine.plan import Plan
 from mmtoken.engine.record import CacheRecord, gather_entries
 from mmtoken.state import CallState
@@ -31,12 +32,14 @@ _ACTIVE: ContextVar[Request | None] = ContextVar("mmtoken_active_request", defau
 
 @dataclass
 class PrefillScratch:
-    """What only the prefill reads: the plan of its cuts, whether its cuts keep padding (a prefill padded to a
-    bucket of lengths, `mmtoken.graphs`), the inputs of the layer before (for scorers that mimic it), per stretch the
-    model's mask with its slice and the rotary tables of the stretch's tokens, and per layer the inputs and rotary
-    tables of the prompt's last tokens (for presses that read their queries)."""
+    """What only the prefill reads: the plan of its cuts, the prompt a streaming prefill embeds chunk by chunk,
+    whether its cuts keep padding (a prefill padded to a bucket of lengths, `mmtoken.graphs`), the inputs of the
+    layer before (for scorers that mimic it), per stretch the model's mask with its slice and the rotary tables of
+    the stretch's tokens, and per layer the inputs and rotary tables of the prompt's last tokens (for presses that
+    read their queries)."""
 
     plan: Plan
+    prompt: ChunkedPrompt | None = None
     keep_padding: bool = False
     previous: tuple[nn.Module, torch.Tensor, tuple] | None = None
     slices: dict[int, tuple[object, object, tuple]] = field(default_factory=dict)
@@ -46,9 +49,11 @@ class PrefillScratch:
 @dataclass
 class Request:
     """The token state of one request (`call`: which tokens each stretch of layers kept at prefill), its prefill
-    scratch (None once the prefill is done), its start time where the prefill is timed, whether a cut before the
-    language model `shortened` the prompt, and from the end of the prefill on: the record of each layer's KV cache,
-    how many tokens entered after the prompt (`generated`), where a cache of fixed size holds them
+    scratch (None once the prefill is done), its start time where the prefill is timed, whether the first layer's
+    cache holds fewer entries than the tokens the model has seen (`shortened`: by a cut before the language model or
+    a press of the first layer), and from the end of the prefill on: the record of each layer's KV cache,
+    how many tokens entered after the prompt (`generated`) and the position the first of them takes
+    (`next_position`: (batch, 1), or (rows, batch, 1) for M-RoPE), where a cache of fixed size holds them
     (`mmtoken.graphs`), its masks of a decode step by layer (`step_masks`), and for eviction while decoding the
     attention each layer's entries received so far (`attention_sums`)."""
 
@@ -58,6 +63,7 @@ class Request:
     shortened: bool = False
     records: list[CacheRecord] | None = None
     generated: int = 0
+    next_position: torch.Tensor | None = None
     step_masks: Callable[[int, torch.dtype], torch.Tensor] | None = None
     attention_sums: dict[int, torch.Tensor] = field(default_factory=dict)
 
@@ -73,6 +79,11 @@ class Request:
             for start, tokens in self.call.sets.items()
         }
         self.records = [by_stretch[self.call.stretch_of(layer)] for layer in range(depth)]
+
+    def positions_of_next(self, count: int) -> torch.Tensor:
+        """The positions of the next `count` tokens, as `generate` gives them (for a caller that gives none, where the
+        model would count them from the first layer's cache, which a cut or a press shortened)."""
+        return self.next_position + self.generated + torch.arange(count, device=self.next_position.device)
 
     def advance(self, count: int) -> None:
         """A decode step of `count` tokens starts: each layer's cache is about to hold them too."""
@@ -110,8 +121,10 @@ def _request_to_press(cache: Cache, layer: int, operation: str) -> Request:
         raise ValueError(f"{operation} needs the KV cache of a request that a patched model has prefilled")
     if request.step_masks is not None:
         raise ValueError(f"{operation}: this cache has fixed sizes (cuda_graphs); {operation} before its decode steps")
-    if not 0 < layer < len(request.records):
-        raise ValueError(f"{operation}: layer must be in [1, {len(request.records)}), got {layer}")
+    if not 0 <= layer < len(request.records):
+        raise ValueError(f"{operation}: layer must be in [0, {len(request.records)}), got {layer}")
+    if layer == 0:  # the model sizes its own masks by the first layer's cache; decode steps mask it by its record
+        request.shortened = True
     return request
 
 
@@ -119,7 +132,8 @@ def compact(cache: Cache, layer: int, keep: torch.Tensor, fillers: torch.Tensor 
     """Keep only the entries `keep` (batch, n: indices into what the layer's cache holds now, in the order to keep
     them) of decoder layer `layer`'s KV cache, freeing the others; the request's later decode steps read the new
     record, in which the entries where `fillers` (batch, n) is True are hidden (they fill up rows that keep fewer).
-    Layer 0 is refused: its cache sizes the masks the model builds for itself."""
+    After layer 0 is compacted, the request's decode steps mask it by its record, as after a cut before the language
+    model."""
     request = _request_to_press(cache, layer, "compact")
     gather_entries(cache, layer, keep)
     request.records[layer] = request.records[layer].gathered(keep, fillers)
@@ -128,7 +142,7 @@ def compact(cache: Cache, layer: int, keep: torch.Tensor, fillers: torch.Tensor 
 def pool(cache: Cache, layer: int, group: torch.Tensor) -> None:
     """Replace decoder layer `layer`'s KV entries by the means of their groups: `group` (batch, n) numbers each
     entry's group in the order of the entries (-1: the entry leaves). A group stands at its first entry's place in
-    the record; rows with fewer groups are filled with entries no query sees. Layer 0 is refused, as by `compact`."""
+    the record; rows with fewer groups are filled with entries no query sees. Layer 0 too, as by `compact`."""
     request = _request_to_press(cache, layer, "pool")
     entries, record = cache.layers[layer], request.records[layer]
     member = group >= 0

@@ -50,6 +50,7 @@ def slice_decode(request: Request, index: int, hidden: torch.Tensor, kwargs: dic
 
 
 def shortened_padding_mask(request: Request) -> torch.Tensor:
-    """At decode, the 2-D padding mask over the prompt a cut before the language model shortened, plus the tokens
-    generated since (a view of the first layers' cache record)."""
+    """At decode, the 2-D padding mask over the entries the first layer's cache holds of a prompt that a cut before
+    the language model shortened or a press of the first layer compacted, plus the tokens generated since (a view
+    of the first layer's cache record)."""
     return request.records[0].entries_valid()

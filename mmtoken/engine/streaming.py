@@ -1,17 +1,16 @@
 """Streaming chunked prefill: a video's prompt prefilled a few frames at a time, each chunk attending to the
-pressed cache of the chunks before it, which is pressed again after every chunk. So no decoder layer but the first
-ever holds more than the press's `capacity` of visual entries plus one chunk, however long the video.
+pressed cache of the chunks before it, which is pressed again after every chunk. So no decoder layer ever holds
+more than the press's `capacity` of visual entries plus one chunk and the text, however long the video.
 
-The language model's forward is run once per chunk (the decoder layers' hooks see every chunk; the language
-model's own hook saw the whole prompt, once), with the chunk's original positions, no mask (rows without padding,
-so the model's causal mask over the pressed cache is the right one) and the request's cache. The cache's record
-of each layer grows by the chunk's entries and shrinks at each press, as decode steps later read it. The first
-layer keeps every entry: transformers reads its length for the next tokens' positions.
-
-Before the language model, the model merges the media's features into the prompt's embeddings with
-`masked_scatter`, whose CUDA kernel builds the token mask over every hidden element and an int64 prefix sum of it:
-9 bytes per element, 63 GB for the 2 million tokens of 10,000 OneVision frames. While a streaming prefill's call
-runs, `RowScatter` does that merge by rows instead, into the embeddings themselves.
+The model's forward runs once: it encodes the media, and its language model gets no prompt embeddings, which would
+hold a hidden state per token of the whole video (and, on transformers 5.17, a second copy of the video's
+features with its newline): each chunk is embedded from the prompt's ids and the media's features as it enters
+(`mmtoken.engine.embedding`). The language model's forward is then run once per chunk (the decoder layers' hooks
+see every chunk; the language model's own hook saw the whole prompt, once), with the chunk's original positions,
+no mask (rows without padding, so the model's causal mask over the pressed cache is the right one) and the
+request's cache. The cache's record of each layer grows by the chunk's entries and shrinks at each press, as decode
+steps later read it. The first layer is pressed too; its decode steps are masked by its record, as after a cut
+before the language model.
 
 Under sdpa the chunks attend through `STREAMED_PREFILL`: the model builds no causal mask, and a chunk's queries
 attend causally aligned to the newest keys (flash attention, on the key/value heads themselves). The model's own
@@ -23,28 +22,31 @@ repeats them wherever sdpa is given a mask), 7 per key/value head on OneVision-7
 from __future__ import annotations
 
 import functools
-import weakref
 from collections.abc import Callable
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.backends.cuda import SDPAParams, can_use_flash_attention
 from torch.nn.attention.bias import causal_lower_right
 from torch.nn.functional import scaled_dot_product_attention
-from torch.overrides import TorchFunctionMode
 from transformers import AttentionInterface, DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 
-from mmtoken.compat import CACHE_NAMES, cache_in, with_cache
+from mmtoken.compat import CACHE_NAMES, cache_in, generation_positions, with_cache
 from mmtoken.engine.attending import attention_in
+from mmtoken.engine.embedding import ChunkedPrompt
 from mmtoken.engine.masks import decode_mask
 from mmtoken.engine.pressing import press_layer
 from mmtoken.engine.record import CacheRecord
 from mmtoken.engine.request import Request, active, give_to
 from mmtoken.methods.base import CachePress
-from mmtoken.state import TEXT
+from mmtoken.state import PIXELS, TEXT
+
+if TYPE_CHECKING:
+    from mmtoken.integrations.base import Adapter
 
 
 def chunk_bounds(request: Request, frames_per_chunk: int) -> list[int]:
@@ -75,32 +77,6 @@ def mask_chunk(request: Request, index: int, hidden: torch.Tensor, kwargs: dict,
     if held != request.records[0].entries_valid().shape[1]:
         chunk = hidden.shape[1]
         kwargs["attention_mask"] = decode_mask(None, held + chunk, chunk, implementation, hidden.dtype, hidden.device)
-
-
-class RowScatter(TorchFunctionMode):
-    """While active, `target.masked_scatter(mask, source)` with a token mask (one flag per row of the last
-    dimension, as transformers merges media features) copies whole rows by index: the same result, without the
-    element-wise mask and prefix sum. A target that an embedding lookup made while active (the prompt's embeddings,
-    which the model alone holds) is written in place: the prompt's embeddings are never held twice. Every other call
-    runs as it is."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._looked_up: list[weakref.ref] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.Tensor.masked_scatter and not kwargs:
-            target, mask, source = args
-            if mask.dtype == torch.bool and mask.dim() == target.dim() and mask.shape[-1] == 1:
-                rows = mask[..., 0].expand(target.shape[:-1])
-                merged = target if any(made() is target for made in self._looked_up) else target.clone()
-                merged[rows] = source.reshape(-1, target.shape[-1])[: int(rows.sum())].to(target.dtype)
-                return merged
-        out = func(*args, **kwargs)
-        if func is torch.nn.functional.embedding:
-            self._looked_up.append(weakref.ref(out))
-        return out
 
 
 STREAMED_PREFILL = "mmtoken_streamed_prefill"
@@ -142,12 +118,14 @@ AttentionMaskInterface.register(STREAMED_PREFILL, streamed_mask)
 
 
 class StreamingPrefill:
-    """Runs the prefill of `language_model` chunk by chunk for a method whose press streams (`CachePress`
-    with `chunk_frames`), pressing every layer but the first after each chunk; the calls of `model` that prefill
-    merge their media by rows (`RowScatter`)."""
+    """Runs the prefill of `adapter`'s language model chunk by chunk for a method whose press streams (`CachePress`
+    with `chunk_frames`), pressing every layer after each chunk. The call of `model` that prefills encodes its media
+    but embeds no prompt: each chunk is embedded from the prompt's ids and the media's features as it enters
+    (`ChunkedPrompt`)."""
 
-    def __init__(self, model: nn.Module, language_model: nn.Module, layers: nn.ModuleList, press: CachePress) -> None:
-        self.model, self.language_model, self.layers, self.press = model, language_model, layers, press
+    def __init__(self, model: nn.Module, adapter: Adapter, press: CachePress) -> None:
+        self.model, self.adapter, self.press = model, adapter, press
+        self.language_model, self.layers = adapter.language_model, adapter.decoder_layers
         self._inner: Callable[..., object] | None = None
         self._call: Callable[..., object] | None = None
 
@@ -162,11 +140,28 @@ class StreamingPrefill:
         del self.model.forward
 
     def _model_forward(self, *args: object, **kwargs: object) -> object:
+        """The model's forward; at a prefill, its media encoded and the prompt left for the chunks to embed: the
+        model gets an embedding-sized view of nothing in its place, which it hands to the language model."""
         cache = cache_in(kwargs)
         if cache is not None and cache.get_seq_length() > 0:
             return self._call(*args, **kwargs)
-        with RowScatter():
-            return self._call(*args, **kwargs)
+        if args:
+            if len(args) > 1:
+                raise ValueError("a streaming prefill takes the model's inputs by keyword (input_ids may come first)")
+            kwargs["input_ids"] = args[0]
+        request, ids = active(), kwargs.pop("input_ids")
+        if kwargs.get("position_ids") is None:  # the model would compute them from the ids (M-RoPE), as generate does
+            kwargs["position_ids"] = generation_positions(self.model, {"input_ids": ids, **kwargs})
+        kinds = request.call.kinds.cpu()
+        pieces = {
+            kind: self.adapter.media_pieces(kind, output, int((kinds == kind).sum()))
+            for kind, output in self.adapter.media_outputs(kwargs).items()
+        }
+        for name in (*PIXELS.values(), "mm_encoder_outputs"):
+            kwargs.pop(name, None)
+        embed = self.model.get_input_embeddings()
+        request.prefill.prompt = ChunkedPrompt(ids, kinds, pieces, embed)
+        return self._call(inputs_embeds=embed.weight[None, :1].expand(*ids.shape, -1), **kwargs)
 
     def _forward(self, *args: object, **kwargs: object) -> object:
         request, cache = active(), cache_in(kwargs)
@@ -175,25 +170,28 @@ class StreamingPrefill:
         if cache is None:  # the model would make its own; the chunks need one to share, which the caller gets back
             cache = DynamicCache(config=self.language_model.config)
             give_to(cache, request)
-        embeds = kwargs.pop("inputs_embeds")
-        batch, length = embeds.shape[:2]
-        positions = kwargs.pop("position_ids", None)
-        if positions is None:
-            positions = torch.arange(length, device=embeds.device).expand(batch, -1)
+        kwargs.pop("inputs_embeds")
+        prompt = request.prefill.prompt
+        batch = len(prompt.ids)
+        positions = kwargs.pop("position_ids")
+        if positions.ndim == 2:
+            positions = positions.expand(batch, -1)
         rest = {name: value for name, value in kwargs.items()
                 if name not in (*CACHE_NAMES, "attention_mask", "cache_position")}  # fmt: skip
-        empty = torch.zeros(batch, 0, dtype=torch.long, device=embeds.device)
+        empty = torch.zeros(batch, 0, dtype=torch.long, device=prompt.ids.device)
         request.records = [CacheRecord(empty, empty.bool(), True, 0) for _ in self.layers]  # each its own
+        request.call.locate = partial(self.adapter.geometry, request.call, prompt.run, positions)
         bounds, start = chunk_bounds(request, self.press.chunk_frames), 0
-        request.call.locate = None  # the geometry is read: the request, which outlives the prefill, lets go of `embeds`
+        request.call.locate = None  # the geometry is read: the request, which outlives the prefill, lets go of `prompt`
         with attention_in(self.language_model.config, STREAMED_PREFILL):
             for end in bounds:
-                output = self._inner(inputs_embeds=embeds[:, start:end], position_ids=positions[..., start:end],
-                                     attention_mask=None, **with_cache(cache), **rest)  # fmt: skip
+                embeds = prompt.embeddings(start, end)
+                output = self._inner(inputs_embeds=embeds, position_ids=positions[..., start:end], attention_mask=None,
+                                     **with_cache(cache), **rest)  # fmt: skip
                 for record in request.records:
                     record.append(end - start)
-                for index in range(1, len(self.layers)):
+                for index, layer in enumerate(self.layers):
                     window = request.prefill.windows.get(index)
-                    press_layer(request, cache, index, self.layers[index], self.press, window)
+                    press_layer(request, cache, index, layer, self.press, window)
                 start = end
         return output

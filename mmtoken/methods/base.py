@@ -251,12 +251,11 @@ class CurveMethod(Method):
 
 @dataclass
 class CachePress(Method):
-    """Base of the methods that compact the KV cache (stage `on_cache`): in every decoder layer but the first (whose
-    cache length transformers reads for the next tokens' positions), the visual entries that `press` scores best
-    stay, with every text entry: the `ratio` of them (default 0.25), or at most `capacity` of them per row. With
-    `visual_only=False` the share is of all entries. After the prefill by default; with `chunk_frames` (and a
-    `capacity`), the prompt is prefilled that many frames at a time and the cache pressed after every chunk
-    (`mmtoken.engine.streaming`), so no layer but the first holds more than the capacity and one chunk; with
+    """Base of the methods that compact the KV cache (stage `on_cache`): in every decoder layer, the visual entries
+    that `press` scores best stay, with every text entry: the `ratio` of them (default 0.25), or at most `capacity`
+    of them per row. With `visual_only=False` the share is of all entries. After the prefill by default; with
+    `chunk_frames` (and a `capacity`), the prompt is prefilled that many frames at a time and the cache pressed
+    after every chunk (`mmtoken.engine.streaming`), so no layer holds more than the capacity and one chunk; with
     `chunk_shares`, every chunk so far keeps an equal share of the capacity, its best entries by the press
     (`mmtoken.kv.shares`). Presses cut no tokens: the prefill computes what it computes unpatched (chunked: over the
     pressed cache of the chunks before); the memory of the entries that leave is freed."""

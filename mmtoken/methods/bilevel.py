@@ -16,7 +16,7 @@ from mmtoken.methods.registry import register
 class BiLevel(CachePress):
     """Video-XL-2's bi-level KV decoding (Qin et al., arXiv 2506.19225), training-free: after the prefill, the
     video is cut into chunks of `chunk` frames, and each chunk's relevance is the attention the prompt's last
-    `window` queries pay to its entries, at every decoder layer but the first. The `top` chunks keep their KV
+    `window` queries pay to its entries, at every decoder layer. The `top` chunks keep their KV
     entries; in the others every `pool` consecutive visual entries become their mean (pool 0: they leave). The
     paper reads its chunks' relevance from an external retriever run offline; here it is computed. Defaults: chunks
     of 4 frames, the top 2 dense, pooled by 4 as the paper's code pools."""
