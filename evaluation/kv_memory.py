@@ -243,6 +243,21 @@ def summary(rows: list[dict]) -> list[dict]:
     ]  # fmt: skip
 
 
+def growth(rows: list[dict]) -> dict[str, float]:
+    """Per setting with two or more lengths that ran: the bytes the prefill adds to what was allocated before it, per
+    prompt token, from its shortest run to its longest (0 for memory flat in the video's length)."""
+    added: dict[str, list[tuple[int, int]]] = {}
+    for row in rows:
+        if row["measurement"] == "length" and row.get("peak_memory_bytes") is not None:
+            extra = row["peak_memory_bytes"] - row["allocated_before_bytes"]
+            added.setdefault(row["setting"], []).append((row["prompt_tokens"], extra))
+    return {
+        label: (max(points)[1] - min(points)[1]) / (max(points)[0] - min(points)[0])
+        for label, points in added.items()
+        if len(points) > 1
+    }
+
+
 def _gib(value: int | None) -> str:
     return "-" if value is None else f"{value / 2**30:.2f} GiB"
 
@@ -265,6 +280,9 @@ def markdown(rows: list[dict], environment: dict) -> str:
         first = next(iter(cells.values()))
         lines.append(f"| {count} ({first['prompt_tokens']:,}) | " + " | ".join(_cell(cells[label]) for label in labels)
                      + " |")  # fmt: skip
+    lines += ["", "Peak memory above what was allocated before the prefill, per prompt token, shortest run to longest: "
+              + ("; ".join(f"{label}: {per_token / 1000:.1f} KB" for label, per_token in growth(rows).items())
+                 or "fewer than two lengths ran")]  # fmt: skip
     lines += ["", "| setting | largest batch that fits | decode tokens/s | batch ratio | decode ratio |",
               "|---|---|---|---|---|"]  # fmt: skip
     for row in summary(rows):

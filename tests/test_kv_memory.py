@@ -181,3 +181,14 @@ def test_a_streamed_request_lets_go_of_the_media_features_once_prefilled():
         del long_encoded
         assert not _tensors_on(pointer)  # the cache, which owns the request, holds none of the features
         assert cache.layers[0].get_seq_length() > 0
+
+
+def test_growth_is_the_added_peak_per_prompt_token_from_the_shortest_run_to_the_longest():
+    def row(setting, tokens, peak, before=1000):
+        return {"measurement": "length", "setting": setting, "prompt_tokens": tokens, "peak_memory_bytes": peak,
+                "allocated_before_bytes": before}  # fmt: skip
+
+    rows = [row("flat", 100, 5000), row("flat", 1000, 5000, before=3000), row("grows", 100, 2000),
+            row("grows", 500, 6000), row("grows", 1100, 12000), row("once", 100, 9000),
+            {"measurement": "length", "setting": "grows", "prompt_tokens": 5000, "out_of_memory": True}]  # fmt: skip
+    assert kv_memory.growth(rows) == {"flat": -2000 / 900, "grows": 10.0}
