@@ -123,9 +123,14 @@ def _request_to_press(cache: Cache, layer: int, operation: str) -> Request:
         raise ValueError(f"{operation}: this cache has fixed sizes (cuda_graphs); {operation} before its decode steps")
     if not 0 <= layer < len(request.records):
         raise ValueError(f"{operation}: layer must be in [0, {len(request.records)}), got {layer}")
-    if layer == 0:  # the model sizes its own masks by the first layer's cache; decode steps mask it by its record
-        request.shortened = True
     return request
+
+
+def _pressed(request: Request, layer: int, record: CacheRecord) -> None:
+    """Layer `layer`'s cache now holds the entries of `record`. Where the first layer's does, the model, which sizes
+    its own masks by that cache, is given the padding mask of its record at decode (`shortened`)."""
+    request.records[layer] = record
+    request.shortened |= layer == 0
 
 
 def compact(cache: Cache, layer: int, keep: torch.Tensor, fillers: torch.Tensor | None = None) -> None:
@@ -136,7 +141,7 @@ def compact(cache: Cache, layer: int, keep: torch.Tensor, fillers: torch.Tensor 
     model."""
     request = _request_to_press(cache, layer, "compact")
     gather_entries(cache, layer, keep)
-    request.records[layer] = request.records[layer].gathered(keep, fillers)
+    _pressed(request, layer, request.records[layer].gathered(keep, fillers))
 
 
 def pool(cache: Cache, layer: int, group: torch.Tensor) -> None:
@@ -160,4 +165,4 @@ def pool(cache: Cache, layer: int, group: torch.Tensor) -> None:
         1, target, slot, "amin"
     )
     valid = count > 0
-    request.records[layer] = CacheRecord(first.masked_fill(~valid, 0), valid, bool(valid.all()), record.next_slot)
+    _pressed(request, layer, CacheRecord(first.masked_fill(~valid, 0), valid, bool(valid.all()), record.next_slot))
