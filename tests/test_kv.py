@@ -353,6 +353,19 @@ def test_a_streaming_prefill_that_cannot_run_is_refused_at_patch_time(params, me
     assert not model._forward_pre_hooks
 
 
+def test_a_streaming_prefill_takes_its_inputs_by_keyword_but_the_ids():
+    model, _ = model_and_processor("qwen2_vl")
+    batch = inputs("qwen2_vl", True, rows=[0])
+    rest = {key: value for key, value in batch.items() if key != "input_ids"}
+    with mmtoken.patched(model, "valuenorm", capacity=4, chunk_frames=1), torch.no_grad():
+        expected = model(**batch).logits
+        assert torch.equal(model(batch["input_ids"], **rest).logits, expected)
+        with pytest.raises(ValueError, match="takes the model's inputs by keyword"):
+            model(
+                batch["input_ids"], batch["attention_mask"], **{k: v for k, v in rest.items() if k != "attention_mask"}
+            )
+
+
 def test_a_streaming_prefill_refuses_padded_rows_before_the_model_runs():
     model, _ = model_and_processor("qwen2_vl")
     batch = inputs("qwen2_vl", True, batch=2)
