@@ -65,7 +65,7 @@ def test_interference_sets_the_steps_during_a_videos_encode_and_prefill_apart():
 
 def _loadtest(folder: Path, processes: int, *options: str) -> dict:
     """`mmtoken loadtest` of the tiny LLaVA, saved to `folder`, under torchrun with `processes` processes on the CPU;
-    its serving.json."""
+    its serving.json, every request answered."""
     model, processor = model_and_processor("llava")
     model.save_pretrained(folder / "model")
     processor.save_pretrained(folder / "model")
@@ -75,7 +75,11 @@ def _loadtest(folder: Path, processes: int, *options: str) -> dict:
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=environment)
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads((folder / "out" / "serving.json").read_text())
+    result = json.loads((folder / "out" / "serving.json").read_text())
+    failed = [(row["deployment"], row["method"], row["batching"], record["error"]) for row in result["rows"]
+              for record in row["records"] if record["error"]]  # fmt: skip
+    assert not failed, failed
+    return result
 
 
 def test_staged_over_gloo_answers_as_colocated_and_its_cache_hits_on_repeated_media(tmp_path):

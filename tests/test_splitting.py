@@ -9,6 +9,8 @@ from conftest import PRUNING, model_and_processor
 
 import mmtoken
 from mmtoken.encoding import encode, feeding
+from mmtoken.staging.batching import collate, collate_encoded
+from mmtoken.staging.decoding import prefill
 from mmtoken.staging.splitting import joined_parts, media_parts
 from mmtoken.zoo.tiny import VIDEO_FAMILIES, _draw
 
@@ -76,6 +78,25 @@ def test_vision_signals_of_parts_joined_are_the_whole(family, images, frames, pa
                 expected = model(**inputs).logits
             with feeding(model, joined):
                 torch.testing.assert_close(model(**inputs).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
+def test_a_request_encoded_whole_and_one_joined_from_parts_batch_together_with_every_signal():
+    """A one-image prompt (one part, whatever the encoders) beside a two-image one split in two: their VisionZip
+    prefill batched, in either order, gives each its first token alone."""
+    model, processor = model_and_processor("llava")
+    one, two = _prompt(processor, images=1), _prompt(processor, images=2)
+    with mmtoken.patched(model, "visionzip", **PRUNING["visionzip"]):
+        encodings = [encode(model, one, signal=True),
+                     joined_parts([encode(model, piece, signal=True) for piece in media_parts(two, 2)])]  # fmt: skip
+        prompts = (one, two)
+        alone = [prefill(model, prompt, encoded).tokens.item()
+                 for prompt, encoded in zip(prompts, encodings, strict=True)]  # fmt: skip
+        for order in ([0, 1], [1, 0]):
+            batch = collate([prompts[row] for row in order], processor.tokenizer.pad_token_id)
+            together = collate_encoded([encodings[row] for row in order])
+            assert [len(signals) for signals in together.signals.values() if signals] == [3]
+            assert prefill(model, batch, together).tokens.tolist() == [alone[row] for row in order]
 
 
 def test_parts_with_and_without_the_signal_are_refused():

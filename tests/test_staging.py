@@ -9,6 +9,7 @@ from conftest import model_and_processor
 
 import mmtoken
 from mmtoken.encoding import encode
+from mmtoken.staging.continuous import ContinuousScheduler, OverlappedScheduler
 from mmtoken.staging.embedding_cache import EmbeddingCache, encoded_bytes, media_key
 from mmtoken.staging.encoders import LocalEncoder, ThreadEncoder
 from mmtoken.staging.jobs import Job
@@ -74,23 +75,31 @@ def test_the_embedding_cache_encodes_repeated_media_once_and_evicts_the_oldest()
     assert (cache.hits, cache.misses) == (1, 3)
 
 
+@pytest.mark.parametrize("scheduling", [Scheduler, ContinuousScheduler, OverlappedScheduler])
+@pytest.mark.parametrize("encoder", [LocalEncoder, ThreadEncoder])
 @torch.no_grad()
-def test_a_bad_request_in_a_batch_costs_only_itself_its_answer():
+def test_a_bad_request_in_a_batch_costs_only_itself_its_answer(scheduling, encoder):
+    """The batch fails, each request runs again alone with the encoding it got (a thread encoder hands each out
+    once), and the bad one gets its own error."""
     model, processor = model_and_processor("llava")
     good = [tiny_inputs(processor, "llava", rows=[0], question_lengths=[length]) for length in (3, 6)]
     bad = dict(good[0])
     bad["input_ids"] = bad["input_ids"].clone()
     bad["input_ids"][0, -3:] = model.config.image_token_id  # more image tokens than its image fills
     expected = [_alone(model, processor, row) for row in good]
-    scheduler = Scheduler(model, processor, LocalEncoder(model, None, {}, False), max_batch=3)
+    encoding = encoder(model, None, {}, False)
+    scheduler = scheduling(model, processor, encoding, max_batch=3)
     jobs = [Job(dict(good[0]), NEW_TOKENS), Job(bad, NEW_TOKENS), Job(dict(good[1]), NEW_TOKENS)]
     for job in jobs:
         scheduler.submit(job)
     scheduler.start()
     scheduler.close()
+    if encoder is ThreadEncoder:
+        encoding.close()
     assert [jobs[0].future.result(), jobs[2].future.result()] == expected
     with pytest.raises(ValueError, match="image tokens"):
         jobs[1].future.result()
+    assert all(job.encoding is None for job in jobs)  # none holds its features once answered
 
 
 def test_a_full_queue_refuses_before_any_work():

@@ -54,6 +54,6 @@ def collate_encoded(encodings: Sequence[Encoded]) -> Encoded:
     """The encodings of a batch's requests as one, in the batch's order (what the model's own encoding of the
     collated inputs would give)."""
     features = {kind: _joined([encoded.features[kind] for encoded in encodings]) for kind in encodings[0].features}
-    signals = {kind: [signal for encoded in encodings for signal in encoded.signals[kind]]
-               for kind in encodings[0].signals}  # fmt: skip
+    kinds = dict.fromkeys(kind for encoded in encodings for kind in encoded.signals)
+    signals = {kind: [signal for encoded in encodings for signal in encoded.signals.get(kind, [])] for kind in kinds}
     return Encoded(features, signals)

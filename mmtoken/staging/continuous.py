@@ -82,10 +82,13 @@ class ContinuousScheduler(Scheduler):
                 tokens, at = self._tokens(decoding)
             except Exception as error:  # every accepted request gets an answer, never lost
                 if len(group) == 1:
+                    group[0].encoding = None
                     self._answer(group, error)
                 else:
                     out += [prefilled for job in group for prefilled in self._prefilled([job])]
                 continue
+            for job in group:
+                job.encoding = None
             ended = [self._emit(job, token, at) for job, token in zip(group, tokens, strict=True)]
             keep = [row for row, end in enumerate(ended) if not end]
             if keep:

@@ -9,6 +9,8 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+from mmtoken.encoding import Encoded
+
 _IDS = itertools.count()
 
 
@@ -26,6 +28,7 @@ class Job:
     media_key: str | None = None
     cache_hit: bool | None = None
     encoder: tuple[int, ...] | None = None
+    encoding: Encoded | Exception | None = None
     id: int = field(default_factory=lambda: next(_IDS))
     arrived: float = field(default_factory=time.perf_counter)
     started: float | None = None

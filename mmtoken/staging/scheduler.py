@@ -132,22 +132,32 @@ class Scheduler:
                     self._run_or_split([job])
                 return
             failure = OutOfMemory(str(error)) if isinstance(error, torch.OutOfMemoryError) else error
+            batch[0].encoding = None
             batch[0].future.set_exception(failure)
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             return
         for job in batch:
+            job.encoding = None
             job.future.set_result(list(job.tokens))
 
     def _batch_inputs(self, batch: list[Job]) -> tuple[dict, Encoded]:
         """The batch's inputs, left-padded on the model's device, and its encodings from the encoder, as the batch
-        starts (each request's start and encoding times recorded)."""
+        starts (each request's start and encoding times recorded). Each request's encoding is asked for once: an
+        encoder process hands it out once, and a request that runs again alone gets the same (or the same error)."""
         started = time.perf_counter()
         encodings = []
         for job in batch:
-            job.started = started
-            encodings.append(self.encoder.features(job))
-            job.encoded = time.perf_counter()
+            if job.encoding is None:  # not yet asked: a request that runs again alone keeps what it got
+                job.started = started
+                try:
+                    job.encoding = self.encoder.features(job)
+                except Exception as error:  # the request's answer, once its batch has run without it
+                    job.encoding = error
+                job.encoded = time.perf_counter()
+            if isinstance(job.encoding, Exception):
+                raise job.encoding
+            encodings.append(job.encoding)
         return on_model(self.model, collate([job.inputs for job in batch], self.pad_id)), collate_encoded(encodings)
 
     @torch.no_grad()
