@@ -10,7 +10,8 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from mmtoken.state import MEDIA, PIXELS, TEXT, CallState
+from mmtoken.integrations.frames import EncodedFrames
+from mmtoken.state import FED, MEDIA, PIXELS, TEXT, VIDEO, CallState
 
 
 def _encoded(kind: int, inputs: dict) -> object | None:
@@ -48,8 +49,9 @@ class Adapter:
         self.decoder_layers = self.language_model.layers
 
     def split_run(self, kind: int, blocks: list[torch.Tensor], positions: torch.Tensor | None) -> list[torch.Tensor]:
-        """Layouts (n_i, 3) of the media items in one run, whose embeddings are `blocks` one after the other;
-        `positions` (3, n) are M-RoPE (t, h, w) or None."""
+        """Layouts (n_i, 3) of the media items in one run, whose embeddings are `blocks` one after the other (a
+        block of a video's frames not yet encoded, `EncodedFrames`, is known to hold frames only); `positions`
+        (3, n) are M-RoPE (t, h, w) or None."""
         raise NotImplementedError
 
     @property
@@ -131,8 +133,13 @@ class Adapter:
             for kind in MEDIA:
                 for start, end in runs(kinds[row] == kind):
                     positions = None if mrope is None else mrope[:, row, start:end]
-                    # in blocks: a long video's comparisons would hold a flag per hidden element
-                    blocks = [block for part in run(row, start, end) for block in part.detach().split(65536)]
+                    # in blocks: a long video's comparisons would hold a flag per hidden element; frames not yet
+                    # encoded stay so, as the split reads only where they are
+                    blocks = [
+                        block
+                        for part in run(row, start, end)
+                        for block in (part.detach().split(65536) if torch.is_tensor(part) else (part,))
+                    ]
                     for layout in self.split_run(kind, blocks, positions):
                         geometry[row, start : start + len(layout), 0] = media
                         geometry[row, start : start + len(layout), 1:] = layout
@@ -161,3 +168,22 @@ class Adapter:
         """The features of `kind` in `output` as (tokens, hidden) pieces (views), in the order the model scatters
         them into the prompt's `tokens` tokens of that kind."""
         return [piece.reshape(-1, piece.shape[-1]) for piece in output.pooler_output]
+
+    def video_runs(self, inputs: dict, frames: int) -> list[torch.Tensor | EncodedFrames] | None:
+        """The call's videos as `media_pieces` gives them, but each run of `frames` frames (Qwen: time steps of two
+        frames) encoded only when a streaming prefill first reads it (`EncodedFrames`); None where the call brings
+        no video pixels to encode (no video, or its features encoded ahead by `generate` or fed by
+        `mmtoken.encoding.feeding`)."""
+        if inputs.get(PIXELS[VIDEO]) is None or _encoded(VIDEO, inputs) is not None or VIDEO in FED.get():
+            return None
+        return self.frame_runs(inputs, frames)
+
+    def frame_runs(self, inputs: dict, frames: int) -> list[torch.Tensor | EncodedFrames]:
+        """`video_runs` of a call whose video pixels the model is to encode."""
+        raise ValueError(f"{self.config.model_type} takes no videos")
+
+    def _frames_features(self, media: dict, tokens: int) -> torch.Tensor:
+        """(tokens, hidden): the features of one video's run of frames, whose pixels (and grid) are `media`, as the
+        model's own `get_video_features` makes them; a newline it appends (OneVision) closes the video later."""
+        output = self.media_outputs(media)[VIDEO]
+        return torch.cat(Adapter.media_pieces(self, VIDEO, output, tokens))[:tokens]

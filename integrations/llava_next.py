@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 from mmtoken.integrations.base import Adapter, raster
+from mmtoken.integrations.frames import EncodedFrames
 from mmtoken.integrations.vision import TowerAttention, select_tower_tokens
 from mmtoken.state import IMAGE
 
@@ -30,8 +32,9 @@ class LlavaNextAdapter(TowerAttention, Adapter):
         return self.model.base_model if self.config.model_type == "llava_onevision" else None
 
     def split_run(self, kind: int, blocks: list[torch.Tensor], positions: torch.Tensor | None) -> list[torch.Tensor]:
-        line = self.model.model.image_newline.to(blocks[0].dtype)
-        newline = torch.cat([(block == line).all(-1).cpu() for block in blocks])
+        line = self.model.model.image_newline
+        newline = torch.cat([(block == line.to(block.dtype)).all(-1).cpu() if torch.is_tensor(block)
+                             else torch.zeros(len(block), dtype=torch.bool) for block in blocks])  # fmt: skip
         ends = (newline.nonzero().flatten() + 1).tolist()
         if kind != IMAGE:
             pooled = math.ceil(self._side / 2)
@@ -54,6 +57,19 @@ class LlavaNextAdapter(TowerAttention, Adapter):
         if kind != IMAGE and sum(map(len, pieces)) + len(pieces) == tokens:
             newline = self.model.model.image_newline[None]
             pieces = [part for piece in pieces for part in (piece, newline)]
+        return pieces
+
+    def frame_runs(self, inputs: dict, frames: int) -> list[torch.Tensor | EncodedFrames]:
+        pixels = inputs["pixel_values_videos"]  # (videos, frames, channels, height, width)
+        per_frame = math.ceil(self._side / 2) ** 2
+        pieces = []
+        for video in range(len(pixels)):
+            for first in range(0, pixels.shape[1], frames):
+                run = pixels[video : video + 1, first : first + frames]
+                tokens = run.shape[1] * per_frame
+                encode = partial(self._frames_features, {"pixel_values_videos": run}, tokens)
+                pieces.append(EncodedFrames(tokens, encode))
+            pieces.append(self.model.model.image_newline[None])
         return pieces
 
     def _image(self, rows: int, width: int) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from functools import partial
 
 import torch
 from torch import nn
@@ -10,6 +11,7 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_
 from transformers.vision_utils import get_vision_window_index
 
 from mmtoken.integrations.base import Adapter
+from mmtoken.integrations.frames import EncodedFrames
 from mmtoken.integrations.vision import module_input, received_attention
 from mmtoken.state import IMAGE
 
@@ -27,6 +29,21 @@ class Qwen2VLAdapter(Adapter):
         if grids is None:
             return super().expected_tokens(kind, inputs)
         return int(grids.prod(-1).sum()) // self.config.vision_config.spatial_merge_size**2
+
+    def frame_runs(self, inputs: dict, frames: int) -> list[torch.Tensor | EncodedFrames]:
+        pixels, grids = inputs["pixel_values_videos"], inputs["video_grid_thw"]  # patches of every video, in order
+        merged = self.config.vision_config.spatial_merge_size**2
+        pieces, offset = [], 0
+        for steps, rows, columns in grids.tolist():
+            per_step = rows * columns
+            for first in range(0, steps, frames):
+                last = min(first + frames, steps)
+                media = {"pixel_values_videos": pixels[offset + first * per_step : offset + last * per_step],
+                         "video_grid_thw": grids.new_tensor([[last - first, rows, columns]])}  # fmt: skip
+                tokens = (last - first) * per_step // merged
+                pieces.append(EncodedFrames(tokens, partial(self._frames_features, media, tokens)))
+            offset += steps * per_step
+        return pieces
 
     def split_run(self, kind: int, blocks: list[torch.Tensor], positions: torch.Tensor | None) -> list[torch.Tensor]:
         if positions is None:

@@ -20,7 +20,7 @@ from torch import nn
 from mmtoken.api import handle_of
 from mmtoken.integrations import adapter_for
 from mmtoken.integrations.vision import VisionWatch
-from mmtoken.state import MEDIA
+from mmtoken.state import FED, MEDIA
 
 
 @dataclass
@@ -83,9 +83,11 @@ def feeding(model: nn.Module, encoded: Encoded) -> Iterator[None]:
 
         # the original's signature, which `generate` reads to pick the arguments it passes (and then drops)
         setattr(base, name, functools.wraps(running)(answer))
+    fed = FED.set(frozenset(encoded.features))
     try:
         yield
     finally:
+        FED.reset(fed)
         for name, previous in saved.items():
             if previous is None:
                 delattr(base, name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -11,6 +12,8 @@ import torch
 TEXT, IMAGE, VIDEO = 0, 1, 2
 MEDIA = {IMAGE: "image", VIDEO: "video"}  # the modality names transformers uses (get_image_features, ...)
 PIXELS = {IMAGE: "pixel_values", VIDEO: "pixel_values_videos"}  # the processor's output holding each one's pixels
+# the media kinds whose features `mmtoken.encoding.feeding` hands the model in this thread instead of its encoders
+FED: ContextVar[frozenset[int]] = ContextVar("mmtoken_fed", default=frozenset())
 
 
 @dataclass

@@ -160,6 +160,36 @@ def test_a_streamed_prefill_never_makes_the_whole_prompts_hidden_states(family):
     assert states and max(shape.numel() for shape in states) <= max(chunks) * hidden
 
 
+@pytest.mark.parametrize("family", [FAMILY, "qwen2_5_vl"])
+@pytest.mark.parametrize("rows", [1, 2])
+@torch.no_grad()
+def test_a_streamed_prefill_encodes_each_chunks_frames_as_it_enters_and_answers_as_the_whole_encoding(family, rows):
+    """8 frames, chunks of 2 (Qwen: of 2 time steps, 4 frames): the vision tower runs once per chunk and row, on
+    that chunk's frames, just before the chunk enters the language model; the answer is the one the whole video
+    encoded at once gives."""
+    model, processor, frames, _, _ = _base(family, frames=8)
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "what moves"}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=[text] * rows, videos=[frames] * rows, return_tensors="pt")
+    tower = model.model.visual if family == "qwen2_5_vl" else model.model.vision_tower
+    runs, patches = (2, len(inputs["pixel_values_videos"]) // (2 * rows)) if family == "qwen2_5_vl" else (4, 2)
+    with mmtoken.patched(model, "snapkv", capacity=8, chunk_frames=2):
+        with feeding(model, encode(model, inputs)):
+            expected_tokens, expected_logits = greedy_run(model, inputs)
+        events = []
+        first_layer = model.get_decoder().layers[0]
+        hooks = [tower.register_forward_pre_hook(lambda module, args: events.append(len(args[0]))),
+                 first_layer.register_forward_pre_hook(lambda *_: events.append("chunk"))]  # fmt: skip
+        try:
+            tokens, logits = greedy_run(model, inputs)
+        finally:
+            for hook in hooks:
+                hook.remove()
+    assert events[: runs * (rows + 1)] == ([patches] * rows + ["chunk"]) * runs
+    assert patches not in events[runs * (rows + 1) :]  # the decode steps encode nothing
+    assert torch.equal(tokens, expected_tokens) and (logits - expected_logits).abs().max() < 1e-4
+
+
 def _tensors_on(pointer: int) -> list[torch.Tensor]:
     """Every live tensor whose memory starts at `pointer`."""
     gc.collect()

@@ -1,6 +1,7 @@
 """A prompt embedded chunk by chunk: the embeddings of its tokens start:end, its media's features written over its
 visual tokens as the model's own merge (`masked_scatter`) writes them, without ever making the whole prompt's
-embeddings. A long video's prompt then holds, beside its ids, only its media's features and one chunk."""
+embeddings. A long video's prompt then holds, beside its ids and pixels, only one chunk and the features of the
+frames it reads, which are encoded as it reads them."""
 
 from __future__ import annotations
 
@@ -15,10 +16,10 @@ from mmtoken.state import MEDIA
 class ChunkedPrompt:
     """The input ids (batch, length) of a prompt whose token kinds are `kinds` (on the CPU), and per media kind the
     features of its tokens as (tokens, hidden) `pieces`, in the order the model scatters them (row by row, then
-    along the prompt), embedded by `embed` chunk by chunk."""
+    along the prompt), embedded by `embed` chunk by chunk. A piece is a tensor, or frames the chunk that first
+    reads them encodes (anything with a length and `read(start, end)`, as `EncodedFrames`)."""
 
-    def __init__(self, ids: torch.Tensor, kinds: torch.Tensor, pieces: dict[int, list[torch.Tensor]],
-                 embed: nn.Module) -> None:  # fmt: skip
+    def __init__(self, ids: torch.Tensor, kinds: torch.Tensor, pieces: dict[int, list], embed: nn.Module) -> None:
         self.ids, self.kinds, self.embed = ids, kinds, embed
         self.pieces = {kind: parts for kind, parts in pieces.items() if parts}
         held = {kind: sum(map(len, parts)) for kind, parts in pieces.items()}
@@ -42,26 +43,30 @@ class ChunkedPrompt:
         """(batch, end - start, hidden): the embeddings of the prompt's tokens start:end, media included."""
         embeds = self.embed(self.ids[:, start:end])
         for kind in self.pieces:
-            features = torch.cat([part for before in self._before[kind]
-                                  for part in self._parts(kind, int(before[start]), int(before[end]))])  # fmt: skip
-            if len(features):
+            features = [piece[first:last] if torch.is_tensor(piece) else piece.read(first, last)
+                        for before in self._before[kind]
+                        for piece, first, last in self._parts(kind, int(before[start]), int(before[end]))]  # fmt: skip
+            if features:
                 mask = (self.kinds[:, start:end] == kind).to(embeds.device)
-                embeds[mask] = features.to(embeds.device, embeds.dtype)
+                embeds[mask] = torch.cat(features).to(embeds.device, embeds.dtype)
         return embeds
 
-    def run(self, row: int, start: int, end: int) -> list[torch.Tensor]:
+    def run(self, row: int, start: int, end: int) -> list:
         """The embeddings of row `row`'s tokens start:end, which are all visual of one kind (a run, as
-        `Adapter.geometry` reads them): views of their features, one after the other."""
+        `Adapter.geometry` reads them): views of their features, one after the other, and whole pieces of frames
+        not yet encoded as they are (a run holds whole media)."""
         kind = int(self.kinds[row, start])
         before = self._before[kind][row]
-        return self._parts(kind, int(before[start]), int(before[end]))
+        return [piece[first:last] if torch.is_tensor(piece) else piece
+                for piece, first, last in self._parts(kind, int(before[start]), int(before[end]))]  # fmt: skip
 
-    def _parts(self, kind: int, first: int, last: int) -> list[torch.Tensor]:
-        """Features first:last of `kind`, in scatter order: views of the pieces they lie in."""
+    def _parts(self, kind: int, first: int, last: int) -> list[tuple[object, int, int]]:
+        """Where features first:last of `kind` lie, in scatter order: (piece, start, end) within each piece."""
         parts, starts = self.pieces[kind], self._starts[kind]
-        index, taken = bisect.bisect_right(starts, first) - 1, [parts[0][:0]]
+        index, taken = bisect.bisect_right(starts, first) - 1, []
         while first < last:
-            piece = parts[index][first - starts[index] : last - starts[index]]
-            taken.append(piece)
-            first, index = first + len(piece), index + 1
+            start = first - starts[index]
+            end = min(last - starts[index], len(parts[index]))
+            taken.append((parts[index], start, end))
+            first, index = first + end - start, index + 1
         return taken

@@ -2,15 +2,16 @@
 pressed cache of the chunks before it, which is pressed again after every chunk. So no decoder layer ever holds
 more than the press's `capacity` of visual entries plus one chunk and the text, however long the video.
 
-The model's forward runs once: it encodes the media, and its language model gets no prompt embeddings, which would
-hold a hidden state per token of the whole video (and, on transformers 5.17, a second copy of the video's
-features with its newline): each chunk is embedded from the prompt's ids and the media's features as it enters
-(`mmtoken.engine.embedding`). The language model's forward is then run once per chunk (the decoder layers' hooks
-see every chunk; the language model's own hook saw the whole prompt, once), with the chunk's original positions,
-no mask (rows without padding, so the model's causal mask over the pressed cache is the right one) and the
-request's cache. The cache's record of each layer grows by the chunk's entries and shrinks at each press, as decode
-steps later read it. The first layer is pressed too; its decode steps are masked by its record, as after a cut
-before the language model.
+The model's forward runs once: it encodes the images, and its language model gets no prompt embeddings, which would
+hold a hidden state per token of the whole video (and, on transformers 5.17, a second copy of the video's features
+with its newline): each chunk is embedded from the prompt's ids and the media's features as it enters
+(`mmtoken.engine.embedding`), its video frames encoded just then (`Adapter.video_runs`), so neither the vision tower
+nor the prompt ever holds the whole video's features; `generate` is kept from encoding them ahead. The language
+model's forward is then run once per chunk (the decoder layers' hooks see every chunk; the language model's own hook
+saw the whole prompt, once), with the chunk's original positions, no mask (rows without padding, so the model's
+causal mask over the pressed cache is the right one) and the request's cache. The cache's record of each layer grows
+by the chunk's entries and shrinks at each press, as decode steps later read it. The first layer is pressed too; its
+decode steps are masked by its record, as after a cut before the language model.
 
 Under sdpa the chunks attend through `STREAMED_PREFILL`: the model builds no causal mask, and a chunk's queries
 attend causally aligned to the newest keys (flash attention, on the key/value heads themselves). The model's own
@@ -22,6 +23,7 @@ repeats them wherever sdpa is given a mask), 7 per key/value head on OneVision-7
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING
@@ -43,7 +45,7 @@ from mmtoken.engine.pressing import press_layer
 from mmtoken.engine.record import CacheRecord
 from mmtoken.engine.request import Request, active, give_to
 from mmtoken.methods.base import CachePress
-from mmtoken.state import PIXELS, TEXT
+from mmtoken.state import PIXELS, TEXT, VIDEO
 
 if TYPE_CHECKING:
     from mmtoken.integrations.base import Adapter
@@ -119,9 +121,9 @@ AttentionMaskInterface.register(STREAMED_PREFILL, streamed_mask)
 
 class StreamingPrefill:
     """Runs the prefill of `adapter`'s language model chunk by chunk for a method whose press streams (`CachePress`
-    with `chunk_frames`), pressing every layer after each chunk. The call of `model` that prefills encodes its media
-    but embeds no prompt: each chunk is embedded from the prompt's ids and the media's features as it enters
-    (`ChunkedPrompt`)."""
+    with `chunk_frames`), pressing every layer after each chunk. The call of `model` that prefills encodes its
+    images but embeds no prompt: each chunk is embedded from the prompt's ids and the media's features as it enters
+    (`ChunkedPrompt`), its video frames encoded as it enters (unless the features came encoded)."""
 
     def __init__(self, model: nn.Module, adapter: Adapter, press: CachePress) -> None:
         self.model, self.adapter, self.press = model, adapter, press
@@ -132,16 +134,24 @@ class StreamingPrefill:
     def attach(self) -> None:
         self._inner, self._call = self.language_model.forward, self.model.forward
         self.language_model.forward = self._forward
-        # the model's own signature, which `generate` reads to check the arguments it is given
-        self.model.forward = functools.wraps(self._call)(partial(StreamingPrefill._model_forward, self))
+        # the model's own signature, which `generate` reads to check the arguments it is given, less
+        # `mm_encoder_outputs`: `generate` then hands over the pixels instead of encoding every frame ahead
+        # (transformers 5.24), and the frames are encoded as their chunks enter
+        forward = functools.wraps(self._call)(partial(StreamingPrefill._model_forward, self))
+        signature = inspect.signature(self._call)
+        forward.__signature__ = signature.replace(
+            parameters=[parameter for name, parameter in signature.parameters.items() if name != "mm_encoder_outputs"]
+        )
+        self.model.forward = forward
 
     def detach(self) -> None:
         del self.language_model.forward
         del self.model.forward
 
     def _model_forward(self, *args: object, **kwargs: object) -> object:
-        """The model's forward; at a prefill, its media encoded and the prompt left for the chunks to embed: the
-        model gets an embedding-sized view of nothing in its place, which it hands to the language model."""
+        """The model's forward; at a prefill, its images encoded, its video frames left to encode and the prompt to
+        embed as the chunks enter: the model gets an embedding-sized view of nothing in its place, which it hands
+        to the language model."""
         cache = cache_in(kwargs)
         if cache is not None and cache.get_seq_length() > 0:
             return self._call(*args, **kwargs)
@@ -153,10 +163,12 @@ class StreamingPrefill:
         if kwargs.get("position_ids") is None:  # the model would compute them from the ids (M-RoPE), as generate does
             kwargs["position_ids"] = generation_positions(self.model, {"input_ids": ids, **kwargs})
         kinds = request.call.kinds.cpu()
+        runs = self.adapter.video_runs(kwargs, self.press.chunk_frames)  # encoded as the chunks read them
+        media = kwargs if runs is None else {name: value for name, value in kwargs.items() if name != PIXELS[VIDEO]}
         pieces = {
             kind: self.adapter.media_pieces(kind, output, int((kinds == kind).sum()))
-            for kind, output in self.adapter.media_outputs(kwargs).items()
-        }
+            for kind, output in self.adapter.media_outputs(media).items()
+        } | ({} if runs is None else {VIDEO: runs})
         for name in (*PIXELS.values(), "mm_encoder_outputs"):
             kwargs.pop(name, None)
         embed = self.model.get_input_embeddings()
