@@ -12,7 +12,9 @@ The video's frames are a few real frames through the model's processor and visio
 features repeated to the length asked (the language model's cost depends on the count of tokens only); so the
 prefill runs on encoded features, whose bytes are part of the peak, as are the prompt's embeddings the model builds
 from them, except in a streaming prefill, which embeds one chunk at a time. The encoder's own time per frame is
-measured on the real frames.
+measured on the real frames. The last setting streams from the pixels instead (the real frames repeated): each
+chunk's frames go through the vision tower as the chunk enters, so its time to first token holds the encoder's and
+its peak holds no features beyond a chunk's (length only; its decode steps are the streamed setting's).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import argparse
 import gc
 import json
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -42,11 +45,13 @@ VIDEO_SHAPES = {"onevision-7b-video": onevision_7b, "qwen25vl-7b-video": partial
 
 @dataclass
 class Setting:
-    """The unpatched model (no method) or a press by name with its parameters."""
+    """The unpatched model (no method) or a press by name with its parameters; `encodes`: the prefill gets the
+    video's pixels, not its features."""
 
     label: str
     method: str | None = None
     params: dict | None = None
+    encodes: bool = False
 
     @property
     def streams(self) -> bool:
@@ -54,13 +59,15 @@ class Setting:
 
 
 def settings(press: str, capacity: int, chunk_frames: int) -> list[Setting]:
-    """Unpatched, `press` at `capacity` entries per layer after the prefill, and the same streamed in chunks."""
+    """Unpatched, `press` at `capacity` entries per layer after the prefill, and the same streamed in chunks, from
+    encoded features and from the pixels."""
+    streamed = {"capacity": capacity, "chunk_frames": chunk_frames}
     return [
         Setting("unpatched"),
         Setting(f"{press} {capacity} after prefill", press, {"capacity": capacity}),
-        Setting(f"{press} {capacity} streamed, {chunk_frames}-frame chunks", press,
-                {"capacity": capacity, "chunk_frames": chunk_frames}),
-    ]  # fmt: skip
+        Setting(f"{press} {capacity} streamed, {chunk_frames}-frame chunks", press, streamed),
+        Setting(f"{press} {capacity} streamed, frames encoded per chunk", press, streamed, encodes=True),
+    ]
 
 
 def lengthened(model: torch.nn.Module, inputs: dict, encoded: Encoded, frames: int, batch: int) -> tuple[dict, Encoded]:
@@ -113,16 +120,26 @@ def _lengthened_qwen(model: torch.nn.Module, inputs: dict, encoded: Encoded, fra
     return long_inputs, Encoded({VIDEO: BaseModelOutputWithPooling(pooler_output=(features,) * batch)})
 
 
-def _generate(model: torch.nn.Module, inputs: dict, encoded: Encoded, new_tokens: int, device: str) -> dict:
+def with_pixels(model: torch.nn.Module, inputs: dict, long_inputs: dict) -> dict:
+    """`long_inputs` (from `lengthened`) with pixels the vision tower encodes into the lengthened video: the base
+    frames repeated in order (Qwen: its patches; OneVision keeps its view of the first frame, every frame alike)."""
+    if not model.config.model_type.startswith("qwen2"):
+        return long_inputs
+    (base, rows, columns), steps = inputs["video_grid_thw"][0].tolist(), int(long_inputs["video_grid_thw"][0, 0])
+    patches = inputs["pixel_values_videos"].unflatten(0, (base, rows * columns))
+    return long_inputs | {"pixel_values_videos": patches[torch.arange(steps) % base].flatten(0, 1)}
+
+
+def _generate(model: torch.nn.Module, inputs: dict, encoded: Encoded | None, new_tokens: int, device: str) -> dict:
     """TTFT, decode tokens/s, peak memory (None off the GPU) and KV bytes of one greedy generation on `encoded`
-    features."""
+    features (None: the model encodes the pixels of `inputs`)."""
     gpu = device.startswith("cuda")
     if gpu:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     clock = TokenClock(device)
     started = time.perf_counter()
-    with feeding(model, encoded):
+    with nullcontext() if encoded is None else feeding(model, encoded):
         out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                              streamer=clock, return_dict_in_generate=True)  # fmt: skip
     batch = inputs["input_ids"].shape[0]
@@ -169,12 +186,14 @@ def measure_length(
 ) -> list[dict]:
     """A row per setting and frame count: peak memory, TTFT and KV bytes of one request (2 new tokens). Settings
     that prefill the whole video skip the `streamed_only` counts and every count whose whole KV cache alone is
-    past the cap."""
+    past the cap; those that encode the pixels run once the long features are gone."""
     rows = []
     for count in track(sorted({*frames, *streamed_only}), description="length"):
         long_inputs, long_encoded = lengthened(model, inputs, encoded, count, 1)
         tokens = long_inputs["input_ids"].shape[1]
-        for setting in grid:
+        for setting in sorted(grid, key=lambda setting: setting.encodes):
+            if setting.encodes and long_encoded is not None:
+                long_inputs, long_encoded = with_pixels(model, inputs, long_inputs), None
             row = {"measurement": "length", "setting": setting.label, "frames": count, "prompt_tokens": tokens}
             whole = full_kv_bytes(model, tokens)
             if not setting.streams and whole > CAP_GIB * 2**30:
@@ -203,7 +222,7 @@ def measure_concurrency(
     step between the last that ran and the first that did not), with its decode tokens/s; every batch tried is a
     row."""
     rows = []
-    for setting in track(grid, description="concurrency"):
+    for setting in track([setting for setting in grid if not setting.encodes], description="concurrency"):
         batch, fits, fails = 1, None, None
         while True:
             long_inputs, long_encoded = lengthened(model, inputs, encoded, frames, batch)

@@ -50,6 +50,10 @@ def test_a_lengthened_video_is_the_real_video_of_its_frames_repeated(family):
         fed = model(**long_inputs).logits
     expected = model(**real).logits
     torch.testing.assert_close(fed, expected.expand(2, -1, -1), rtol=1e-4, atol=1e-4)
+    if family == "qwen2_5_vl":  # its pixels too, as the tower encodes them (OneVision's stay one frame's view)
+        one, _ = kv_memory.lengthened(model, inputs, encoded, 12, batch=1)
+        encoded_here = model(**kv_memory.with_pixels(model, inputs, one)).logits
+        torch.testing.assert_close(encoded_here, expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("family", [FAMILY, "qwen2_5_vl"])
@@ -59,13 +63,14 @@ def test_streamed_press_holds_its_capacity_however_long_the_video(family):
     grid = kv_memory.settings("snapkv", capacity=8, chunk_frames=1)
     rows = kv_memory.measure_length(model, inputs, encoded, grid, frames=[2, 4], streamed_only=[8], device="cpu")
     kv = {(row["setting"], row["frames"]): row.get("kv_bytes") for row in rows}
-    unpatched, after, streamed = (setting.label for setting in grid)
+    unpatched, after, streamed, from_pixels = (setting.label for setting in grid)
     tokens = {row["frames"]: row["prompt_tokens"] + 1 for row in rows}  # and the first new token's entry
     # unpatched, the cache grows with every frame's tokens; pressed, every layer, the first too, keeps `capacity`
     # visual entries, after the prefill as streamed: the cache is flat
     assert kv[unpatched, 4] / kv[unpatched, 2] == tokens[4] / tokens[2]
     assert kv[after, 4] == kv[streamed, 4] < kv[unpatched, 4]
     assert kv[streamed, 8] == kv[streamed, 4] == kv[streamed, 2] == kv[after, 2]
+    assert all(kv[from_pixels, count] == kv[streamed, count] for count in (2, 4, 8))
     skipped = [row for row in rows if "skipped" in row]
     assert [(row["setting"], row["frames"]) for row in skipped] == [(unpatched, 8), (after, 8)]
 
