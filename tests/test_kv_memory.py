@@ -166,6 +166,22 @@ def test_a_streamed_prefill_never_makes_the_whole_prompts_hidden_states(family):
 
 
 @pytest.mark.parametrize("family", [FAMILY, "qwen2_5_vl"])
+@torch.no_grad()
+def test_a_streamed_prefill_from_pixels_makes_no_larger_tensor_for_a_longer_video(family):
+    """Real frames given as pixels, 16 and then 64 of them, in chunks of 2: the largest tensor the prefill and
+    decode make, in the vision tower as in the language model, is the same: a chunk's, never the video's."""
+    model, processor = model_and_processor(family)
+    largest = []
+    for frames in (16, 64):
+        inputs = _prompt(processor, [_draw((64, 64), 0, step) for step in range(frames)])
+        made = MadeTensors()
+        with mmtoken.patched(model, "snapkv", capacity=8, chunk_frames=2), made:
+            greedy_run(model, inputs, new_tokens=2)
+        largest.append(max(shape.numel() for shape in made.shapes))
+    assert largest[0] == largest[1]
+
+
+@pytest.mark.parametrize("family", [FAMILY, "qwen2_5_vl"])
 @pytest.mark.parametrize("rows", [1, 2])
 @torch.no_grad()
 def test_a_streamed_prefill_encodes_each_chunks_frames_as_it_enters_and_answers_as_the_whole_encoding(family, rows):
