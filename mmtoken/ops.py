@@ -1,5 +1,6 @@
-"""Pure tensor operations that the scorers, reducers and the engine share: gathering tokens, merging them into
-targets, following merge chains and grouping patches into grid cells. They know nothing of methods or models."""
+"""Pure tensor operations that the scorers, reducers and the engine share: gathering tokens, summing them into
+slots the same way on every run, merging them into targets, following merge chains and grouping patches into grid
+cells. They know nothing of methods or models."""
 
 from __future__ import annotations
 
@@ -28,14 +29,33 @@ def merge_into(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor)
     own = torch.arange(target.shape[1], device=target.device).expand_as(target)
     target = torch.where(target < 0, own, target)
     weight = weight.to(torch.float32)
-    sums = torch.zeros_like(hidden, dtype=torch.float32).scatter_add_(
-        1, target[..., None].expand(-1, -1, hidden.shape[-1]), hidden.float() * weight[..., None]
-    )
-    totals = torch.zeros_like(weight).scatter_add_(1, target, weight)
-    members = torch.zeros_like(weight).scatter_add_(1, target, torch.ones_like(weight))
+    sums = scatter_sum(hidden.float() * weight[..., None], target, target.shape[1])
+    totals = scatter_sum(weight, target, target.shape[1])
+    members = torch.zeros_like(weight).scatter_add_(1, target, torch.ones_like(weight))  # whole numbers: exact
     merged = (sums / totals.clamp(min=torch.finfo(torch.float32).tiny)[..., None]).to(hidden.dtype)
     absorbed = (members > 1) & (totals > 0)
     return torch.where(absorbed[..., None], merged, hidden), torch.where(members > 0, totals, weight)
+
+
+def scatter_sum(values: torch.Tensor, index: torch.Tensor, slots: int) -> torch.Tensor:
+    """(batch, slots, ...) float32: the sum of the `values` (batch, n, ...) that `index` (batch, n; each in [0,
+    slots)) sends to each slot, with the same bits on every run. CUDA's `scatter_add` adds in the order its threads
+    arrive, so a merge's means, and every choice a method makes on them, vary from run to run; here a slot's sum is
+    the difference of two running sums over the values sorted by slot, in float64, whose rounding float32 never
+    sees."""
+    batch = index.shape[0]
+    trailing = values.shape[2:]
+
+    def along(positions: torch.Tensor) -> torch.Tensor:  # (batch, m) -> indices that pick whole rows of values
+        return positions.view(*positions.shape, *[1] * len(trailing)).expand(*positions.shape, *trailing)
+
+    order = index.argsort(dim=1, stable=True)
+    sorted_index = index.gather(1, order).contiguous()
+    running = values.double().gather(1, along(order)).cumsum(1)
+    running = torch.cat([running.new_zeros(batch, 1, *trailing), running], dim=1)
+    slot = torch.arange(slots, device=index.device, dtype=index.dtype).expand(batch, -1).contiguous()
+    ends, starts = (torch.searchsorted(sorted_index, slot, right=right) for right in (True, False))
+    return (running.gather(1, along(ends)) - running.gather(1, along(starts))).float()
 
 
 def compress(target: torch.Tensor) -> torch.Tensor:

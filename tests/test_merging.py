@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mmtoken.methods import AIM, HoliTom, ToMe, VisionZip
-from mmtoken.ops import merge_into
+from mmtoken.ops import merge_into, scatter_sum
 from mmtoken.reducers import GroupMean, NearestMerge
 from mmtoken.schedules import average_visual_tokens
 from mmtoken.scorers.base import ScoreInput
@@ -46,6 +46,24 @@ def test_merge_into_takes_weighted_means_and_leaves_singletons_bit_for_bit():
     assert torch.allclose(merged[0, 1], (3 * hidden[0, 0] + hidden[0, 1]) / 4)
     assert torch.equal(merged[0, 2], hidden[0, 2]) and torch.equal(merged[0, 3], hidden[0, 3])
     assert total[0, 1] == 4 and total[0, 2] == 2
+
+
+@pytest.mark.parametrize("trailing", [(), (5,), (3, 4)])
+def test_scatter_sum_adds_each_slots_values_in_any_order_to_the_same_bits(trailing):
+    """Each slot's sum equals scatter_add's (float64 reference), and shuffling the values leaves every bit as it was:
+    what makes a merge the same from run to run on a GPU, where scatter_add's order is its threads'."""
+    generator = torch.Generator().manual_seed(0)
+    values = torch.randn(2, 300, *trailing, generator=generator) * 100
+    index = torch.randint(0, 7, (2, 300), generator=generator)
+    index[1] = index[1].clamp(max=4)  # slots no value reaches sum to 0
+    summed = scatter_sum(values, index, 8)
+    shape = (*index.shape, *[1] * len(trailing))
+    expected = torch.zeros(2, 8, *trailing, dtype=torch.float64)
+    expected.scatter_add_(1, index.view(shape).expand_as(values), values.double())
+    torch.testing.assert_close(summed, expected.float(), rtol=0, atol=0)
+    assert summed.dtype == torch.float32 and not summed[1, 5:].any()
+    shuffled = torch.randperm(300, generator=generator)
+    assert torch.equal(scatter_sum(values[:, shuffled], index[:, shuffled], 8), summed)
 
 
 def test_max_min_order_picks_the_isolated_token_then_one_per_cluster():

@@ -24,6 +24,7 @@ from transformers import Cache
 from mmtoken.engine.embedding import ChunkedPrompt
 from mmtoken.engine.plan import Plan
 from mmtoken.engine.record import CacheRecord, gather_entries
+from mmtoken.ops import scatter_sum
 from mmtoken.state import CallState
 
 _ATTRIBUTE = "_mmtoken_request"
@@ -155,10 +156,8 @@ def pool(cache: Cache, layer: int, group: torch.Tensor) -> None:
     target = group.clamp(min=0)
     count = torch.zeros(group.shape[0], width, device=group.device).scatter_add_(1, target, member.float())
     for name in ("keys", "values"):
-        held = getattr(entries, name)
-        index = target[:, None, :, None].expand_as(held)
-        total = held.new_zeros(*held.shape[:2], width, held.shape[3], dtype=torch.float32)
-        total.scatter_add_(2, index, held.float() * member[:, None, :, None])
+        held = getattr(entries, name)  # (batch, heads, n, dim)
+        total = scatter_sum((held.float() * member[:, None, :, None]).transpose(1, 2), target, width).transpose(1, 2)
         setattr(entries, name, (total / count.clamp(min=1)[:, None, :, None]).to(held.dtype))
     slot = record.slot.masked_fill(~member, torch.iinfo(record.slot.dtype).max)
     first = torch.full_like(count, torch.iinfo(record.slot.dtype).max, dtype=record.slot.dtype).scatter_reduce(

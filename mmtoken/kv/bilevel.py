@@ -6,6 +6,7 @@ import torch
 
 from mmtoken.kv.base import PressInput
 from mmtoken.kv.snapkv import window_attention
+from mmtoken.ops import scatter_sum
 
 
 def frame_chunks(geometry: torch.Tensor, visual: torch.Tensor, frames: int) -> torch.Tensor:
@@ -32,7 +33,7 @@ def bilevel_groups(inputs: PressInput, chunk: torch.Tensor, top: int, pool: int)
     if chunks == 0:  # no media: every valid entry stays
         return torch.where(inputs.valid, inputs.valid.long().cumsum(1) - 1, -1)
     attention = window_attention(inputs)
-    relevance = torch.zeros(batch, chunks + 1, device=chunk.device).scatter_add_(1, chunk + 1, attention)
+    relevance = scatter_sum(attention, chunk + 1, chunks + 1)
     relevance = relevance[:, 1:]
     dense = torch.zeros(batch, chunks, dtype=torch.bool, device=chunk.device)
     dense.scatter_(1, relevance.topk(min(top, chunks), dim=1).indices, True)

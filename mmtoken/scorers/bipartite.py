@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from mmtoken.ops import compress, gather_tokens
+from mmtoken.ops import compress, gather_tokens, scatter_sum
 from mmtoken.scorers.base import ScoreInput
 from mmtoken.scorers.groups import Grouping, grouped_targets, pick_rows
 
@@ -18,7 +18,7 @@ def bipartite_targets(features: torch.Tensor, sizes: torch.Tensor, keep: int) ->
     sets A and B, each A token finds its most cosine-similar B token, and the A tokens with the most similar partners
     merge into them, at most |A| per round. A merged token's features are the `sizes`-weighted mean of its members
     for the next round. All rows take their rounds at once."""
-    rows, length, dim = features.shape
+    rows, length, _ = features.shape
     target = torch.arange(length, device=features.device).repeat(rows, 1)
     if keep <= 0:
         return torch.full_like(target, -1)
@@ -32,9 +32,9 @@ def bipartite_targets(features: torch.Tensor, sizes: torch.Tensor, keep: int) ->
         merging = best.argsort(dim=1, descending=True, stable=True)[:, :merged]
         source, destination = first.gather(1, merging), second.gather(1, partner.gather(1, merging))
         moved = size.gather(1, source)
-        total = size.scatter_add(1, destination, moved)
+        total = size + scatter_sum(moved, destination, length)
         addition = gather_tokens(state, source) * moved[..., None]
-        weighted = (state * size[..., None]).scatter_add(1, destination[..., None].expand(-1, -1, dim), addition)
+        weighted = state * size[..., None] + scatter_sum(addition, destination, length)
         state, size = weighted / total[..., None], total
         target.scatter_(1, source, destination)
         staying = (~gone.scatter_(1, source, True).gather(1, alive)).int().argsort(dim=1, descending=True, stable=True)
