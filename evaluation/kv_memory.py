@@ -122,12 +122,15 @@ def _lengthened_qwen(model: torch.nn.Module, inputs: dict, encoded: Encoded, fra
 
 def with_pixels(model: torch.nn.Module, inputs: dict, long_inputs: dict) -> dict:
     """`long_inputs` (from `lengthened`) with pixels the vision tower encodes into the lengthened video: the base
-    frames repeated in order (Qwen: its patches; OneVision keeps its view of the first frame, every frame alike)."""
+    frames repeated in order (Qwen: its patches, in host memory as a long video's decoded frames would be, 12 GB at
+    10,000 frames; the streaming prefill brings each chunk's to the GPU. OneVision keeps its view of the first
+    frame, every frame alike)."""
     if not model.config.model_type.startswith("qwen2"):
         return long_inputs
     (base, rows, columns), steps = inputs["video_grid_thw"][0].tolist(), int(long_inputs["video_grid_thw"][0, 0])
-    patches = inputs["pixel_values_videos"].unflatten(0, (base, rows * columns))
-    return long_inputs | {"pixel_values_videos": patches[torch.arange(steps) % base].flatten(0, 1)}
+    patches = inputs["pixel_values_videos"].cpu().unflatten(0, (base, rows * columns))
+    pixels = patches[torch.arange(steps) % base].flatten(0, 1)
+    return long_inputs | {"pixel_values_videos": pixels.pin_memory() if torch.cuda.is_available() else pixels}
 
 
 def _generate(model: torch.nn.Module, inputs: dict, encoded: Encoded | None, new_tokens: int, device: str) -> dict:

@@ -184,6 +184,8 @@ class Adapter:
 
     def _frames_features(self, media: dict, tokens: int) -> torch.Tensor:
         """(tokens, hidden): the features of one video's run of frames, whose pixels (and grid) are `media`, as the
-        model's own `get_video_features` makes them; a newline it appends (OneVision) closes the video later."""
-        output = self.media_outputs(media)[VIDEO]
+        model's own `get_video_features` makes them; a newline it appends (OneVision) closes the video later. Pixels
+        left in host memory come to the model's device here, one run at a time."""
+        device = self.model.device
+        output = self.media_outputs({key: value.to(device, non_blocking=True) for key, value in media.items()})[VIDEO]
         return torch.cat(Adapter.media_pieces(self, VIDEO, output, tokens))[:tokens]

@@ -290,3 +290,17 @@ def test_a_merging_method_gives_the_same_bits_on_every_run(family, method):
         runs = [greedy_run(model, batch) for _ in range(4)]
     for tokens, logits in runs[1:]:
         assert torch.equal(tokens, runs[0][0]) and torch.equal(logits, runs[0][1])
+
+
+@pytest.mark.parametrize("family", ["llava_onevision", "qwen2_5_vl"])
+def test_a_streamed_prefill_takes_a_videos_pixels_from_host_memory_a_chunk_at_a_time(family):
+    """A long video's pixels need not fit on the GPU: left in (pinned) host memory, each chunk's frames come over
+    as they are encoded, with the answer of the pixels on the device."""
+    model = on_gpu(family, "sdpa")
+    batch = to_gpu(inputs(family, True))
+    host = batch | {"pixel_values_videos": batch["pixel_values_videos"].cpu().pin_memory()}
+    with mmtoken.patched(model, "snapkv", capacity=8, chunk_frames=1):
+        expected_tokens, expected_logits = greedy_run(model, batch)
+        tokens, logits = greedy_run(model, host)
+    assert torch.equal(tokens, expected_tokens)
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-5, atol=1e-5)
