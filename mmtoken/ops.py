@@ -29,9 +29,10 @@ def merge_into(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor)
     own = torch.arange(target.shape[1], device=target.device).expand_as(target)
     target = torch.where(target < 0, own, target)
     weight = weight.to(torch.float32)
-    sums = scatter_sum(hidden.float() * weight[..., None], target, target.shape[1])
-    totals = scatter_sum(weight, target, target.shape[1])
-    members = torch.zeros_like(weight).scatter_add_(1, target, torch.ones_like(weight))  # whole numbers: exact
+    # one sum over the weighted states, the weights and a count of members, so the tokens are sorted once
+    columns = torch.cat([hidden.float() * weight[..., None], weight[..., None], torch.ones_like(weight)[..., None]], -1)
+    summed = scatter_sum(columns, target, target.shape[1])
+    sums, totals, members = summed[..., :-2], summed[..., -2], summed[..., -1]
     merged = (sums / totals.clamp(min=torch.finfo(torch.float32).tiny)[..., None]).to(hidden.dtype)
     absorbed = (members > 1) & (totals > 0)
     return torch.where(absorbed[..., None], merged, hidden), torch.where(members > 0, totals, weight)

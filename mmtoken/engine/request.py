@@ -155,10 +155,10 @@ def pool(cache: Cache, layer: int, group: torch.Tensor) -> None:
     width = int(group.max()) + 1
     target = group.clamp(min=0)
     count = torch.zeros(group.shape[0], width, device=group.device).scatter_add_(1, target, member.float())
-    for name in ("keys", "values"):
-        held = getattr(entries, name)  # (batch, heads, n, dim)
-        total = scatter_sum((held.float() * member[:, None, :, None]).transpose(1, 2), target, width).transpose(1, 2)
-        setattr(entries, name, (total / count.clamp(min=1)[:, None, :, None]).to(held.dtype))
+    held = torch.cat([entries.keys, entries.values], -1)  # (batch, heads, n, 2 x dim): both summed in one sort
+    total = scatter_sum((held.float() * member[:, None, :, None]).transpose(1, 2), target, width).transpose(1, 2)
+    means = (total / count.clamp(min=1)[:, None, :, None]).to(held.dtype)
+    entries.keys, entries.values = (part.contiguous() for part in means.split(entries.keys.shape[-1], dim=-1))
     slot = record.slot.masked_fill(~member, torch.iinfo(record.slot.dtype).max)
     first = torch.full_like(count, torch.iinfo(record.slot.dtype).max, dtype=record.slot.dtype).scatter_reduce(
         1, target, slot, "amin"

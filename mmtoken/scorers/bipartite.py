@@ -32,10 +32,10 @@ def bipartite_targets(features: torch.Tensor, sizes: torch.Tensor, keep: int) ->
         merging = best.argsort(dim=1, descending=True, stable=True)[:, :merged]
         source, destination = first.gather(1, merging), second.gather(1, partner.gather(1, merging))
         moved = size.gather(1, source)
-        total = size + scatter_sum(moved, destination, length)
-        addition = gather_tokens(state, source) * moved[..., None]
-        weighted = state * size[..., None] + scatter_sum(addition, destination, length)
-        state, size = weighted / total[..., None], total
+        addition = torch.cat([gather_tokens(state, source) * moved[..., None], moved[..., None]], -1)
+        added = scatter_sum(addition, destination, length)  # the moved states, weighted, and their sizes
+        total = size + added[..., -1]
+        state, size = (state * size[..., None] + added[..., :-1]) / total[..., None], total
         target.scatter_(1, source, destination)
         staying = (~gone.scatter_(1, source, True).gather(1, alive)).int().argsort(dim=1, descending=True, stable=True)
         alive = alive.gather(1, staying[:, : alive.shape[1] - merged])
