@@ -2,7 +2,8 @@
 weights.
 
 Two measurements, each setting beside the unpatched model and beside the same press applied after a whole prefill
-(kvpress's way) in one run, under a cap of 80 GiB of GPU memory (`torch.cuda.set_per_process_memory_fraction`):
+(kvpress's way) in one run, under a cap of 80 GiB of GPU memory, or the card's if smaller
+(`torch.cuda.set_per_process_memory_fraction`):
 
 - **length**: one request whose video has 32 to 10,000 frames: peak memory, time to first token and KV bytes;
 - **concurrency**: the most 64-frame requests one batched `generate` fits (doubling the batch until it runs out of
@@ -288,7 +289,7 @@ def _cell(row: dict) -> str:
     if "skipped" in row:
         return f"not run: {row['skipped']}"
     if row.get("out_of_memory"):
-        return f"out of memory (> {CAP_GIB} GiB)"
+        return "out of memory"
     return f"{_gib(row['peak_memory_bytes'])}, {row['ttft_ms'] / 1000:.2f} s, KV {_gib(row['kv_bytes'])}"
 
 
@@ -318,7 +319,7 @@ def markdown(rows: list[dict], environment: dict) -> str:
     return f"Environment: {json.dumps(environment)}\n\nPeak memory, TTFT, KV after prefill:\n\n" + "\n".join(lines)
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], cap_gib: float, path: Path) -> None:
     """Peak memory against the video's frames, a line per setting (points that ran out of memory left out)."""
     import matplotlib
 
@@ -330,7 +331,7 @@ def plot(rows: list[dict], path: Path) -> None:
     for label in dict.fromkeys(row["setting"] for row in length):
         points = [(row["frames"], row["peak_memory_bytes"] / 2**30) for row in length if row["setting"] == label]
         axes.plot(*zip(*points, strict=True), marker="o", label=label)
-    axes.axhline(CAP_GIB, color="grey", linestyle="--", label=f"{CAP_GIB} GiB cap")
+    axes.axhline(cap_gib, color="grey", linestyle="--", label=f"{cap_gib:.0f} GiB cap")
     axes.set(xscale="log", xlabel="video frames", ylabel="peak GPU memory (GiB)")
     axes.legend(fontsize=7)
     figure.tight_layout()
@@ -371,16 +372,19 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("mmtoken kvbench measures GPU memory and needs a CUDA device")
-    torch.cuda.set_per_process_memory_fraction(CAP_GIB * 2**30 / torch.cuda.get_device_properties(0).total_memory)
+    total = torch.cuda.get_device_properties(0).total_memory
+    cap = min(CAP_GIB * 2**30, total)  # an 80 GB card holds a little less than 80 GiB
+    torch.cuda.set_per_process_memory_fraction(cap / total)
     shape = VIDEO_SHAPES[args.shape](frames=args.base_frames)
     model = build_model(shape, args.attention, "cuda", torch.bfloat16)
     rows = run(shape, model, args)
     environment = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                    "transformers": __import__("transformers").__version__, "shape": shape.name,
-                   "attention": args.attention, "cap_gib": CAP_GIB, **vars(args) | {"out": str(args.out)}}  # fmt: skip
+                   "attention": args.attention, "cap_gib": round(cap / 2**30, 2),
+                   **vars(args) | {"out": str(args.out)}}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "kv-memory.json").write_text(json.dumps({"environment": environment, "rows": rows}, indent=1))
     table = markdown(rows, environment)
     (args.out / "kv-memory.md").write_text(table + "\n")
-    plot(rows, args.out / "kv-memory.png")
+    plot(rows, environment["cap_gib"], args.out / "kv-memory.png")
     print(table)
