@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 from conftest import PRUNING, examples, greedy, inputs, model_and_processor
@@ -407,3 +410,36 @@ def test_pipeline_steps_after_a_deciding_cut_are_checked_before_the_language_mod
     with pytest.raises(ValueError, match=message):
         greedy(llava, inputs("llava", False))
     assert not layer_calls
+
+
+@pytest.mark.parametrize(("method", "params"), [("fastv", {"k": 2, "ratio": 0.5}), ("snapkv", {"capacity": 8})])
+@pytest.mark.parametrize("failing_call", [1, 3], ids=["in-prefill", "in-decode"])
+def test_a_call_that_raises_lets_its_request_go(llava, method, params, failing_call):
+    """A forward that raises (out of memory, say) inside the language model leaves no request behind: its tensors
+    go with the call, where they stayed held until the thread's next call (a server's next request ran short of
+    memory by what the failed one held)."""
+    from mmtoken.engine.request import active
+
+    mmtoken.patch(llava, method, **params)
+    seen, calls = [], []
+
+    def watch(module, args):
+        seen.append(weakref.ref(active()))
+
+    def fail(module, args):
+        calls.append(1)
+        if len(calls) == failing_call:
+            raise torch.OutOfMemoryError("injected")
+
+    layers = llava.get_decoder().layers
+    handles = [llava.get_decoder().register_forward_pre_hook(watch), layers[3].mlp.register_forward_pre_hook(fail)]
+    try:
+        with pytest.raises(torch.OutOfMemoryError, match="injected"):
+            greedy(llava, inputs("llava", False))
+    finally:
+        for handle in handles:
+            handle.remove()
+    gc.collect()
+    assert seen and all(request() is None for request in seen)
+    with pytest.raises(RuntimeError, match="outside a call of the patched model"):
+        active()

@@ -117,6 +117,7 @@ class Engine:
         self._handles = [
             self.model.register_forward_pre_hook(self._on_call, with_kwargs=True),
             self.model.register_forward_hook(self._after_call, with_kwargs=True),
+            self.model.register_forward_hook(self._release, always_call=True),
             self.adapter.language_model.register_forward_pre_hook(self._on_language_model, with_kwargs=True),
         ]
         for index, layer in enumerate(self.layers):
@@ -189,6 +190,12 @@ class Engine:
                 press_cache(request, cache, scratch, self.layers, self.steps)
         if cache is not None:
             self.recorder.stepped(cache)
+
+    @staticmethod
+    def _release(module: nn.Module, args: tuple, output: object) -> None:
+        """The call is over, also where it raised (out of memory, say): the thread serves no request, so the
+        request's tensors (its prefill scratch, its cache) go with the call instead of staying until the next."""
+        activate(None)
 
     # language model
 
