@@ -80,6 +80,7 @@ def test_training_runs_checkpoints_and_resumes(tmp_path):
     assert state["step"] == 3 and len(state["evaluations"]) == 2
     saved = json.loads((tmp_path / "state.json").read_text())
     assert saved["step"] == 3 and set(saved["evaluations"][-1]["accuracy"]) == set(probe.tasks("image"))
+    assert set(saved["evaluations"][-1]["swapped_media"]) == set(probe.tasks("image"))
     assert all(file.stat().st_size < 16_000_000 for file in tmp_path.glob("*.safetensors"))
     head = torch.load(tmp_path / "patch_head.pt")
     resumed = train("probe-llava", tmp_path, TrainConfig(steps=4, batch_size=2, eval_every=2, eval_per_task=1),
@@ -90,6 +91,22 @@ def test_training_runs_checkpoints_and_resumes(tmp_path):
     assert (resumed_head["weight"] - head["weight"]).abs().max() < 0.1, "the resumed run kept training the same head"
     model = AutoModelForImageTextToText.from_pretrained(tmp_path, local_files_only=True)
     assert model.config.image_seq_length == 576
+
+
+@pytest.mark.parametrize(("name", "scaled"), [("probe-llava", False), ("probe-llava-v2", True),
+                                             ("probe-qwen2vl-v2", True)])  # fmt: skip
+def test_v2_language_models_start_with_their_residual_outputs_scaled_by_depth(name, scaled):
+    """GPT-2's initialisation on the 24-layer v2 models: attention outputs and MLP down projections start
+    1 / sqrt(2 x 24) as large as the other projections; v1's 6 layers keep the plain initialisation."""
+    model, _ = RECIPES[name]()
+    layers = model.model.language_model.layers
+    plain = torch.cat([layer.self_attn.q_proj.weight.flatten() for layer in layers]).std()
+    for outputs in (
+        [layer.self_attn.o_proj.weight for layer in layers],
+        [layer.mlp.down_proj.weight for layer in layers],
+    ):
+        ratio = float(torch.cat([weight.flatten() for weight in outputs]).std() / plain)
+        assert ratio == pytest.approx((2 * len(layers)) ** -0.5 if scaled else 1.0, rel=0.05)
 
 
 def test_packed_vision_attention_equals_one_call_per_sequence():

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from functools import partial
 from types import ModuleType
 
+import torch
 from transformers import (
     AutoModelForImageTextToText,
     CLIPImageProcessor,
@@ -51,10 +52,23 @@ class Geometry:
     width: int
     depth: int
     world: ModuleType
+    scaled_residuals: bool = False  # start the language model's residual outputs small (`_scale_residual_outputs`)
 
 
 V1 = Geometry(tower_width=256, tower_depth=6, width=256, depth=6, world=probe)
-V2 = Geometry(tower_width=256, tower_depth=8, width=128, depth=24, world=world)
+V2 = Geometry(tower_width=256, tower_depth=8, width=128, depth=24, world=world, scaled_residuals=True)
+
+
+def _scale_residual_outputs(model: PreTrainedModel, geometry: Geometry) -> PreTrainedModel:
+    """GPT-2's initialisation (Radford et al. 2019): each of the language model's 2 x depth residual branches
+    (attention output and MLP down projection) starts scaled by 1 / sqrt(2 x depth), so a deep model's residual
+    stream does not grow with its depth at the start."""
+    if geometry.scaled_residuals:
+        with torch.no_grad():
+            for layer in model.model.language_model.layers:
+                for weight in (layer.self_attn.o_proj.weight, layer.mlp.down_proj.weight):
+                    weight.mul_((2 * geometry.depth) ** -0.5)
+    return model
 
 
 def _language_model(tokenizer: PreTrainedTokenizerFast, geometry: Geometry, **extra: object) -> dict[str, object]:
@@ -103,7 +117,7 @@ def probe_llava(geometry: Geometry = V1) -> tuple[PreTrainedModel, ProcessorMixi
         num_additional_image_tokens=1,
         chat_template=LLAVA_TEMPLATE,
     )
-    return AutoModelForImageTextToText.from_config(config), processor
+    return _scale_residual_outputs(AutoModelForImageTextToText.from_config(config), geometry), processor
 
 
 def probe_qwen2vl(geometry: Geometry = V1) -> tuple[PreTrainedModel, ProcessorMixin]:
@@ -150,7 +164,7 @@ def probe_qwen2vl(geometry: Geometry = V1) -> tuple[PreTrainedModel, ProcessorMi
             "<|vision_start|><|image_pad|><|vision_end|>", "<|vision_start|><|video_pad|><|vision_end|>"
         ),
     )
-    return AutoModelForImageTextToText.from_config(config), processor
+    return _scale_residual_outputs(AutoModelForImageTextToText.from_config(config), geometry), processor
 
 
 RECIPES: dict[str, Callable[[], tuple[PreTrainedModel, ProcessorMixin]]] = {

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import cache
 from pathlib import Path
 
@@ -254,8 +254,11 @@ def train(
         if (step + 1) % config.eval_every == 0 or step + 1 == config.steps or out_of_time:
             model.eval()
             accuracy = {task: answer_accuracy(model, encoder, batch, kind) for (kind, task), batch in held_out.items()}
+            # each question asked of another sample's image: what the model answers without looking stays as high
+            swapped = {task: answer_accuracy(model, encoder, replace(batch, pixels=batch.pixels.roll(1, 0)), kind)
+                       for (kind, task), batch in held_out.items()}  # fmt: skip
             model.train()
-            state["evaluations"].append({"step": step + 1, "accuracy": accuracy})
+            state["evaluations"].append({"step": step + 1, "accuracy": accuracy, "swapped_media": swapped})
             print(json.dumps(state["evaluations"][-1]), flush=True)
             save(model, processor, state, out, time.perf_counter() - began, heads)
         if out_of_time:
