@@ -4,10 +4,11 @@
 #   scripts/train_probe_gpu.sh NAME MINUTES OUT [RESUME]      question answering (a v2 recipe: PRETRAINED=TOWER_DIR
 #                                                            starts it from a pretrained tower)
 #   STAGE=pretrain scripts/train_probe_gpu.sh NAME MINUTES OUT [RESUME]   a v2 recipe's contrastive tower pretraining
+# BATCH=N sets the batch (default 256 for pretraining, 128 for question answering).
 set -euo pipefail
 name=$1 minutes=$2 out=$3 resume=${4:-}
 stage=${STAGE:-train}
-batch=$([ "$stage" = pretrain ] && echo 256 || echo 128)
+batch=${BATCH:-$([ "$stage" = pretrain ] && echo 256 || echo 128)}
 start=()
 [ -n "${PRETRAINED:-}" ] && start=(--pretrained "$PRETRAINED")
 rate=$(python3 -m mmtoken zoo "$stage" "$name" --out /tmp/rate-probe --steps 60 --batch-size $batch "${start[@]}" \

@@ -109,6 +109,23 @@ def test_v2_language_models_start_with_their_residual_outputs_scaled_by_depth(na
         assert ratio == pytest.approx((2 * len(layers)) ** -0.5 if scaled else 1.0, rel=0.05)
 
 
+def test_training_curve_shows_the_accuracy_with_media_swapped_where_a_run_recorded_it(tmp_path):
+    curve = [{"step": 50, "kind": "image", "loss": 1.0, "aux": 0.0}]
+    evaluations = [{"step": 50, "accuracy": {"color": 0.5, "count": 0.25}}]  # an older run: no swapped media
+    assert "mean, media swapped" not in _legend(card.plot_curve({"curve": curve, "evaluations": evaluations},
+                                                                 tmp_path / "old.png"))  # fmt: skip
+    evaluations.append({"step": 100, "accuracy": {"color": 0.9, "count": 0.5},
+                        "swapped_media": {"color": 0.2, "count": 0.4}})  # fmt: skip
+    figure = card.plot_curve({"curve": curve, "evaluations": evaluations}, tmp_path / "new.png")
+    line = next(line for line in figure.axes[1].get_lines() if line.get_label() == "mean, media swapped")
+    assert list(line.get_xdata()) == [100] and list(line.get_ydata()) == pytest.approx([30.0])
+    assert (tmp_path / "new.png").stat().st_size > 0
+
+
+def _legend(figure) -> list[str]:
+    return [line.get_label() for line in figure.axes[1].get_lines()]
+
+
 def test_packed_vision_attention_equals_one_call_per_sequence():
     model, processor = RECIPES["probe-qwen2vl"]()
     model_format = probe_format(model.eval(), processor)

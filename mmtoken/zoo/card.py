@@ -8,10 +8,14 @@ import json
 from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 from rich.progress import track
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import mmtoken
@@ -87,8 +91,9 @@ def evaluate(name: str, folder: Path, kind: str, per_task: int, seed: int = CARD
     return rows
 
 
-def plot_curve(state: dict, path) -> None:
-    """Answer loss and held-out accuracy per task over the training steps, as a PNG."""
+def plot_curve(state: dict, path) -> Figure:
+    """Answer loss and held-out accuracy per task over the training steps, with the mean accuracy when each
+    question is asked of another sample's media, as a PNG; returns the figure."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -108,12 +113,17 @@ def plot_curve(state: dict, path) -> None:
     for task in state["evaluations"][-1]["accuracy"]:
         scores = [100 * evaluation["accuracy"][task] for evaluation in state["evaluations"]]
         accuracy_axis.plot(steps, scores, marker=".", label=task)
+    swapped = [evaluation for evaluation in state["evaluations"] if "swapped_media" in evaluation]
+    if swapped:  # the questions asked of other samples' media: where the model answers without looking
+        means = [100 * sum(e["swapped_media"].values()) / len(e["swapped_media"]) for e in swapped]
+        accuracy_axis.plot([e["step"] for e in swapped], means, "k--", label="mean, media swapped")
     accuracy_axis.set(xlabel="step", ylabel="accuracy, %", title="held-out accuracy (teacher-forced)")
     accuracy_axis.legend(fontsize=8)
     for axis in (loss_axis, accuracy_axis):
         axis.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
+    return figure
 
 
 def accuracy_table(rows: dict[str, dict[str, float]], kind: str) -> list[str]:
