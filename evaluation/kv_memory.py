@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -151,13 +152,15 @@ def _generate(model: torch.nn.Module, inputs: dict, encoded: Encoded | None, new
         "ttft_ms": 1000 * (clock.times[0] - started),
         "decode_tokens_per_s": batch * (len(clock.times) - 1) / (clock.times[-1] - clock.times[0]),
         "peak_memory_bytes": torch.cuda.max_memory_allocated() if gpu else None,
+        "peak_reserved_bytes": torch.cuda.max_memory_reserved() if gpu else None,  # above the peak: fragmentation
         "kv_bytes": cache_bytes(cache_of(out)),
     }
 
 
 def attempt(model: torch.nn.Module, setting: Setting, run: partial) -> dict:
-    """`run()` under `setting`, or {"out_of_memory": True} where it ran past the cap; either way with the bytes
-    allocated before it started (what an earlier run left would show there)."""
+    """`run()` under `setting`, or {"out_of_memory": True} where it ran past the cap, with the peaks allocated and
+    reserved when it failed (a reserve far above what was allocated is fragmentation, not a full card); either way
+    with the bytes allocated before it started (what an earlier run left would show there)."""
     gc.collect()
     torch.cuda.empty_cache()
     before = {"allocated_before_bytes": torch.cuda.memory_allocated() if torch.cuda.is_available() else None}
@@ -168,7 +171,11 @@ def attempt(model: torch.nn.Module, setting: Setting, run: partial) -> dict:
             return before | run()
     except torch.OutOfMemoryError:
         pass  # the memory goes back once the exception and its frames are gone, outside this block
-    return before | {"out_of_memory": True}
+    failed = {"out_of_memory": True}
+    if torch.cuda.is_available():
+        failed |= {"failed_at_allocated_bytes": torch.cuda.max_memory_allocated(),
+                   "failed_at_reserved_bytes": torch.cuda.max_memory_reserved()}  # fmt: skip
+    return before | failed
 
 
 def full_kv_bytes(model: torch.nn.Module, tokens: int) -> int:
@@ -293,6 +300,17 @@ def _cell(row: dict) -> str:
     return f"{_gib(row['peak_memory_bytes'])}, {row['ttft_ms'] / 1000:.2f} s, KV {_gib(row['kv_bytes'])}"
 
 
+def _tried(row: dict) -> str:
+    """A concurrency batch's peak allocated and reserved, or where it ran out of memory."""
+    if row.get("out_of_memory"):
+        if row.get("failed_at_allocated_bytes") is None:
+            return "out of memory"
+        return (f"out of memory at {_gib(row['failed_at_allocated_bytes'])} allocated, "
+                f"{_gib(row['failed_at_reserved_bytes'])} reserved")  # fmt: skip
+    reserved = row.get("peak_reserved_bytes")
+    return _gib(row["peak_memory_bytes"]) + ("" if reserved is None else f" (reserved {_gib(reserved)})")
+
+
 def markdown(rows: list[dict], environment: dict) -> str:
     """Tables of the length and concurrency rows."""
     length = [row for row in rows if row["measurement"] == "length"]
@@ -313,8 +331,7 @@ def markdown(rows: list[dict], environment: dict) -> str:
                      f"{row['batch_ratio']:.2f}x | {row['decode_ratio']:.2f}x |")  # fmt: skip
     tried = [row for row in rows if row["measurement"] == "concurrency"]
     lines += ["", "Batches tried: " + "; ".join(
-        f"{row['setting']} x{row['batch']}: " + ("out of memory" if row.get("out_of_memory") else
-                                                  _gib(row["peak_memory_bytes"]))
+        f"{row['setting']} x{row['batch']}: " + _tried(row)
         for row in tried)]  # fmt: skip
     return f"Environment: {json.dumps(environment)}\n\nPeak memory, TTFT, KV after prefill:\n\n" + "\n".join(lines)
 
@@ -379,6 +396,7 @@ def main(argv: list[str] | None = None) -> None:
     model = build_model(shape, args.attention, "cuda", torch.bfloat16)
     rows = run(shape, model, args)
     environment = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                   "allocator": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
                    "transformers": __import__("transformers").__version__, "shape": shape.name,
                    "attention": args.attention, "cap_gib": round(cap / 2**30, 2),
                    **vars(args) | {"out": str(args.out)}}  # fmt: skip

@@ -243,3 +243,24 @@ def test_growth_is_the_added_peak_per_prompt_token_from_the_shortest_run_to_the_
             row("grows", 500, 6000), row("grows", 1100, 12000), row("once", 100, 9000),
             {"measurement": "length", "setting": "grows", "prompt_tokens": 5000, "out_of_memory": True}]  # fmt: skip
     assert kv_memory.growth(rows) == {"flat": -2000 / 900, "grows": 10.0}
+
+
+def test_batches_tried_say_what_was_reserved_and_where_an_out_of_memory_one_failed():
+    """A batch that ran out of memory says what was allocated and reserved when it failed, so a card far from full
+    (fragmentation) reads apart from a full one; one that ran says its reserve beside its peak."""
+    gib = 2**30
+    ran = {
+        "measurement": "concurrency",
+        "setting": "streamed",
+        "frames": 64,
+        "batch": 96,
+        "ttft_ms": 1.0,
+        "decode_tokens_per_s": 10.0,
+        "peak_memory_bytes": 51 * gib,
+        "peak_reserved_bytes": 60 * gib,
+    }
+    failed = {"measurement": "concurrency", "setting": "streamed", "frames": 64, "batch": 128, "out_of_memory": True,
+              "failed_at_allocated_bytes": 62 * gib, "failed_at_reserved_bytes": 79 * gib}  # fmt: skip
+    table = kv_memory.markdown([ran, failed], {})
+    assert "streamed x96: 51.00 GiB (reserved 60.00 GiB)" in table
+    assert "streamed x128: out of memory at 62.00 GiB allocated, 79.00 GiB reserved" in table
