@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from mmtoken.zoo import card, world
 from mmtoken.zoo.pretrain import CAPTION_ENCODER, CaptionEncoder, PretrainConfig, contrastive_loss, pretrain, retrieval
 from mmtoken.zoo.recipes import RECIPES
-from mmtoken.zoo.train import TrainConfig, train
+from mmtoken.zoo.train import TrainConfig, token_similarity, train
 
 TINY = {"steps": 2, "batch_size": 3, "eval_every": 2, "warmup": 1}
 
@@ -70,6 +70,7 @@ def test_question_answering_starts_from_the_pretrained_tower(tmp_path):
     config = TrainConfig(steps=1, batch_size=len(world.IMAGE_TASKS), eval_every=1, eval_per_task=1, warmup=1, lr=0.0)
     state = train("probe-llava-v2", qa_dir, config, pretrained=tower_dir)
     assert state["pretrained"]["step"] == 2 and state["step"] == 1
+    assert -1.0 <= state["pretrained"]["token_similarity"] <= 1.0  # recorded once, as the run starts
     assert set(state["evaluations"][-1]["accuracy"]) == set(world.IMAGE_TASKS)
     assert not (qa_dir / "patch_head.pt").exists()  # v2 has no patch-colour loss
     trained = weights(qa_dir)
@@ -103,3 +104,12 @@ def test_question_answering_starts_from_the_pretrained_tower(tmp_path):
     header = "| setting | " + " | ".join(world.IMAGE_TASKS) + " |"
     assert header in text and "| image blanked |" in text and "| uniform @64 |" in text and "material 1/3" in text
     assert (qa_dir / "MODEL_CARD.md").read_text() == text and (qa_dir / "training_curve.png").stat().st_size > 10_000
+
+
+def test_token_similarity_is_the_mean_cosine_between_two_different_tokens_of_an_image():
+    alike = torch.ones(2, 5, 3)
+    apart = torch.eye(4)[None]  # four orthogonal tokens
+    half = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]])  # pairs: 1, 0, 0 (each counted both ways)
+    assert token_similarity(alike) == pytest.approx(1.0)
+    assert token_similarity(apart) == pytest.approx(0.0)
+    assert token_similarity(half) == pytest.approx(1 / 3)

@@ -164,6 +164,15 @@ def answer_accuracy(model: PreTrainedModel, encoder: PromptEncoder, batch: Batch
     return float(((predicted == target) | ~answered).all(-1).float().mean())
 
 
+def token_similarity(features: torch.Tensor) -> float:
+    """The mean cosine similarity between two different visual tokens of one image (`features` (n, tokens,
+    width)): near 1, the language model reads tokens that look alike, whatever the scene holds where."""
+    unit = torch.nn.functional.normalize(features.float(), dim=-1)
+    tokens = unit.shape[1]
+    pairs = unit @ unit.transpose(1, 2)
+    return float((pairs.sum((1, 2)) - pairs.diagonal(dim1=1, dim2=2).sum(1)).mean() / (tokens * (tokens - 1)))
+
+
 def evaluation_batches(name: str, kinds: tuple[str, ...], config: TrainConfig, device: torch.device) -> dict:
     """A fixed held-out batch per task of each kind of the recipe's world, from a seed apart from training's."""
     world = WORLDS[name]
@@ -227,6 +236,12 @@ def train(
                                   lr=config.lr, betas=(0.9, 0.98), weight_decay=0.05)  # fmt: skip
     generator = torch.Generator(device=device).manual_seed(config.seed * 1_000_003 + state["step"])
     held_out = evaluation_batches(name, model_format.kinds, config, device)
+    if state.get("pretrained") is not None and "token_similarity" not in state["pretrained"]:
+        # the pretraining scored the projector's mean over tokens only: are its tokens still told apart?
+        with torch.no_grad():
+            features = model_format.image_features(next(b for (kind, _), b in held_out.items() if kind == "image"))
+        state["pretrained"]["token_similarity"] = token_similarity(features)
+        print(json.dumps({"pretrained_token_similarity": state["pretrained"]["token_similarity"]}), flush=True)
     start, began = state["step"], time.perf_counter()
     for step in range(start, config.steps):
         for group in optimizer.param_groups:
