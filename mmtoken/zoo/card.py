@@ -13,9 +13,6 @@ from typing import TYPE_CHECKING
 import torch
 from PIL import Image
 from rich.progress import track
-
-if TYPE_CHECKING:
-    from matplotlib.figure import Figure
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import mmtoken
@@ -23,6 +20,9 @@ from mmtoken.zoo.embedded import ACCURACY_FLOOR, answers, path, prompts
 from mmtoken.zoo.embedded import accuracy as tally
 from mmtoken.zoo.probe import Sample
 from mmtoken.zoo.recipes import WORLDS
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 CARD_SEED = 20_261_122
 ABOUT = {
