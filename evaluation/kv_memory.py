@@ -60,16 +60,19 @@ class Setting:
         return bool(self.params and self.params.get("chunk_frames"))
 
 
-def settings(press: str, capacity: int, chunk_frames: int) -> list[Setting]:
-    """Unpatched, `press` at `capacity` entries per layer after the prefill, and the same streamed in chunks, from
-    encoded features and from the pixels."""
+SKIPPABLE = ("after", "streamed", "encoded")  # the settings beside the unpatched model, which always runs
+
+
+def settings(press: str, capacity: int, chunk_frames: int, skip: tuple[str, ...] = ()) -> list[Setting]:
+    """Unpatched, `press` at `capacity` entries per layer after the prefill (`after`), and the same streamed in
+    chunks, from encoded features (`streamed`) and from the pixels (`encoded`); those named in `skip` left out."""
     streamed = {"capacity": capacity, "chunk_frames": chunk_frames}
-    return [
-        Setting("unpatched"),
-        Setting(f"{press} {capacity} after prefill", press, {"capacity": capacity}),
-        Setting(f"{press} {capacity} streamed, {chunk_frames}-frame chunks", press, streamed),
-        Setting(f"{press} {capacity} streamed, frames encoded per chunk", press, streamed, encodes=True),
-    ]
+    pressed = {
+        "after": Setting(f"{press} {capacity} after prefill", press, {"capacity": capacity}),
+        "streamed": Setting(f"{press} {capacity} streamed, {chunk_frames}-frame chunks", press, streamed),
+        "encoded": Setting(f"{press} {capacity} streamed, frames encoded per chunk", press, streamed, encodes=True),
+    }
+    return [Setting("unpatched"), *(setting for kind, setting in pressed.items() if kind not in skip)]
 
 
 def lengthened(model: torch.nn.Module, inputs: dict, encoded: Encoded, frames: int, batch: int) -> tuple[dict, Encoded]:
@@ -369,6 +372,8 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-batch", type=int, default=512, help="the largest batch the concurrency tries")
     parser.add_argument("--base-frames", type=int, default=16, help="real frames encoded, repeated to each length")
     parser.add_argument("--attention", default="sdpa")
+    parser.add_argument("--skip", nargs="+", choices=SKIPPABLE, default=[],
+                        help="settings left out (the unpatched model always runs, the ratios are to it)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("results/kv-memory"))
     return parser
 
@@ -378,7 +383,7 @@ def run(shape: Shape, model: torch.nn.Module, args: argparse.Namespace) -> list[
     inputs = prompt_inputs(shape, 1, "cuda", torch.bfloat16)
     encode(model, inputs)  # warm-up
     encoder_ms, encoded = timed(partial(encode, model, inputs), "cuda")
-    grid = settings(args.press, args.capacity, args.chunk_frames)
+    grid = settings(args.press, args.capacity, args.chunk_frames, tuple(args.skip))
     rows = [{"measurement": "encoder", "frames": args.base_frames, "ms_per_frame": encoder_ms / args.base_frames}]
     rows += measure_length(model, inputs, encoded, grid, args.frames, args.streamed_frames)
     rows += measure_concurrency(model, inputs, encoded, grid, args.concurrency_frames, args.new_tokens, args.max_batch)

@@ -264,3 +264,12 @@ def test_batches_tried_say_what_was_reserved_and_where_an_out_of_memory_one_fail
     table = kv_memory.markdown([ran, failed], {})
     assert "streamed x96: 51.00 GiB (reserved 60.00 GiB)" in table
     assert "streamed x128: out of memory at 62.00 GiB allocated, 79.00 GiB reserved" in table
+
+
+def test_settings_can_leave_out_all_but_the_unpatched_model():
+    labels = [setting.label for setting in kv_memory.settings("snapkv", 8, 4, skip=("after", "encoded"))]
+    assert labels == ["unpatched", "snapkv 8 streamed, 4-frame chunks"]
+    assert len(kv_memory.settings("snapkv", 8, 4)) == 4
+    assert kv_memory.parser().parse_args(["--skip", "after", "encoded"]).skip == ["after", "encoded"]
+    with pytest.raises(SystemExit):  # the baseline of every ratio cannot be left out
+        kv_memory.parser().parse_args(["--skip", "unpatched"])
