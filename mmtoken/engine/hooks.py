@@ -172,8 +172,7 @@ class Engine:
         activate(request)
 
     def _after_call(self, module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
-        request = active()
-        activate(None)
+        request = active()  # `_release`, which runs after this hook (and where the call raised), lets it go
         cache = cache_of(output)
         if request.in_prefill:
             scratch, request.prefill = request.prefill, None
