@@ -299,17 +299,22 @@ def _cell(row: dict) -> str:
     if "skipped" in row:
         return f"not run: {row['skipped']}"
     if row.get("out_of_memory"):
-        return "out of memory"
+        return _out_of_memory(row)
     return f"{_gib(row['peak_memory_bytes'])}, {row['ttft_ms'] / 1000:.2f} s, KV {_gib(row['kv_bytes'])}"
+
+
+def _out_of_memory(row: dict) -> str:
+    """Where a run ran out of memory: what was allocated and reserved at the failure, where that was recorded."""
+    if row.get("failed_at_allocated_bytes") is None:
+        return "out of memory"
+    return (f"out of memory at {_gib(row['failed_at_allocated_bytes'])} allocated, "
+            f"{_gib(row['failed_at_reserved_bytes'])} reserved")  # fmt: skip
 
 
 def _tried(row: dict) -> str:
     """A concurrency batch's peak allocated and reserved, or where it ran out of memory."""
     if row.get("out_of_memory"):
-        if row.get("failed_at_allocated_bytes") is None:
-            return "out of memory"
-        return (f"out of memory at {_gib(row['failed_at_allocated_bytes'])} allocated, "
-                f"{_gib(row['failed_at_reserved_bytes'])} reserved")  # fmt: skip
+        return _out_of_memory(row)
     reserved = row.get("peak_reserved_bytes")
     return _gib(row["peak_memory_bytes"]) + ("" if reserved is None else f" (reserved {_gib(reserved)})")
 

@@ -264,6 +264,17 @@ def test_batches_tried_say_what_was_reserved_and_where_an_out_of_memory_one_fail
     table = kv_memory.markdown([ran, failed], {})
     assert "streamed x96: 51.00 GiB (reserved 60.00 GiB)" in table
     assert "streamed x128: out of memory at 62.00 GiB allocated, 79.00 GiB reserved" in table
+    length = {
+        "measurement": "length",
+        "setting": "unpatched",
+        "frames": 512,
+        "prompt_tokens": 100_000,
+        "out_of_memory": True,
+        "failed_at_allocated_bytes": 70 * gib,
+        "failed_at_reserved_bytes": 71 * gib,
+    }
+    assert "| 512 (100,000) | out of memory at 70.00 GiB allocated, 71.00 GiB reserved |" in kv_memory.markdown(
+        [length], {})  # fmt: skip
 
 
 def test_settings_can_leave_out_all_but_the_unpatched_model():
