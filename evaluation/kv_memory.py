@@ -24,7 +24,9 @@ import argparse
 import gc
 import json
 import os
+import re
 import time
+import traceback
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
@@ -172,13 +174,20 @@ def attempt(model: torch.nn.Module, setting: Setting, run: partial) -> dict:
             return before | run()
         with mmtoken.patched(model, setting.method, **setting.params):
             return before | run()
-    except torch.OutOfMemoryError:
-        pass  # the memory goes back once the exception and its frames are gone, outside this block
-    failed = {"out_of_memory": True}
+    except torch.OutOfMemoryError as error:  # the memory goes back once the error and its frames are gone
+        failed = {"out_of_memory": True, "failed_allocation": _failed_allocation(error)}
     if torch.cuda.is_available():
         failed |= {"failed_at_allocated_bytes": torch.cuda.max_memory_allocated(),
                    "failed_at_reserved_bytes": torch.cuda.max_memory_reserved()}  # fmt: skip
     return before | failed
+
+
+def _failed_allocation(error: torch.OutOfMemoryError) -> str:
+    """How much the failing allocation asked for, as the error says it, and the innermost Python line that asked."""
+    asked = re.search(r"Tried to allocate [\d.]+ [KMGT]?i?B", str(error))
+    frame = traceback.extract_tb(error.__traceback__)[-1]
+    where = f"{Path(frame.filename).name}:{frame.lineno} {frame.name}"
+    return f"{asked.group(0) if asked else str(error)[:80]} in {where}"
 
 
 def full_kv_bytes(model: torch.nn.Module, tokens: int) -> int:
@@ -305,10 +314,11 @@ def _cell(row: dict) -> str:
 
 def _out_of_memory(row: dict) -> str:
     """Where a run ran out of memory: what was allocated and reserved at the failure, where that was recorded."""
+    asked = f" ({row['failed_allocation']})" if row.get("failed_allocation") else ""
     if row.get("failed_at_allocated_bytes") is None:
-        return "out of memory"
+        return "out of memory" + asked
     return (f"out of memory at {_gib(row['failed_at_allocated_bytes'])} allocated, "
-            f"{_gib(row['failed_at_reserved_bytes'])} reserved")  # fmt: skip
+            f"{_gib(row['failed_at_reserved_bytes'])} reserved{asked}")  # fmt: skip
 
 
 def _tried(row: dict) -> str:

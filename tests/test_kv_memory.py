@@ -284,3 +284,18 @@ def test_settings_can_leave_out_all_but_the_unpatched_model():
     assert kv_memory.parser().parse_args(["--skip", "after", "encoded"]).skip == ["after", "encoded"]
     with pytest.raises(SystemExit):  # the baseline of every ratio cannot be left out
         kv_memory.parser().parse_args(["--skip", "unpatched"])
+
+
+def test_an_out_of_memory_attempt_says_how_much_was_asked_for_and_where():
+    """The row of a run that ran out of memory names the allocation that failed and the line that made it, so a
+    batch that fails far below the cap shows its culprit."""
+
+    def runs_out():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.50 GiB. GPU 0 has a total capacity of")
+
+    row = kv_memory.attempt(torch.nn.Linear(1, 1), kv_memory.Setting("unpatched"), runs_out)
+    where = f"test_kv_memory.py:{runs_out.__code__.co_firstlineno + 1} runs_out"
+    assert row["out_of_memory"]
+    assert row["failed_allocation"] == f"Tried to allocate 3.50 GiB in {where}"
+    length = {"measurement": "length", "setting": "unpatched", "frames": 32, "prompt_tokens": 9} | row
+    assert f"(Tried to allocate 3.50 GiB in {where})" in kv_memory.markdown([length], {})
