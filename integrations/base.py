@@ -56,8 +56,13 @@ class Adapter:
 
     @property
     def pixel_tower(self) -> tuple[nn.Module, tuple[int, ...]] | None:
-        """The vision tower where one forward of pixels alone runs it (a CUDA graph can replay it), with the
-        indices of the hidden states the model reads from it; None where its forward reads sizes on the host."""
+        """The vision tower, whose forward of pixels (and of Qwen's grid sizes) a CUDA graph can replay, with the
+        indices of the hidden states the model reads from it; None where no graph can."""
+        return None
+
+    @property
+    def segmented_tower(self) -> nn.Module | None:
+        """A vision tower whose blocks attend within segments of its packed tokens (Qwen's ViT), None elsewhere."""
         return None
 
     @property

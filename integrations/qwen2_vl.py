@@ -53,6 +53,14 @@ class Qwen2VLAdapter(Adapter):
         return [torch.stack([frame, row, column], dim=1)]
 
     @property
+    def pixel_tower(self) -> tuple[nn.Module, tuple[int, ...]]:
+        return self.model.base_model.visual, ()  # the model reads the merged tokens, no hidden state
+
+    @property
+    def segmented_tower(self) -> nn.Module:
+        return self.model.base_model.visual
+
+    @property
     def vision_attention(self) -> nn.Module:
         """The last block with full attention over each frame (Qwen2.5-VL windows the others)."""
         blocks = self.model.base_model.visual.blocks

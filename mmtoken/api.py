@@ -15,6 +15,7 @@ from mmtoken.engine.hooks import Engine
 from mmtoken.graphs.decode import DecodeGraphs
 from mmtoken.graphs.pooling import MatrixPooling
 from mmtoken.graphs.prefill import PrefillGraphs
+from mmtoken.graphs.segments import SegmentAttention
 from mmtoken.graphs.vision import VisionGraphs
 from mmtoken.integrations import adapter_for
 from mmtoken.integrations.vision import VisionWatch
@@ -30,8 +31,9 @@ class Handle:
     """A method attached to a model. `stats` holds the numbers of the latest prefill (None before one); with
     `timing`, its prefill time too (measured between two device synchronisations, so off by default). With
     `cuda_graphs`, prefills and decode steps replay CUDA graphs (decode steps over KV caches of the pruned sizes),
-    and so does a CLIP or SigLIP vision tower for the methods that do not read its attention, and LLaVA-OneVision
-    pools video frames with two matrix products (`mmtoken.graphs`)."""
+    and so does the vision tower for the methods that do not read its attention; LLaVA-OneVision pools video frames
+    with two matrix products, and Qwen's ViT attends within all its frames or windows in one call
+    (`mmtoken.graphs`)."""
 
     def __init__(self, model: nn.Module, method: Method, timing: bool = False, cuda_graphs: bool = False) -> None:
         adapter = adapter_for(model)
@@ -50,7 +52,7 @@ class Handle:
         method.check_depth(depth)
         self.model, self.method, self.config, self.depth = model, method, adapter.language_model.config, depth
         watch = VisionWatch(adapter) if any(step.needs_vision for step in method.steps) else None
-        self.graphs: list[DecodeGraphs | PrefillGraphs | VisionGraphs | MatrixPooling] = []
+        self.graphs: list[DecodeGraphs | PrefillGraphs | VisionGraphs | MatrixPooling | SegmentAttention] = []
         if cuda_graphs:
             self.graphs.append(DecodeGraphs(model, adapter.language_model, capture=True))
             self.graphs.append(PrefillGraphs(adapter.language_model, method, capture=True))
@@ -58,6 +60,9 @@ class Handle:
                 self.graphs.append(VisionGraphs(*adapter.pixel_tower, capture=True))
             if adapter.frame_pooling is not None:
                 self.graphs.append(MatrixPooling(adapter.frame_pooling))
+            tower = adapter.segmented_tower
+            if tower is not None and tower.config._attn_implementation in _GRAPHED_ATTENTION:
+                self.graphs.append(SegmentAttention(tower))
         self.engine = Engine(model, adapter, method, self, watch, timing)
         self._latest: tuple[CallState, float | None] | None = None
         self._stats: Stats | None = None
@@ -124,8 +129,8 @@ def patch(
     """Attach `method` (a name with parameters, a dict or YAML path, or a Method) to an already-loaded model;
     with `timing`, `handle.stats.prefill_seconds` measures each prefill; with `cuda_graphs` (a model on a CUDA
     device, sdpa or eager attention), the language model's prefill (one graph per prefill signature, for methods
-    whose counts are planned), its decode steps (over caches of the pruned sizes) and the vision tower (CLIP or
-    SigLIP, one per pixel shape) replay CUDA graphs.
+    whose counts are planned), its decode steps (over caches of the pruned sizes) and the vision tower (one graph per
+    pixel shape, and for Qwen's ViT per grid sizes) replay CUDA graphs.
 
     Everything is checked before anything is attached: the method and its parameters, the model family, and
     that the schedule fits the model's depth.

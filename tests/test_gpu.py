@@ -179,7 +179,7 @@ def test_graphed_prefill_of_questions_in_one_bucket_equals_eager(case, method, m
         torch.testing.assert_close(logits, eager_logits, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_next", "llava_onevision"])
+@pytest.mark.parametrize("family", ["llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl"])
 def test_graphed_vision_tower_equals_eager_and_replays_one_capture(family):
     """Two generations of one batch: the tower is captured once and replayed, with the eager tower's results; a
     method that watches the tower's attention (VisionZip) keeps it eager, and so does an encoding asked for it."""

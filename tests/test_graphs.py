@@ -4,6 +4,7 @@ CUDA graph replays (graphed == eager is a GPU test), against the dynamic cache o
 from __future__ import annotations
 
 import gc
+import itertools
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from mmtoken.graphs.cache import CAPACITY_STEP, FixedCache, capacity_for
 from mmtoken.graphs.decode import DecodeGraphs
 from mmtoken.graphs.pooling import MatrixPooling
 from mmtoken.graphs.prefill import PrefillGraphs
+from mmtoken.graphs.segments import SegmentAttention, attend_segments
 from mmtoken.graphs.vision import VisionGraphs
 from mmtoken.integrations import adapter_for
 from mmtoken.state import PIXELS
@@ -299,7 +301,7 @@ def test_a_vision_tower_handing_back_only_what_the_model_reads_generates_the_sam
         graphs.detach()
     assert torch.equal(graphed_tokens, tokens)
     torch.testing.assert_close(graphed_logits, logits, rtol=0, atol=0)
-    states = outputs[0].hidden_states
+    states = outputs[0].hidden_states or ()  # Qwen's ViT hands back none: the model reads its merged tokens only
     assert [i for i, state in enumerate(states) if state is not None] == sorted(i % len(states) for i in read)
 
 
@@ -340,3 +342,35 @@ def test_matrix_pooling_serves_the_models_video_features_while_attached():
             pooling.detach()
     torch.testing.assert_close(pooled, expected, rtol=1e-5, atol=1e-6)
     assert "apply_pooling" not in vars(model.model)
+
+
+@pytest.mark.parametrize("lengths", [(5, 5, 5), (3, 7, 1, 4)], ids=["equal", "unequal"])
+def test_attention_over_all_segments_at_once_equals_one_attention_per_segment(lengths):
+    heads, dim = 3, 8
+    query, key, value = (torch.randn(heads, sum(lengths), dim) for _ in range(3))
+    bounds = torch.tensor([0, *lengths]).cumsum(0)
+    expected = torch.cat([torch.nn.functional.scaled_dot_product_attention(query[:, a:b], key[:, a:b], value[:, a:b])
+                          for a, b in itertools.pairwise(bounds.tolist())], dim=1).transpose(0, 1)  # fmt: skip
+    out = attend_segments(query, key, value, bounds, max(lengths), dim**-0.5)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("video", [False, True], ids=["images of two sizes", "video"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_qwen_vit_attending_all_segments_at_once_encodes_as_transformers(family, video):
+    """Frames of two sizes (unequal segments, padded) and of one (equal ones, a view); Qwen2.5-VL's windows too."""
+    model, _ = model_and_processor(family)
+    batch = inputs(family, video, batch=2)
+    pixels, grid = (batch["pixel_values_videos"], batch["video_grid_thw"]) if video else (
+        batch["pixel_values"], batch["image_grid_thw"])  # fmt: skip
+    tower = adapter_for(model).segmented_tower
+    segments = SegmentAttention(tower)
+    with torch.no_grad():
+        expected = tower(pixels, grid_thw=grid).pooler_output
+        segments.attach()
+        try:
+            out = tower(pixels, grid_thw=grid).pooler_output
+        finally:
+            segments.detach()
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    assert all("forward" not in vars(module) for module in segments.modules)
