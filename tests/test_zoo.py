@@ -10,11 +10,12 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText
 
+from mmtoken.graphs.segments import SEGMENT_ATTENTION
 from mmtoken.zoo import ask, card, load, probe
 from mmtoken.zoo.embedded import RELIABLE_TASKS
 from mmtoken.zoo.formats import probe_format
 from mmtoken.zoo.recipes import RECIPES, WORLDS
-from mmtoken.zoo.train import PACKED_ATTENTION, PromptEncoder, TrainConfig, train
+from mmtoken.zoo.train import PromptEncoder, TrainConfig, train
 
 
 @pytest.fixture(scope="module", params=sorted(RECIPES))
@@ -133,7 +134,7 @@ def test_packed_vision_attention_equals_one_call_per_sequence():
     inputs = model_format.vision_inputs(batch, "video")
     with torch.no_grad():
         expected = model.model.visual(inputs["pixel_values_videos"], grid_thw=inputs["video_grid_thw"])
-        model.model.visual.config._attn_implementation = PACKED_ATTENTION
+        model.model.visual.config._attn_implementation = SEGMENT_ATTENTION
         packed = model.model.visual(inputs["pixel_values_videos"], grid_thw=inputs["video_grid_thw"])
     assert torch.allclose(packed.last_hidden_state, expected.last_hidden_state, atol=1e-5)
 

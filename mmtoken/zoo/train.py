@@ -21,8 +21,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AttentionInterface, AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin
+from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin
 
+from mmtoken.graphs.segments import SEGMENT_ATTENTION
 from mmtoken.zoo import probe
 from mmtoken.zoo.formats import LlavaFormat, QwenFormat, probe_format
 from mmtoken.zoo.probe import Batch
@@ -31,36 +32,6 @@ from mmtoken.zoo.recipes import RECIPES, WORLDS
 IGNORE = -100
 PATCH_CLASSES = 16
 PATCH_HEAD = "patch_head.pt"
-# Qwen's vision tower gives a "flash" attention implementation the whole packed batch and its boundaries, and any
-# other one each frame pair as its own call (hundreds per layer). Training batches hold sequences of one length,
-# so this implementation serves the packed batch with one batched sdpa call.
-PACKED_ATTENTION = "flash_api_equal_length_sdpa"
-
-
-def equal_length_attention(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: None,
-    scaling: float,
-    cu_seq_lens_q: torch.Tensor,
-    max_length_q: int,
-    **kwargs: object,
-) -> tuple[torch.Tensor, None]:
-    """Attention within each packed sequence, (1, heads, total, dim) in, (1, total, heads, dim) out."""
-    _, heads, total, dim = query.shape
-    if total != max_length_q * (len(cu_seq_lens_q) - 1):
-        raise ValueError("packed attention needs sequences of one length")
-
-    def batched(x: torch.Tensor) -> torch.Tensor:
-        return x[0].view(heads, -1, max_length_q, dim).transpose(0, 1)
-
-    out = nn.functional.scaled_dot_product_attention(batched(query), batched(key), batched(value), scale=scaling)
-    return out.permute(0, 2, 1, 3).reshape(1, total, heads, dim), None
-
-
-AttentionInterface.register(PACKED_ATTENTION, equal_length_attention)
 
 
 @dataclass
@@ -221,7 +192,7 @@ def train(
     model.to(device).train()
     model_format = probe_format(model, processor)
     if isinstance(model_format, QwenFormat):
-        model.model.visual.config._attn_implementation = PACKED_ATTENTION
+        model.model.visual.config._attn_implementation = SEGMENT_ATTENTION
     world = WORLDS[name]
     patch_probe = PatchProbe(model, model_format).to(device) if world is probe else None  # v1's patch labels
     heads = {} if patch_probe is None else {PATCH_HEAD: patch_probe.head}
