@@ -19,7 +19,9 @@ from mmtoken.engine import streaming
 from mmtoken.graphs import prefill
 from mmtoken.graphs.cache import CAPACITY_STEP
 from mmtoken.graphs.prefill import SYNC_WARNING, PrefillGraphs
+from mmtoken.graphs.segments import SEGMENT_ATTENTION
 from mmtoken.graphs.vision import VisionGraphs
+from mmtoken.integrations import adapter_for
 from mmtoken.kernels import gather_rows, max_min, query_scores
 from mmtoken.kernels.decode_attention import decode_attention, reference
 from mmtoken.state import PIXELS
@@ -192,6 +194,9 @@ def test_graphed_vision_tower_equals_eager_and_replays_one_capture(family):
         first, second = greedy_run(model, batch), greedy_run(model, batch)
         (tower_graphs,) = [graphs for graphs in handle.graphs if isinstance(graphs, VisionGraphs)]
         assert len(tower_graphs.known.graphs) == 1
+        segmented = adapter_for(model).segmented_tower  # Qwen's ViT: every segment of a block in one call
+        if segmented is not None:
+            assert segmented.config._attn_implementation == SEGMENT_ATTENTION
         # a signal asked of the graphed tower: it runs eagerly for it, so its attention is seen
         graphed_signal = encode(model, batch, signal=True).signals
     torch.testing.assert_close(graphed_signal, signal)
