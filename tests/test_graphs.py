@@ -357,20 +357,26 @@ def test_attention_over_all_segments_at_once_equals_one_attention_per_segment(le
 
 @pytest.mark.parametrize("video", [False, True], ids=["images of two sizes", "video"])
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
-def test_qwen_vit_attending_all_segments_at_once_encodes_as_transformers(family, video):
-    """Frames of two sizes (unequal segments, padded) and of one (equal ones, a view); Qwen2.5-VL's windows too."""
+def test_qwen_vit_attending_all_segments_at_once_encodes_as_transformers(family, video, monkeypatch):
+    """Frames of two sizes (unequal segments, padded) and of one (equal ones, a view); Qwen2.5-VL's windows too.
+    Each block makes one attention call, where transformers makes one per segment."""
     model, _ = model_and_processor(family)
     batch = inputs(family, video, batch=2)
     pixels, grid = (batch["pixel_values_videos"], batch["video_grid_thw"]) if video else (
         batch["pixel_values"], batch["image_grid_thw"])  # fmt: skip
     tower = adapter_for(model).segmented_tower
     segments, implementation = SegmentAttention(tower), tower.config._attn_implementation
+    calls, attention = [], torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *args, **kwargs: calls.append(1) or attention(*args, **kwargs))  # fmt: skip
     with torch.no_grad():
         expected = tower(pixels, grid_thw=grid).pooler_output
+        per_segment, calls[:] = len(calls), []
         segments.attach()
         try:
             out = tower(pixels, grid_thw=grid).pooler_output
         finally:
             segments.detach()
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    assert len(calls) == len(tower.blocks) < per_segment
     assert tower.config._attn_implementation == implementation
