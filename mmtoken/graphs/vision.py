@@ -30,9 +30,11 @@ from mmtoken.graphs.capture import capture, warm_up
 
 @dataclass
 class _TowerGraph:
-    """One captured forward of the tower: its static pixels, the graph, and the outputs each replay rewrites."""
+    """One captured forward of the tower: its static pixels, the other inputs it reads (the grid and what was
+    computed from it, which must live as long as the graph), the graph, and the outputs each replay rewrites."""
 
     pixels: torch.Tensor
+    inputs: dict[str, object]
     graph: torch.cuda.CUDAGraph
     output: ModelOutput
 
@@ -112,7 +114,7 @@ class VisionGraphs:
 
         warm_up(run)
         graph, output = capture(run, self.pool)
-        return _TowerGraph(pixels, graph, output)
+        return _TowerGraph(pixels, static, graph, output)
 
     def _copies(self, output: ModelOutput) -> ModelOutput:
         """A new output holding copies of what the model reads from `output` (one copy per distinct tensor)."""
