@@ -22,7 +22,9 @@ import yaml
 
 import mmtoken
 from mmtoken.evaluation.speed import SHAPES, build_model
-from mmtoken.staging.continuous import BATCHING, check_joinable
+from mmtoken.integrations import adapter_for
+from mmtoken.staging.chunked import check_chunkable
+from mmtoken.staging.continuous import BATCHING, check_joinable, make_scheduler
 from mmtoken.staging.embedding_cache import EmbeddingCache
 from mmtoken.staging.encoders import LocalEncoder, ThreadEncoder
 from mmtoken.staging.load import KINDS, make_trace, read_trace, write_trace
@@ -118,7 +120,8 @@ def run_deployments(
                     else:
                         encoder, remote.cached, remote.signal = remote, deployment == "staged-cache", signal
                         remote.clear_cache()
-                    scheduler = BATCHING[batching](model, processor, encoder, args.max_batch, args.max_waiting)
+                    scheduler = make_scheduler(batching, model, processor, encoder, args.max_batch, args.max_waiting,
+                                               args.chunk_tokens)  # fmt: skip
                     name = f"{deployment} {label} {batching} @{rate:g}/s"
                     records = replay(scheduler.start(), processor, by_rate[rate], _image_size(processor), name)
                     scheduler.close()
@@ -206,7 +209,9 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--batching", nargs="+", choices=list(BATCHING), default=["static"],
                         help="static: a batch runs to its end before the next starts; continuous: requests join "
                         "and leave the decoding batch; overlapped: continuous, prefills in a thread and a CUDA "
-                        "stream of their own beside the decode steps")  # fmt: skip
+                        "stream of their own beside the decode steps; chunked: continuous, prefills a chunk of "
+                        "--chunk-tokens at a time between decode steps")  # fmt: skip
+    parser.add_argument("--chunk-tokens", type=int, default=512, help="prompt tokens per chunk of chunked batching")
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--max-waiting", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
@@ -216,19 +221,28 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
+    if args.chunk_tokens < 1:
+        raise SystemExit(f"mmtoken loadtest: --chunk-tokens must be >= 1, got {args.chunk_tokens}")
+    built = {}
     for spec in args.methods:
         _, method, params = method_spec(spec)
         if method is not None:
-            built = mmtoken.methods.build(method, **params)  # a bad method or parameter fails here, before any work
+            built[spec] = mmtoken.methods.build(method, **params)  # a bad method or parameter fails here
             if set(args.batching) - {"static"}:
                 try:
-                    check_joinable(built)
+                    check_joinable(built[spec])
                 except ValueError as error:
                     raise SystemExit(f"mmtoken loadtest: {spec}: {error}") from None
     staged = [deployment for deployment in args.deployments if deployment.startswith("staged")]
     stages = start_stages() if staged or "RANK" in os.environ else None
     device = model_device(stages) if stages else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, processor = _load(args.model, device)
+    if "chunked" in args.batching:  # before any request: the depth is the loaded model's
+        for spec, method in built.items():
+            try:
+                check_chunkable(method, len(adapter_for(model).decoder_layers))
+            except ValueError as error:
+                raise SystemExit(f"mmtoken loadtest: {spec}: {error}") from None
     if stages is not None and stages.encodes:
         serve_encodings(model, stages, EmbeddingCache(2**30 * 8), processor.image_processor.to_dict())
         return

@@ -29,10 +29,12 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="the address to bind (default 127.0.0.1: this machine)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--max-batch", type=int, default=8, help="requests prefilled and decoded together")
-    serve.add_argument("--batching", choices=["continuous", "overlapped", "static"], default="continuous",
+    serve.add_argument("--batching", choices=["continuous", "overlapped", "chunked", "static"], default="continuous",
                        help="continuous: requests join and leave the decoding batch (default); overlapped: the same, "
-                       "prefills in a thread and a CUDA stream of their own beside the decode steps; static: a batch "
-                       "runs to its end before the next starts (for h2o)")  # fmt: skip
+                       "prefills in a thread and a CUDA stream of their own beside the decode steps; chunked: the "
+                       "same, prefills --chunk-tokens at a time between decode steps (methods that cut before the "
+                       "language model); static: a batch runs to its end before the next starts (for h2o)")  # fmt: skip
+    serve.add_argument("--chunk-tokens", type=int, default=512, help="prompt tokens per chunk of chunked batching")
     serve.add_argument("--encoder", choices=["local", "thread"], default="local",
                        help="local: the scheduler encodes a request's media before its prefill (default); thread: a "
                        "thread of its own encodes them as requests arrive, on a CUDA stream of its own")  # fmt: skip
@@ -181,5 +183,7 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         params[name] = yaml.safe_load(value)
     if params and args.method is None:
         parser.error("--param needs a --method")
+    if args.chunk_tokens < 1:
+        parser.error(f"--chunk-tokens must be >= 1, got {args.chunk_tokens}")
     serve(args.model, args.method, params, args.host, args.port, args.max_batch, args.max_waiting,
-          args.cache_mib * 2**20, args.media_dir, args.batching, args.encoder)  # fmt: skip
+          args.cache_mib * 2**20, args.media_dir, args.batching, args.encoder, args.chunk_tokens)  # fmt: skip

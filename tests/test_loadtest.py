@@ -131,3 +131,12 @@ def test_loadtest_refuses_a_method_continuous_batching_cannot_take_before_any_wo
         serving.main(["probe-llava", "--methods", "h2o", "--batching", "static", "continuous", "--out",
                       str(tmp_path / "out")])  # fmt: skip
     assert not (tmp_path / "out").exists()
+
+
+def test_loadtest_refuses_a_method_chunked_prefill_cannot_take_before_any_request(tmp_path):
+    with pytest.raises(SystemExit, match=r"fastv:ratio=0.5: chunked prefill .* fastv cuts"):
+        serving.main(["probe-llava", "--methods", "none", "fastv:ratio=0.5", "--batching", "chunked", "--out",
+                      str(tmp_path / "out")])  # fmt: skip
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit, match="--chunk-tokens must be >= 1"):
+        serving.main(["probe-llava", "--batching", "chunked", "--chunk-tokens", "0", "--out", str(tmp_path / "out")])

@@ -8,6 +8,7 @@ from __future__ import annotations
 import threading
 import time
 from contextlib import AbstractContextManager, nullcontext
+from functools import partial
 
 import torch
 from torch import nn
@@ -15,8 +16,10 @@ from transformers import DynamicCache
 
 from mmtoken.api import handle_of
 from mmtoken.engine.request import request_of
+from mmtoken.integrations import adapter_for
 from mmtoken.methods.base import Method
 from mmtoken.staging.batching import batch_key
+from mmtoken.staging.chunked import ChunkedLanguageModel, InChunks, check_chunkable
 from mmtoken.staging.decoding import Decoding, joined, prefill, step
 from mmtoken.staging.encoders import Encoder
 from mmtoken.staging.jobs import Job
@@ -232,6 +235,46 @@ class OverlappedScheduler(ContinuousScheduler):
                             self._wake.notify_all()  # room for the waiting
 
 
+class ChunkedScheduler(ContinuousScheduler):
+    """Continuous batching whose prefills run `chunk_tokens` tokens of the prompt at a time, the running batch
+    decoding one step between two chunks (`mmtoken.staging.chunked`, after Sarathi-Serve): a long prompt that
+    arrives delays each token of the running requests by one chunk, not by its whole prefill; its own first token
+    comes after all its chunks. One group of arrivals prefills at a time. Unpatched models and methods that cut before
+    the language model only (a cut inside it ranks by attention over the whole prompt)."""
+
+    def __init__(self, model: nn.Module, processor: object, encoder: Encoder, max_batch: int = 8,
+                 max_waiting: int = 64, chunk_tokens: int = 512) -> None:  # fmt: skip
+        super().__init__(model, processor, encoder, max_batch, max_waiting)
+        handle, adapter = handle_of(model), adapter_for(model)
+        if handle is not None:
+            check_chunkable(handle.method, len(adapter.decoder_layers))
+        self._chunked = ChunkedLanguageModel(adapter.language_model, chunk_tokens)
+        self._prefilling: InChunks[list[tuple[list[Job], Decoding]]] | None = None
+
+    def start(self) -> ChunkedScheduler:
+        self._chunked.attach()
+        return super().start()
+
+    def close(self) -> None:
+        super().close()
+        self._chunked.detach()
+
+    def _loop(self) -> None:
+        while True:
+            if self._prefilling is None:
+                arrivals = self._arrivals()
+                if arrivals is None:
+                    return
+                if arrivals:
+                    self._prefilling = self._chunked.in_chunks(partial(self._prefilled, arrivals))
+            elif self._prefilling.advance():
+                for prefilled in self._prefilling.result():
+                    self._join(*prefilled)
+                self._prefilling = None
+            if self._running:
+                self._step()
+
+
 def _on(stream: torch.cuda.Stream | None) -> AbstractContextManager:
     return nullcontext() if stream is None else torch.cuda.stream(stream)
 
@@ -252,4 +295,12 @@ BATCHING: dict[str, type[Scheduler]] = {
     "static": Scheduler,
     "continuous": ContinuousScheduler,
     "overlapped": OverlappedScheduler,
+    "chunked": ChunkedScheduler,
 }
+
+
+def make_scheduler(batching: str, model: nn.Module, processor: object, encoder: Encoder, max_batch: int,
+                   max_waiting: int, chunk_tokens: int = 512) -> Scheduler:  # fmt: skip
+    """The scheduler of `BATCHING[batching]`; `chunk_tokens` is the chunked one's chunk size."""
+    chunking = {"chunk_tokens": chunk_tokens} if batching == "chunked" else {}
+    return BATCHING[batching](model, processor, encoder, max_batch, max_waiting, **chunking)

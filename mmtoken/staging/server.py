@@ -217,16 +217,20 @@ def serve(
     allowed_media: Path | None = None,
     batching: str = "continuous",
     encoder: str = "local",
+    chunk_tokens: int = 512,
 ) -> None:
     """Load `model` (an embedded probe model's name or a local folder), patch it with `method`, and serve it with
-    `continuous`, `overlapped` or `static` batching (`mmtoken.staging.continuous`), its media encoded by the
+    `continuous`, `overlapped`, `chunked` (prefills of `chunk_tokens` at a time) or `static` batching
+    (`mmtoken.staging.continuous`), its media encoded by the
     scheduler before their prefill (`local`) or in a thread of their own as requests arrive (`thread`)."""
     import torch
     import uvicorn
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     import mmtoken
-    from mmtoken.staging.continuous import BATCHING, check_joinable
+    from mmtoken.integrations import adapter_for
+    from mmtoken.staging.chunked import check_chunkable
+    from mmtoken.staging.continuous import check_joinable, make_scheduler
     from mmtoken.staging.embedding_cache import EmbeddingCache
     from mmtoken.staging.encoders import LocalEncoder, ThreadEncoder
     from mmtoken.zoo.embedded import NAMES, load
@@ -247,6 +251,11 @@ def serve(
     else:
         raise SystemExit(f"mmtoken serve: {model!r} is neither an embedded model ({', '.join(NAMES)}) nor a folder")
     loaded.to(device)
+    if built is not None and batching == "chunked":
+        try:
+            check_chunkable(built, len(adapter_for(loaded).decoder_layers))
+        except ValueError as error:
+            raise SystemExit(f"mmtoken serve: {error}") from None
     signal = False
     if built is not None:
         handle = mmtoken.patch(loaded, built)
@@ -255,7 +264,7 @@ def serve(
     encoding = (ThreadEncoder if encoder == "thread" else LocalEncoder)(
         loaded, EmbeddingCache(cache_bytes), settings, signal
     )
-    scheduler = BATCHING[batching](loaded, processor, encoding, max_batch, max_waiting).start()
+    scheduler = make_scheduler(batching, loaded, processor, encoding, max_batch, max_waiting, chunk_tokens).start()
     app = create_app(scheduler, processor, Path(model).name, allowed_media)
     try:
         uvicorn.run(app, host=host, port=port, log_level="info")

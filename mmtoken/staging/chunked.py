@@ -1,0 +1,140 @@
+"""Chunked prefill, as Sarathi-Serve schedules it: a long prompt's prefill runs a chunk of its tokens at a time,
+and the running batch decodes one step between two chunks, so a 10,000-token prompt that arrives stalls the
+running requests for one chunk at a time instead of for its whole prefill.
+
+The model's own forward runs the prefill (it encodes or is fed the media, merges them into the prompt and counts
+its positions); only its language model's forward is split. That call runs in a thread of its own (`InChunks`),
+which hands the device back to the scheduler's thread before each chunk after the first and waits for its turn, so
+the two threads never run at once and the device's queue holds chunks and decode steps in the scheduler's order.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+import torch
+from torch import nn
+
+from mmtoken.compat import CACHE_ARGUMENT, cache_in, cache_of, with_cache
+from mmtoken.methods.base import BEFORE_LLM, Method
+
+Result = TypeVar("Result")
+
+
+def check_chunkable(method: Method, depth: int) -> None:
+    """Raise a ValueError unless `method` cuts before the language model only: a cut inside it or a press of the
+    cache ranks tokens by attention over the whole prompt, which a chunk does not hold."""
+    inside = [step.name for step in method.steps
+              if step.stage != BEFORE_LLM or any(layer > 0 for layer in step.named_layers(depth))]  # fmt: skip
+    if inside:
+        raise ValueError(f"chunked prefill runs the prompt a chunk at a time; {', '.join(inside)} cuts or "
+                         "presses inside the language model, which needs the whole prompt at once: use continuous "
+                         "batching")  # fmt: skip
+
+
+class ChunkedLanguageModel:
+    """While attached, the calls of `language_model` made in an `InChunks` thread run their prompt `chunk_tokens`
+    tokens at a time, each chunk over the cache of the chunks before, pausing before every chunk after the first;
+    every other call (the decode steps) runs as it is. The call returns the last chunk's output, whose cache holds
+    the whole prompt."""
+
+    def __init__(self, language_model: nn.Module, chunk_tokens: int) -> None:
+        if chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+        self.language_model, self.chunk_tokens = language_model, chunk_tokens
+        self._inner: Callable[..., object] | None = None
+        self._saved: Callable[..., object] | None = None
+        self._turns = threading.local()
+
+    def attach(self) -> None:
+        self._saved = self.language_model.__dict__.get("forward")  # a wrapper of a patch, or None
+        self._inner = self.language_model.forward
+        self.language_model.forward = self._forward
+
+    def detach(self) -> None:
+        if self._saved is None:
+            del self.language_model.forward
+        else:
+            self.language_model.forward = self._saved
+
+    def _forward(self, *args: object, **kwargs: object) -> object:
+        pause = getattr(self._turns, "pause", None)
+        if pause is None:
+            return self._inner(*args, **kwargs)
+        embeds, mask = kwargs.get("inputs_embeds"), kwargs.get("attention_mask")
+        if args or embeds is None or kwargs.get("use_cache") is False or not (mask is None or _is_2d(mask)):
+            raise ValueError("chunked prefill takes the prompt as embeddings with a (batch, length) mask and a "
+                             "cache, as the model's own forward hands them to its language model")  # fmt: skip
+        cache, length, output = cache_in(kwargs), embeds.shape[1], None
+        for start in range(0, length, self.chunk_tokens):
+            if start:
+                pause()
+            end = min(start + self.chunk_tokens, length)
+            chunk = {name: value for name, value in kwargs.items() if name not in (*_BY_TOKEN, CACHE_ARGUMENT)}
+            chunk["inputs_embeds"] = embeds[:, start:end]
+            for name in ("position_ids", "cache_position"):
+                if torch.is_tensor(kwargs.get(name)):
+                    chunk[name] = kwargs[name][..., start:end]
+            if mask is not None:
+                chunk["attention_mask"] = mask[:, :end]
+            output = self._inner(**chunk, **with_cache(cache))
+            cache = cache_of(output)
+        return output
+
+    def in_chunks(self, run: Callable[[], Result]) -> InChunks[Result]:
+        """`run` (a call that prefills through the model) started in a thread whose language model calls run in
+        chunks; it runs up to its first pause."""
+        return InChunks(self._turns, run)
+
+
+_BY_TOKEN = ("inputs_embeds", "attention_mask", "position_ids", "cache_position")
+
+
+class InChunks(Generic[Result]):
+    """`run` in a thread of its own that pauses between the chunks of its prefill: `advance` lets it run to its
+    next pause (its next chunk) or its end, and says whether it has ended; `result` is then what `run` returned, or
+    raises what it raised. The caller's thread waits while it runs, so the two never run at once."""
+
+    def __init__(self, turns: threading.local, run: Callable[[], Result]) -> None:
+        self._go, self._paused = threading.Semaphore(0), threading.Semaphore(0)
+        self._ended = False
+        self._result: Result | None = None
+        self._error: BaseException | None = None
+
+        def body() -> None:
+            turns.pause = self._pause
+            try:
+                self._result = run()
+            except BaseException as error:  # the scheduler's thread raises it from `result`
+                self._error = error
+            finally:
+                turns.pause = None
+                self._ended = True
+                self._paused.release()
+
+        threading.Thread(target=body, name="mmtoken-chunked-prefill", daemon=True).start()
+        self._paused.acquire()
+
+    def _pause(self) -> None:
+        self._paused.release()
+        self._go.acquire()
+
+    def advance(self) -> bool:
+        """Run the next chunk (nothing once ended); True once `run` has ended."""
+        if not self._ended:
+            self._go.release()
+            self._paused.acquire()
+        return self._ended
+
+    def result(self) -> Result:
+        if not self._ended:
+            raise RuntimeError("the chunked prefill has not ended: advance it first")
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+
+def _is_2d(mask: object) -> bool:
+    return torch.is_tensor(mask) and mask.ndim == 2

@@ -1,0 +1,134 @@
+"""Chunked prefill on the CPU with tiny models: a prompt prefilled a chunk at a time gives the cache and first token
+of one prefill, for every family and every method that cuts before the language model; the scheduler decodes the
+running batch between two chunks of an arrival and answers each request as alone; methods that cut inside the
+language model are refused before any work."""
+
+from __future__ import annotations
+
+import math
+import time
+from functools import partial
+
+import pytest
+import torch
+from conftest import CASES, INVARIANT_METHODS, METHODS, PRUNING, model_and_processor
+
+import mmtoken
+from mmtoken.encoding import encode
+from mmtoken.integrations import adapter_for
+from mmtoken.methods.base import BEFORE_LLM
+from mmtoken.staging.chunked import ChunkedLanguageModel
+from mmtoken.staging.continuous import ChunkedScheduler
+from mmtoken.staging.decoding import prefill, step
+from mmtoken.staging.encoders import LocalEncoder
+from mmtoken.staging.jobs import Job
+from mmtoken.zoo.tiny import tiny_inputs
+
+BEFORE = [name for name in INVARIANT_METHODS if METHODS[name].stage == BEFORE_LLM]
+CHUNK = 7
+
+
+def _cases() -> list:
+    return [
+        pytest.param(family, video, method, id=f"{family}-{'video' if video else 'image'}-{method}")
+        for family, video in CASES
+        for method in [None, *BEFORE]
+        if method is None or video or not METHODS[method].video_only
+    ]
+
+
+def _prefilled_in_chunks(model, inputs: dict) -> tuple[object, int]:
+    """`inputs` prefilled `CHUNK` tokens at a time, and how many turns it took after its first chunk."""
+    chunked = ChunkedLanguageModel(adapter_for(model).language_model, CHUNK)
+    chunked.attach()
+    try:
+        running, turns = chunked.in_chunks(lambda: prefill(model, inputs, encode(model, inputs))), 1
+        while not running.advance():
+            turns += 1
+        return running.result(), turns
+    finally:
+        chunked.detach()
+
+
+@pytest.mark.parametrize(("family", "video", "method"), _cases())
+@torch.no_grad()
+def test_a_prefill_in_chunks_gives_the_cache_and_tokens_of_one_prefill(family, video, method):
+    model, processor = model_and_processor(family)
+    inputs = tiny_inputs(processor, family, video=video, rows=[0, 1], question_lengths=[3, 8])
+    with mmtoken.patched(model, method, **PRUNING[method]) if method else torch.no_grad():
+        whole = prefill(model, inputs, encode(model, inputs))
+        chunked, turns = _prefilled_in_chunks(model, inputs)
+        held = whole.rows.cache.layers[0].keys.shape[2]
+        assert turns == math.ceil(held / CHUNK) - 1 > 0
+        for ours, theirs in zip(chunked.rows.cache.layers, whole.rows.cache.layers, strict=True):
+            torch.testing.assert_close(ours.keys, theirs.keys, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(ours.values, theirs.values, atol=1e-5, rtol=1e-4)
+        for _ in range(3):
+            assert torch.equal(chunked.tokens, whole.tokens)
+            step(model, chunked)
+            step(model, whole)
+
+
+@pytest.mark.parametrize(("family", "video", "method"), [("llava", False, None), ("qwen2_5_vl", True, "pooling")])
+@torch.no_grad()
+def test_the_running_batch_decodes_between_the_chunks_of_an_arrival(family, video, method):
+    model, processor = model_and_processor(family)
+    lengths, limits = (3, 9), (60, 4)
+    rows = [tiny_inputs(processor, family, video=video, rows=[0], question_lengths=[length]) for length in lengths]
+    with mmtoken.patched(model, method, **PRUNING[method]) if method else torch.no_grad():
+        end = model.generation_config.eos_token_id
+        model.generation_config.eos_token_id = None  # every request runs to its own limit
+        try:
+            expected = []
+            for row, limit in zip(rows, limits, strict=True):
+                out = model.generate(**row, max_new_tokens=limit, do_sample=False,
+                                     pad_token_id=processor.tokenizer.pad_token_id)  # fmt: skip
+                expected.append(out[0, row["input_ids"].shape[1] :].tolist())
+            encoder = LocalEncoder(model, None, {}, False)
+            scheduler = ChunkedScheduler(model, processor, encoder, max_batch=2, chunk_tokens=CHUNK).start()
+            long = scheduler.submit(Job(dict(rows[0]), limits[0]))
+            while len(long.tokens) < 2:
+                time.sleep(0.001)
+            late = scheduler.submit(Job(dict(rows[1]), limits[1]))
+            answers = [long.future.result(timeout=120), late.future.result(timeout=120)]
+            chunks = math.ceil(prefill(model, rows[1], encode(model, rows[1])).rows.cache.get_seq_length() / CHUNK)
+            scheduler.close()
+        finally:
+            model.generation_config.eos_token_id = end
+    assert answers == expected
+    # between the late request's start and its first token, the long one got a token after each chunk but the last
+    between = [at for at in long.token_times if late.started < at < late.token_times[0]]
+    assert chunks > 1 and len(between) == chunks - 1
+    assert model.model.language_model.__dict__.get("forward") is None  # closing gave the language model back
+
+
+@torch.no_grad()
+def test_chunked_prefill_refuses_a_method_that_cuts_inside_the_language_model():
+    model, processor = model_and_processor("llava")
+    encoder = LocalEncoder(model, None, {}, False)
+    with mmtoken.patched(model, "fastv", **PRUNING["fastv"]), pytest.raises(ValueError, match="fastv cuts"):
+        ChunkedScheduler(model, processor, encoder)
+    with pytest.raises(ValueError, match="chunk_tokens must be >= 1"):
+        ChunkedScheduler(model, processor, encoder, chunk_tokens=0)
+
+
+@pytest.mark.parametrize("chunk_tokens", [CHUNK, 512])
+@torch.no_grad()
+def test_a_bad_request_among_good_ones_costs_only_itself_its_answer_in_chunks(chunk_tokens):
+    model, processor = model_and_processor("llava")
+    rows = [tiny_inputs(processor, "llava", video=False, rows=[0], question_lengths=[length]) for length in (3, 5)]
+    bad = dict(rows[0])
+    bad["pixel_values"] = bad["pixel_values"][..., :-1]  # a wrong image size, which the vision tower refuses
+    expected = []
+    for row in rows:
+        out = model.generate(**row, max_new_tokens=4, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id)
+        expected.append(out[0, row["input_ids"].shape[1] :].tolist())
+    scheduling = partial(ChunkedScheduler, chunk_tokens=chunk_tokens)
+    scheduler = scheduling(model, processor, LocalEncoder(model, None, {}, False), max_batch=4)
+    jobs = [Job(dict(rows[0]), 4), Job(bad, 4), Job(dict(rows[1]), 4)]
+    for job in jobs:
+        scheduler.submit(job)
+    scheduler.start()
+    scheduler.close()
+    assert [jobs[0].future.result(), jobs[2].future.result()] == expected
+    assert jobs[1].future.exception() is not None
