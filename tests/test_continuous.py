@@ -13,7 +13,7 @@ from conftest import CASES, INVARIANT_METHODS, METHODS, PRESSES, PRUNING, exampl
 import mmtoken
 from mmtoken.encoding import encode
 from mmtoken.staging import continuous
-from mmtoken.staging.continuous import ContinuousScheduler, OverlappedScheduler
+from mmtoken.staging.continuous import BATCHING, ContinuousScheduler, OverlappedScheduler
 from mmtoken.staging.decoding import joined, prefill, step
 from mmtoken.staging.encoders import LocalEncoder
 from mmtoken.staging.jobs import Job
@@ -167,3 +167,21 @@ def test_continuous_batching_refuses_a_model_with_sliding_window_layers():
     sliding = type(model)(config).eval()
     with pytest.raises(ValueError, match="sliding-window"):
         ContinuousScheduler(sliding, processor, LocalEncoder(sliding, None, {}, False))
+
+
+@pytest.mark.parametrize("batching", sorted(BATCHING))
+@torch.no_grad()
+def test_a_scheduler_runs_without_cudnn_attention_and_gives_the_setting_back(batching):
+    """cuDNN plans its attention anew for every key length (about 2.4 ms of host time a call on an H100), so the
+    schedulers turn it off while they run and restore the caller's setting when they close."""
+    model, processor = model_and_processor("llava")
+    row = tiny_inputs(processor, "llava", video=False, rows=[0], question_lengths=[3])
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    scheduler = BATCHING[batching](model, processor, LocalEncoder(model, None, {}, False), max_batch=2).start()
+    seen = []
+    job = Job(dict(row), 3)
+    job.on_token = lambda token: seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+    scheduler.submit(job).future.result(timeout=120)
+    scheduler.close()
+    assert seen and not any(seen)
+    assert torch.backends.cuda.cudnn_sdp_enabled()
