@@ -69,6 +69,27 @@ def test_a_prefill_in_chunks_gives_the_cache_and_tokens_of_one_prefill(family, v
             step(model, whole)
 
 
+@torch.no_grad()
+def test_a_prefill_told_not_to_split_runs_the_rest_of_its_prompt_at_once():
+    model, processor = model_and_processor("llava")
+    inputs = tiny_inputs(processor, "llava", video=False, rows=[0], question_lengths=[3])
+    whole = prefill(model, inputs, encode(model, inputs))
+    chunked = ChunkedLanguageModel(adapter_for(model).language_model, CHUNK)
+    chunked.attach()
+    try:
+        alone = chunked.in_chunks(lambda: prefill(model, inputs, encode(model, inputs)), split=False)
+        assert alone.advance()  # it had ended before the first turn: one call of the language model
+        started = chunked.in_chunks(lambda: prefill(model, inputs, encode(model, inputs)))
+        assert not started.advance() and started.advance(split=False)  # two chunks, then the rest at once
+        for running in (alone, started):
+            torch.testing.assert_close(running.result().rows.cache.layers[2].keys, whole.rows.cache.layers[2].keys,
+                                       atol=1e-5, rtol=1e-4)  # fmt: skip
+            assert torch.equal(running.result().tokens, whole.tokens)
+    finally:
+        chunked.detach()
+    assert whole.rows.cache.get_seq_length() > 3 * CHUNK
+
+
 @pytest.mark.parametrize(("family", "video", "method"), [("llava", False, None), ("qwen2_5_vl", True, "pooling")])
 @torch.no_grad()
 def test_the_running_batch_decodes_between_the_chunks_of_an_arrival(family, video, method):

@@ -36,9 +36,9 @@ def check_chunkable(method: Method, depth: int) -> None:
 
 class ChunkedLanguageModel:
     """While attached, the calls of `language_model` made in an `InChunks` thread run their prompt `chunk_tokens`
-    tokens at a time, each chunk over the cache of the chunks before, pausing before every chunk after the first;
-    every other call (the decode steps) runs as it is. The call returns the last chunk's output, whose cache holds
-    the whole prompt."""
+    tokens at a time, each chunk over the cache of the chunks before, pausing before every chunk after the first
+    (the rest of the prompt runs as one chunk once the thread is told not to split); every other call (the decode
+    steps) runs as it is. The call returns the last chunk's output, whose cache holds the whole prompt."""
 
     def __init__(self, language_model: nn.Module, chunk_tokens: int) -> None:
         if chunk_tokens < 1:
@@ -60,18 +60,16 @@ class ChunkedLanguageModel:
             self.language_model.forward = self._saved
 
     def _forward(self, *args: object, **kwargs: object) -> object:
-        pause = getattr(self._turns, "pause", None)
-        if pause is None:
+        prefill = getattr(self._turns, "prefill", None)
+        if prefill is None:
             return self._inner(*args, **kwargs)
         embeds, mask = kwargs.get("inputs_embeds"), kwargs.get("attention_mask")
         if args or embeds is None or kwargs.get("use_cache") is False or not (mask is None or _is_2d(mask)):
             raise ValueError("chunked prefill takes the prompt as embeddings with a (batch, length) mask and a "
                              "cache, as the model's own forward hands them to its language model")  # fmt: skip
-        cache, length, output = cache_in(kwargs), embeds.shape[1], None
-        for start in range(0, length, self.chunk_tokens):
-            if start:
-                pause()
-            end = min(start + self.chunk_tokens, length)
+        cache, length, output, start = cache_in(kwargs), embeds.shape[1], None, 0
+        while start < length:
+            end = min(start + self.chunk_tokens, length) if prefill.split else length
             chunk = {name: value for name, value in kwargs.items() if name not in (*_BY_TOKEN, CACHE_ARGUMENT)}
             chunk["inputs_embeds"] = embeds[:, start:end]
             for name in ("position_ids", "cache_position"):
@@ -80,13 +78,15 @@ class ChunkedLanguageModel:
             if mask is not None:
                 chunk["attention_mask"] = mask[:, :end]
             output = self._inner(**chunk, **with_cache(cache))
-            cache = cache_of(output)
+            cache, start = cache_of(output), end
+            if start < length:
+                prefill.pause()
         return output
 
-    def in_chunks(self, run: Callable[[], Result]) -> InChunks[Result]:
+    def in_chunks(self, run: Callable[[], Result], split: bool = True) -> InChunks[Result]:
         """`run` (a call that prefills through the model) started in a thread whose language model calls run in
-        chunks; it runs up to its first pause."""
-        return InChunks(self._turns, run)
+        chunks (with `split`; else whole); it runs up to its first pause."""
+        return InChunks(self._turns, run, split)
 
 
 _BY_TOKEN = ("inputs_embeds", "attention_mask", "position_ids", "cache_position")
@@ -94,36 +94,41 @@ _BY_TOKEN = ("inputs_embeds", "attention_mask", "position_ids", "cache_position"
 
 class InChunks(Generic[Result]):
     """`run` in a thread of its own that pauses between the chunks of its prefill: `advance` lets it run to its
-    next pause (its next chunk) or its end, and says whether it has ended; `result` is then what `run` returned, or
-    raises what it raised. The caller's thread waits while it runs, so the two never run at once."""
+    next pause (its next chunk, or with `split` False the rest of the prompt at once) or its end, and says whether
+    it has ended; `result` is then what `run` returned, or raises what it raised. The caller's thread waits while it
+    runs, so the two never run at once."""
 
-    def __init__(self, turns: threading.local, run: Callable[[], Result]) -> None:
+    def __init__(self, turns: threading.local, run: Callable[[], Result], split: bool) -> None:
         self._go, self._paused = threading.Semaphore(0), threading.Semaphore(0)
+        self.split = split
         self._ended = False
         self._result: Result | None = None
         self._error: BaseException | None = None
 
         def body() -> None:
-            turns.pause = self._pause
+            turns.prefill = self
             try:
                 self._result = run()
             except BaseException as error:  # the scheduler's thread raises it from `result`
                 self._error = error
             finally:
-                turns.pause = None
+                turns.prefill = None
                 self._ended = True
                 self._paused.release()
 
         threading.Thread(target=body, name="mmtoken-chunked-prefill", daemon=True).start()
         self._paused.acquire()
 
-    def _pause(self) -> None:
+    def pause(self) -> None:
+        """In `run`'s thread: give the turn back, and wait for the next."""
         self._paused.release()
         self._go.acquire()
 
-    def advance(self) -> bool:
-        """Run the next chunk (nothing once ended); True once `run` has ended."""
+    def advance(self, split: bool = True) -> bool:
+        """Run the next chunk, or with `split` False the rest of the prompt (nothing once ended); True once `run`
+        has ended."""
         if not self._ended:
+            self.split = split
             self._go.release()
             self._paused.acquire()
         return self._ended

@@ -239,7 +239,8 @@ class ChunkedScheduler(ContinuousScheduler):
     """Continuous batching whose prefills run `chunk_tokens` tokens of the prompt at a time, the running batch
     decoding one step between two chunks (`mmtoken.staging.chunked`, after Sarathi-Serve): a long prompt that
     arrives delays each token of the running requests by one chunk, not by its whole prefill; its own first token
-    comes after all its chunks. One group of arrivals prefills at a time. Unpatched models and methods that cut before
+    comes after all its chunks. With no row decoding, a prompt (or the rest of it) prefills at once. One group of
+    arrivals prefills at a time. Unpatched models and methods that cut before
     the language model only (a cut inside it ranks by attention over the whole prompt)."""
 
     def __init__(self, model: nn.Module, processor: object, encoder: Encoder, max_batch: int = 8,
@@ -265,9 +266,10 @@ class ChunkedScheduler(ContinuousScheduler):
                 arrivals = self._arrivals()
                 if arrivals is None:
                     return
-                if arrivals:
-                    self._prefilling = self._chunked.in_chunks(partial(self._prefilled, arrivals))
-            elif self._prefilling.advance():
+                if arrivals:  # split only while rows decode: alone, a prompt prefills at once
+                    prefilling = partial(self._prefilled, arrivals)
+                    self._prefilling = self._chunked.in_chunks(prefilling, split=bool(self._running))
+            elif self._prefilling.advance(split=bool(self._running)):
                 for prefilled in self._prefilling.result():
                     self._join(*prefilled)
                 self._prefilling = None
