@@ -70,7 +70,7 @@ def traces(args: argparse.Namespace) -> dict[float, list]:
     return drawn
 
 
-def _load(model: str, device: torch.device) -> tuple[torch.nn.Module, object]:
+def load_model(model: str, device: torch.device) -> tuple[torch.nn.Module, object]:
     """An embedded probe model, a local folder, or `random:SHAPE`: a speed shape's model at its real size with
     random weights (the same in every process: the seed is fixed)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -92,7 +92,8 @@ def _load(model: str, device: torch.device) -> tuple[torch.nn.Module, object]:
     return loaded.to(device), processor
 
 
-def _image_size(processor: object) -> tuple[int, int]:
+def media_size(processor: object) -> tuple[int, int]:
+    """The (height, width) of the images and frames the load's prompts are drawn at: the processor's own size."""
     size = processor.image_processor.size
     side = size.get("shortest_edge") or size.get("height") or 224
     return (side, side) if side < 2048 else (448, 448)
@@ -123,7 +124,7 @@ def run_deployments(
                     scheduler = make_scheduler(batching, model, processor, encoder, args.max_batch, args.max_waiting,
                                                args.chunk_tokens)  # fmt: skip
                     name = f"{deployment} {label} {batching} @{rate:g}/s"
-                    records = replay(scheduler.start(), processor, by_rate[rate], _image_size(processor), name)
+                    records = replay(scheduler.start(), processor, by_rate[rate], media_size(processor), name)
                     scheduler.close()
                     if deployment == "threaded":
                         encoder.close()
@@ -236,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
     staged = [deployment for deployment in args.deployments if deployment.startswith("staged")]
     stages = start_stages() if staged or "RANK" in os.environ else None
     device = model_device(stages) if stages else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, processor = _load(args.model, device)
+    model, processor = load_model(args.model, device)
     if "chunked" in args.batching:  # before any request: the depth is the loaded model's
         for spec, method in built.items():
             try:

@@ -16,7 +16,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from mmtoken.encoding import encode
-from mmtoken.evaluation.serving import _image_size, _load
+from mmtoken.evaluation.serving import load_model, media_size
 from mmtoken.integrations import adapter_for
 from mmtoken.staging.chunked import ChunkedLanguageModel
 from mmtoken.staging.decoding import joined, prefill, step
@@ -71,8 +71,8 @@ def attention_times(model: torch.nn.Module, decoding: object) -> str:
 
 def main(name: str) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, processor = _load(name, device)
-    inputs = prompt_inputs(processor, TraceRow(0.0, "images", 4, 0, 32), _image_size(processor))
+    model, processor = load_model(name, device)
+    inputs = prompt_inputs(processor, TraceRow(0.0, "images", 4, 0, 32), media_size(processor))
     inputs = on_model(model, inputs)
     length = inputs["input_ids"].shape[1]
     card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"

@@ -17,6 +17,7 @@ import mmtoken
 from mmtoken.encoding import encode
 from mmtoken.integrations import adapter_for
 from mmtoken.methods.base import BEFORE_LLM
+from mmtoken.staging import chunked as chunking
 from mmtoken.staging.chunked import ChunkedLanguageModel
 from mmtoken.staging.continuous import ChunkedScheduler
 from mmtoken.staging.decoding import prefill, step
@@ -121,6 +122,31 @@ def test_the_running_batch_decodes_between_the_chunks_of_an_arrival(family, vide
     between = [at for at in long.token_times if late.started < at < late.token_times[0]]
     assert chunks > 1 and len(between) == chunks - 1
     assert model.model.language_model.__dict__.get("forward") is None  # closing gave the language model back
+
+
+@torch.no_grad()
+def test_a_request_alone_prefills_in_one_call_and_a_scheduler_never_started_closes(monkeypatch):
+    model, processor = model_and_processor("llava")
+    row = tiny_inputs(processor, "llava", video=False, rows=[0], question_lengths=[3])
+    pauses = []
+    real = chunking.InChunks.pause
+    monkeypatch.setattr(chunking.InChunks, "pause", lambda self: (pauses.append(1), real(self))[1])
+    encoder = LocalEncoder(model, None, {}, False)
+    scheduler = ChunkedScheduler(model, processor, encoder, chunk_tokens=CHUNK).start()
+    assert len(scheduler.submit(Job(dict(row), 3)).future.result(timeout=120)) == 3
+    scheduler.close()
+    assert pauses == []  # no row was decoding: one call of the language model
+    language_model = adapter_for(model).language_model
+    idle = ChunkedScheduler(model, processor, encoder, chunk_tokens=CHUNK)
+    idle.close()
+    assert "forward" not in language_model.__dict__
+    wrapper = ChunkedLanguageModel(language_model, CHUNK)
+    wrapper.attach()
+    with pytest.raises(RuntimeError, match="attached already"):
+        wrapper.attach()
+    wrapper.detach()
+    wrapper.detach()
+    assert "forward" not in language_model.__dict__
 
 
 @torch.no_grad()

@@ -169,19 +169,70 @@ def test_continuous_batching_refuses_a_model_with_sliding_window_layers():
         ContinuousScheduler(sliding, processor, LocalEncoder(sliding, None, {}, False))
 
 
+@pytest.mark.parametrize("setting", [True, False])
 @pytest.mark.parametrize("batching", sorted(BATCHING))
 @torch.no_grad()
-def test_a_scheduler_runs_without_cudnn_attention_and_gives_the_setting_back(batching):
+def test_a_scheduler_runs_without_cudnn_attention_and_gives_the_setting_back(batching, setting):
     """cuDNN plans its attention anew for every key length (about 2.4 ms of host time a call on an H100), so the
     schedulers turn it off while they run and restore the caller's setting when they close."""
     model, processor = model_and_processor("llava")
     row = tiny_inputs(processor, "llava", video=False, rows=[0], question_lengths=[3])
+    torch.backends.cuda.enable_cudnn_sdp(setting)
+    try:
+        scheduler = BATCHING[batching](model, processor, LocalEncoder(model, None, {}, False), max_batch=2).start()
+        seen = []
+        job = Job(dict(row), 3)
+        job.on_token = lambda token: seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        scheduler.submit(job).future.result(timeout=120)
+        scheduler.close()
+        assert seen and not any(seen)
+        assert torch.backends.cuda.cudnn_sdp_enabled() is setting
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+
+
+def test_schedulers_that_overlap_give_the_setting_back_when_the_last_closes():
+    model, processor = model_and_processor("llava")
+    first, second = (ContinuousScheduler(model, processor, LocalEncoder(model, None, {}, False)) for _ in range(2))
     assert torch.backends.cuda.cudnn_sdp_enabled()
-    scheduler = BATCHING[batching](model, processor, LocalEncoder(model, None, {}, False), max_batch=2).start()
-    seen = []
-    job = Job(dict(row), 3)
-    job.on_token = lambda token: seen.append(torch.backends.cuda.cudnn_sdp_enabled())
-    scheduler.submit(job).future.result(timeout=120)
-    scheduler.close()
-    assert seen and not any(seen)
+    first.start()
+    second.start()
+    first.close()
+    assert not torch.backends.cuda.cudnn_sdp_enabled()  # the second still runs
+    second.close()
     assert torch.backends.cuda.cudnn_sdp_enabled()
+    with pytest.raises(RuntimeError, match="started already"):
+        first.start()
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
+@pytest.mark.parametrize("limits", [(1, 3), (2, 4)], ids=["ends at its first token", "ends at a decode step"])
+@torch.no_grad()
+def test_a_request_whose_rows_cannot_be_kept_gets_the_error_and_the_scheduler_goes_on(monkeypatch, limits):
+    """Two requests prefilled together, one ending first: keeping the other's row alone fails (out of memory, say);
+    that request gets the error, and the scheduler goes on to answer the next one."""
+    model, processor = model_and_processor("llava")
+    row = tiny_inputs(processor, "llava", video=False, rows=[0], question_lengths=[3])
+    expected = _alone(model, processor, row, 3)
+    real = continuous.joined
+
+    def out_of_memory_when_keeping_some_rows(parts, keep):
+        if len(parts) == 1 and 0 < len(keep[0]) < parts[0].size:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(parts, keep)
+
+    monkeypatch.setattr(continuous, "joined", out_of_memory_when_keeping_some_rows)
+    end = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = None
+    try:
+        scheduler = ContinuousScheduler(model, processor, LocalEncoder(model, None, {}, False), max_batch=4)
+        short, long = scheduler.submit(Job(dict(row), limits[0])), scheduler.submit(Job(dict(row), limits[1]))
+        scheduler.start()
+        assert short.future.result(timeout=120) == expected[: limits[0]]
+        assert isinstance(long.future.exception(timeout=120), OutOfMemory)
+        after = scheduler.submit(Job(dict(row), 3))
+        assert after.future.result(timeout=120) == expected
+        assert scheduler._thread.is_alive()
+        scheduler.close()
+    finally:
+        model.generation_config.eos_token_id = end

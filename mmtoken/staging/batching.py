@@ -23,6 +23,15 @@ def batch_key(inputs: dict) -> tuple:
     )
 
 
+def grouped(jobs: Sequence) -> list[list]:
+    """`jobs` (anything with processed `inputs`) in groups that can share a batch, each in arrival order, the groups
+    in the order of their first job."""
+    groups: dict[tuple, list] = {}
+    for job in jobs:
+        groups.setdefault(batch_key(job.inputs), []).append(job)
+    return list(groups.values())
+
+
 def collate(rows: Sequence[dict], pad_id: int) -> dict:
     """One left-padded batch of single-row processed inputs: token rows padded with `pad_id` (mask 0), every other
     tensor concatenated along its first dimension."""

@@ -17,7 +17,7 @@ from typing import Generic, TypeVar
 import torch
 from torch import nn
 
-from mmtoken.compat import CACHE_ARGUMENT, cache_in, cache_of, with_cache
+from mmtoken.compat import CACHE_NAMES, cache_in, cache_of, with_cache
 from mmtoken.methods.base import BEFORE_LLM, Method
 
 Result = TypeVar("Result")
@@ -45,36 +45,34 @@ class ChunkedLanguageModel:
             raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
         self.language_model, self.chunk_tokens = language_model, chunk_tokens
         self._inner: Callable[..., object] | None = None
-        self._saved: Callable[..., object] | None = None
         self._turns = threading.local()
 
     def attach(self) -> None:
-        self._saved = self.language_model.__dict__.get("forward")  # a wrapper of a patch, or None
+        if self._inner is not None:
+            raise RuntimeError("the chunked prefill is attached already")
         self._inner = self.language_model.forward
         self.language_model.forward = self._forward
 
     def detach(self) -> None:
-        if self._saved is None:
+        if self._inner is not None:
             del self.language_model.forward
-        else:
-            self.language_model.forward = self._saved
+            self._inner = None
 
     def _forward(self, *args: object, **kwargs: object) -> object:
         prefill = getattr(self._turns, "prefill", None)
         if prefill is None:
             return self._inner(*args, **kwargs)
-        embeds, mask = kwargs.get("inputs_embeds"), kwargs.get("attention_mask")
-        if args or embeds is None or kwargs.get("use_cache") is False or not (mask is None or _is_2d(mask)):
-            raise ValueError("chunked prefill takes the prompt as embeddings with a (batch, length) mask and a "
-                             "cache, as the model's own forward hands them to its language model")  # fmt: skip
-        cache, length, output, start = cache_in(kwargs), embeds.shape[1], None, 0
+        if args or not _is_first_call(kwargs):
+            raise ValueError("chunked prefill takes a prompt's first call: embeddings with a (batch, length) "
+                             "mask and an empty cache or none, as the model's own forward hands them over")  # fmt: skip
+        embeds, mask, cache = kwargs["inputs_embeds"], kwargs.get("attention_mask"), cache_in(kwargs)
+        length, output, start = embeds.shape[1], None, 0
         while start < length:
             end = min(start + self.chunk_tokens, length) if prefill.split else length
-            chunk = {name: value for name, value in kwargs.items() if name not in (*_BY_TOKEN, CACHE_ARGUMENT)}
+            chunk = {name: value for name, value in kwargs.items() if name not in (*_BY_TOKEN, *CACHE_NAMES)}
             chunk["inputs_embeds"] = embeds[:, start:end]
-            for name in ("position_ids", "cache_position"):
-                if torch.is_tensor(kwargs.get(name)):
-                    chunk[name] = kwargs[name][..., start:end]
+            if torch.is_tensor(kwargs.get("position_ids")):
+                chunk["position_ids"] = kwargs["position_ids"][..., start:end]
             if mask is not None:
                 chunk["attention_mask"] = mask[:, :end]
             output = self._inner(**chunk, **with_cache(cache))
@@ -89,7 +87,7 @@ class ChunkedLanguageModel:
         return InChunks(self._turns, run, split)
 
 
-_BY_TOKEN = ("inputs_embeds", "attention_mask", "position_ids", "cache_position")
+_BY_TOKEN = ("inputs_embeds", "attention_mask", "position_ids")
 
 
 class InChunks(Generic[Result]):
@@ -141,5 +139,13 @@ class InChunks(Generic[Result]):
         return self._result
 
 
-def _is_2d(mask: object) -> bool:
-    return torch.is_tensor(mask) and mask.ndim == 2
+def _is_first_call(kwargs: dict) -> bool:
+    """Whether a language model call is a prompt's first: its embeddings, a (batch, length) mask or none, and no
+    cache yet or an empty one to fill."""
+    mask, cache = kwargs.get("attention_mask"), cache_in(kwargs)
+    return (
+        kwargs.get("inputs_embeds") is not None
+        and kwargs.get("use_cache") is not False
+        and (cache is None or cache.get_seq_length() == 0)
+        and (mask is None or (torch.is_tensor(mask) and mask.ndim == 2))
+    )

@@ -18,7 +18,7 @@ from mmtoken.api import handle_of
 from mmtoken.engine.request import request_of
 from mmtoken.integrations import adapter_for
 from mmtoken.methods.base import Method
-from mmtoken.staging.batching import batch_key
+from mmtoken.staging.batching import grouped
 from mmtoken.staging.chunked import ChunkedLanguageModel, InChunks, check_chunkable
 from mmtoken.staging.decoding import Decoding, joined, prefill, step
 from mmtoken.staging.encoders import Encoder
@@ -75,11 +75,8 @@ class ContinuousScheduler(Scheduler):
         """`arrivals` prefilled, in groups that can share a batch, with their first tokens handed out: per group the
         requests that go on and their rows. Where a group's prefill fails, each of its requests runs alone, so one
         bad request costs only itself its answer."""
-        groups: dict[tuple, list[Job]] = {}
-        for job in arrivals:
-            groups.setdefault(batch_key(job.inputs), []).append(job)
         out = []
-        for group in groups.values():
+        for group in grouped(arrivals):
             try:
                 decoding = self._prefill(group)
                 tokens, at = self._tokens(decoding)
@@ -94,9 +91,15 @@ class ContinuousScheduler(Scheduler):
                 job.encoding = None
             ended = [self._emit(job, token, at) for job, token in zip(group, tokens, strict=True)]
             keep = [row for row, end in enumerate(ended) if not end]
-            if keep:
+            if not keep:
+                continue
+            going = [group[row] for row in keep]
+            try:
                 rows = decoding if len(keep) == len(group) else joined([decoding], [keep])
-                out.append(([group[row] for row in keep], rows))
+            except Exception as error:  # out of memory, say: the requests that go on get it as their answer
+                self._answer(going, error)
+                continue
+            out.append((going, rows))
         return out
 
     def _join(self, jobs: list[Job], decoding: Decoding) -> None:
@@ -126,8 +129,13 @@ class ContinuousScheduler(Scheduler):
         ended = [self._emit(job, token, at) for job, token in zip(self._running, tokens, strict=True)]
         keep = [row for row, end in enumerate(ended) if not end]
         if len(keep) < len(self._running):
-            self._decoding = joined([self._decoding], [keep])
-            self._running = [self._running[row] for row in keep]
+            going = [self._running[row] for row in keep]
+            try:
+                self._decoding = joined([self._decoding], [keep])
+            except Exception as error:  # out of memory, say: the rows that go on get it as their answer
+                self._answer(going, error)
+                self._decoding, going = None, []
+            self._running = going
 
     def _tokens(self, decoding: Decoding) -> tuple[list[int], float]:
         """Each row's new token, and when they were there."""
@@ -179,8 +187,9 @@ class OverlappedScheduler(ContinuousScheduler):
         self._prefiller = threading.Thread(target=self._prefill_loop, name="mmtoken-prefill", daemon=True)
 
     def start(self) -> OverlappedScheduler:
+        super().start()
         self._prefiller.start()
-        return super().start()
+        return self
 
     def close(self) -> None:
         super().close()
@@ -261,13 +270,16 @@ class ChunkedScheduler(ContinuousScheduler):
         self._chunked.detach()
 
     def _loop(self) -> None:
+        groups: list[list[Job]] = []  # arrivals let in, each group to prefill in chunks of its own
         while True:
             if self._prefilling is None:
-                arrivals = self._arrivals()
-                if arrivals is None:
-                    return
-                if arrivals:  # split only while rows decode: alone, a prompt prefills at once
-                    prefilling = partial(self._prefilled, arrivals)
+                if not groups:
+                    arrivals = self._arrivals()
+                    if arrivals is None:
+                        return
+                    groups = grouped(arrivals)
+                if groups:  # split only while rows decode: alone, a prompt prefills at once
+                    prefilling = partial(self._prefilled, groups.pop(0))
                     self._prefilling = self._chunked.in_chunks(prefilling, split=bool(self._running))
             elif self._prefilling.advance(split=bool(self._running)):
                 for prefilled in self._prefilling.result():
