@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import math
 import time
-from functools import partial
 
 import pytest
 import torch
-from conftest import CASES, INVARIANT_METHODS, METHODS, PRUNING, model_and_processor
+from conftest import CASE_IDS, CASES, INVARIANT_METHODS, METHODS, PRUNING, method_cases, model_and_processor
 
 import mmtoken
 from mmtoken.encoding import encode
@@ -29,13 +28,9 @@ BEFORE = [name for name in INVARIANT_METHODS if METHODS[name].stage == BEFORE_LL
 CHUNK = 7
 
 
-def _cases() -> list:
-    return [
-        pytest.param(family, video, method, id=f"{family}-{'video' if video else 'image'}-{method}")
-        for family, video in CASES
-        for method in [None, *BEFORE]
-        if method is None or video or not METHODS[method].video_only
-    ]
+UNPATCHED_CASES = [
+    pytest.param(case, None, id=f"{case_id}-unpatched") for case, case_id in zip(CASES, CASE_IDS, strict=True)
+]
 
 
 def _prefilled_in_chunks(model, inputs: dict) -> tuple[object, int]:
@@ -51,9 +46,10 @@ def _prefilled_in_chunks(model, inputs: dict) -> tuple[object, int]:
         chunked.detach()
 
 
-@pytest.mark.parametrize(("family", "video", "method"), _cases())
+@pytest.mark.parametrize(("case", "method"), UNPATCHED_CASES + method_cases(BEFORE))
 @torch.no_grad()
-def test_a_prefill_in_chunks_gives_the_cache_and_tokens_of_one_prefill(family, video, method):
+def test_a_prefill_in_chunks_gives_the_cache_and_tokens_of_one_prefill(case, method):
+    family, video = case
     model, processor = model_and_processor(family)
     inputs = tiny_inputs(processor, family, video=video, rows=[0, 1], question_lengths=[3, 8])
     with mmtoken.patched(model, method, **PRUNING[method]) if method else torch.no_grad():
@@ -157,25 +153,3 @@ def test_chunked_prefill_refuses_a_method_that_cuts_inside_the_language_model():
         ChunkedScheduler(model, processor, encoder)
     with pytest.raises(ValueError, match="chunk_tokens must be >= 1"):
         ChunkedScheduler(model, processor, encoder, chunk_tokens=0)
-
-
-@pytest.mark.parametrize("chunk_tokens", [CHUNK, 512])
-@torch.no_grad()
-def test_a_bad_request_among_good_ones_costs_only_itself_its_answer_in_chunks(chunk_tokens):
-    model, processor = model_and_processor("llava")
-    rows = [tiny_inputs(processor, "llava", video=False, rows=[0], question_lengths=[length]) for length in (3, 5)]
-    bad = dict(rows[0])
-    bad["pixel_values"] = bad["pixel_values"][..., :-1]  # a wrong image size, which the vision tower refuses
-    expected = []
-    for row in rows:
-        out = model.generate(**row, max_new_tokens=4, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id)
-        expected.append(out[0, row["input_ids"].shape[1] :].tolist())
-    scheduling = partial(ChunkedScheduler, chunk_tokens=chunk_tokens)
-    scheduler = scheduling(model, processor, LocalEncoder(model, None, {}, False), max_batch=4)
-    jobs = [Job(dict(rows[0]), 4), Job(bad, 4), Job(dict(rows[1]), 4)]
-    for job in jobs:
-        scheduler.submit(job)
-    scheduler.start()
-    scheduler.close()
-    assert [jobs[0].future.result(), jobs[2].future.result()] == expected
-    assert jobs[1].future.exception() is not None

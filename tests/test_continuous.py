@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import time
+from functools import partial
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from conftest import CASES, INVARIANT_METHODS, METHODS, PRESSES, PRUNING, exampl
 import mmtoken
 from mmtoken.encoding import encode
 from mmtoken.staging import continuous
-from mmtoken.staging.continuous import BATCHING, ContinuousScheduler, OverlappedScheduler
+from mmtoken.staging.continuous import BATCHING, ChunkedScheduler, ContinuousScheduler, OverlappedScheduler
 from mmtoken.staging.decoding import joined, prefill, step
 from mmtoken.staging.encoders import LocalEncoder
 from mmtoken.staging.jobs import Job
@@ -104,7 +105,9 @@ def test_the_scheduler_starts_a_request_while_another_decodes_and_answers_each_a
     assert all(len(job.token_times) == len(job.tokens) for job in [long, *late])
 
 
-@pytest.mark.parametrize("scheduling", [ContinuousScheduler, OverlappedScheduler])
+@pytest.mark.parametrize("scheduling", [ContinuousScheduler, OverlappedScheduler, ChunkedScheduler,
+                                        partial(ChunkedScheduler, chunk_tokens=7)],
+                         ids=["continuous", "overlapped", "chunked", "chunked-7"])  # fmt: skip
 @torch.no_grad()
 def test_a_bad_request_among_good_ones_costs_only_itself_its_answer(scheduling):
     model, processor = model_and_processor("llava")
