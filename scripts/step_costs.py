@@ -24,15 +24,19 @@ from mmtoken.staging.encoders import on_model
 from mmtoken.staging.load import TraceRow, prompt_inputs
 
 
-def since(start: float) -> float:
-    """Milliseconds from `start` (a `time.perf_counter()`) to when the device has done what was queued."""
+def synchronize() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+def since(start: float) -> float:
+    """Milliseconds from `start` (a `time.perf_counter()`) to when the device has done what was queued."""
+    synchronize()
     return 1000 * (time.perf_counter() - start)
 
 
 def milliseconds(run: Callable[[], object]) -> float:
-    since(0.0)
+    synchronize()
     start = time.perf_counter()
     run()
     return since(start)
@@ -43,7 +47,7 @@ def chunk_turns(model: torch.nn.Module, inputs: dict, encoded: object, size: int
     chunked = ChunkedLanguageModel(adapter_for(model).language_model, size)
     chunked.attach()
     try:
-        since(0.0)
+        synchronize()
         start = time.perf_counter()
         running = chunked.in_chunks(lambda: prefill(model, inputs, encoded))
         turns = [since(start)]
@@ -63,7 +67,7 @@ def attention_times(model: torch.nn.Module, decoding: object) -> str:
     with profile(activities=activities) as profiled:
         for _ in range(3):
             step(model, decoding)
-        since(0.0)
+        synchronize()
     (sdpa,) = [event for event in profiled.key_averages() if event.key == "aten::scaled_dot_product_attention"]
     return (f"{sdpa.count} sdpa calls, {sdpa.cpu_time_total / sdpa.count:.0f} us of host time and "
             f"{sdpa.device_time_total / sdpa.count:.1f} us on the device each")  # fmt: skip
