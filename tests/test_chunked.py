@@ -146,6 +146,24 @@ def test_a_request_alone_prefills_in_one_call_and_a_scheduler_never_started_clos
 
 
 @torch.no_grad()
+def test_a_call_that_continues_a_cache_is_refused_in_chunks():
+    """Chunks take a prompt's first call only: a mask sliced by the chunk's end would be wrong over a cache that
+    already holds entries."""
+    model, processor = model_and_processor("llava")
+    inputs = tiny_inputs(processor, "llava", video=False, rows=[0], question_lengths=[3])
+    decoding = prefill(model, inputs, encode(model, inputs))
+    chunked = ChunkedLanguageModel(adapter_for(model).language_model, CHUNK)
+    chunked.attach()
+    try:
+        running = chunked.in_chunks(lambda: step(model, decoding))
+        assert running.advance()
+        with pytest.raises(ValueError, match="a prompt's first call"):
+            running.result()
+    finally:
+        chunked.detach()
+
+
+@torch.no_grad()
 def test_chunked_prefill_refuses_a_method_that_cuts_inside_the_language_model():
     model, processor = model_and_processor("llava")
     encoder = LocalEncoder(model, None, {}, False)
