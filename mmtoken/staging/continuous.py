@@ -249,8 +249,8 @@ class ChunkedScheduler(ContinuousScheduler):
     decoding one step between two chunks (`mmtoken.staging.chunked`, after Sarathi-Serve): a long prompt that
     arrives delays each token of the running requests by one chunk, not by its whole prefill; its own first token
     comes after all its chunks. With no row decoding, a prompt (or the rest of it) prefills at once. One group of
-    arrivals prefills at a time. Unpatched models and methods that cut before
-    the language model only (a cut inside it ranks by attention over the whole prompt)."""
+    arrivals prefills at a time. Unpatched models and methods that cut before the language model only (a cut inside
+    it ranks by attention over the whole prompt)."""
 
     def __init__(self, model: nn.Module, processor: object, encoder: Encoder, max_batch: int = 8,
                  max_waiting: int = 64, chunk_tokens: int = 512) -> None:  # fmt: skip
