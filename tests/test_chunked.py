@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -33,17 +35,24 @@ UNPATCHED_CASES = [
 ]
 
 
-def _prefilled_in_chunks(model, inputs: dict) -> tuple[object, int]:
-    """`inputs` prefilled `CHUNK` tokens at a time, and how many turns it took after its first chunk."""
+@contextmanager
+def _in_chunks(model) -> Iterator[ChunkedLanguageModel]:
+    """`model`'s language model split into chunks of `CHUNK` tokens while open."""
     chunked = ChunkedLanguageModel(adapter_for(model).language_model, CHUNK)
     chunked.attach()
     try:
+        yield chunked
+    finally:
+        chunked.detach()
+
+
+def _prefilled_in_chunks(model, inputs: dict) -> tuple[object, int]:
+    """`inputs` prefilled `CHUNK` tokens at a time, and how many turns it took after its first chunk."""
+    with _in_chunks(model) as chunked:
         running, turns = chunked.in_chunks(lambda: prefill(model, inputs, encode(model, inputs))), 1
         while not running.advance():
             turns += 1
         return running.result(), turns
-    finally:
-        chunked.detach()
 
 
 @pytest.mark.parametrize(("case", "method"), UNPATCHED_CASES + method_cases(BEFORE))
@@ -71,19 +80,15 @@ def test_a_prefill_told_not_to_split_runs_the_rest_of_its_prompt_at_once():
     model, processor = model_and_processor("llava")
     inputs = tiny_inputs(processor, "llava", video=False, rows=[0], question_lengths=[3])
     whole = prefill(model, inputs, encode(model, inputs))
-    chunked = ChunkedLanguageModel(adapter_for(model).language_model, CHUNK)
-    chunked.attach()
-    try:
+    with _in_chunks(model) as chunked:
         alone = chunked.in_chunks(lambda: prefill(model, inputs, encode(model, inputs)), split=False)
         assert alone.advance()  # it had ended before the first turn: one call of the language model
         started = chunked.in_chunks(lambda: prefill(model, inputs, encode(model, inputs)))
         assert not started.advance() and started.advance(split=False)  # two chunks, then the rest at once
-        for running in (alone, started):
-            torch.testing.assert_close(running.result().rows.cache.layers[2].keys, whole.rows.cache.layers[2].keys,
-                                       atol=1e-5, rtol=1e-4)  # fmt: skip
-            assert torch.equal(running.result().tokens, whole.tokens)
-    finally:
-        chunked.detach()
+    for running in (alone, started):
+        torch.testing.assert_close(running.result().rows.cache.layers[2].keys, whole.rows.cache.layers[2].keys,
+                                   atol=1e-5, rtol=1e-4)  # fmt: skip
+        assert torch.equal(running.result().tokens, whole.tokens)
     assert whole.rows.cache.get_seq_length() > 3 * CHUNK
 
 
@@ -152,15 +157,11 @@ def test_a_call_that_continues_a_cache_is_refused_in_chunks():
     model, processor = model_and_processor("llava")
     inputs = tiny_inputs(processor, "llava", video=False, rows=[0], question_lengths=[3])
     decoding = prefill(model, inputs, encode(model, inputs))
-    chunked = ChunkedLanguageModel(adapter_for(model).language_model, CHUNK)
-    chunked.attach()
-    try:
+    with _in_chunks(model) as chunked:
         running = chunked.in_chunks(lambda: step(model, decoding))
         assert running.advance()
-        with pytest.raises(ValueError, match="a prompt's first call"):
-            running.result()
-    finally:
-        chunked.detach()
+    with pytest.raises(ValueError, match="a prompt's first call"):
+        running.result()
 
 
 @torch.no_grad()
